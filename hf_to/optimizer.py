@@ -1,0 +1,502 @@
+r"""The Trainable Optimizer (TO) as a ``torch.optim.Optimizer``.
+
+Paper: Ruiqi Wang and Diego Klabjan, "A Trainable Optimizer", arXiv:2508.01764.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .estimators import ESTIMATORS, Estimator, get_estimator
+
+__all__ = ["PRECONDITIONERS", "ALPHA_SCALINGS", "INTERCEPT_INITS", "TrainableOptimizer", "trainable_to"]
+
+#: ``"adam"``: divide the estimate by :math:`\sqrt{\hat v_t}+\epsilon` (Adam's second moment of
+#: the raw gradient); ``"none"``: the paper-literal step along :math:`\hat G_t`.
+PRECONDITIONERS = ("adam", "none")
+#: ``"normalized"``: normalised-LMS slope rate (see :mod:`hf_to.estimators`); ``"none"``: raw α.
+ALPHA_SCALINGS = ("normalized", "none")
+#: ``"gradient"``: :math:`b_0 = g_0 - A_0 w_0` (zero first residual); ``"zero"``: :math:`b_0 = 0`.
+INTERCEPT_INITS = ("gradient", "zero")
+
+#: Group key stamped into every param group so that a checkpoint of another optimizer is
+#: recognised on ``load_state_dict``.
+ALGORITHM_KEY = "algorithm"
+ALGORITHM = "trainable_to"
+
+
+class TrainableOptimizer(Optimizer):
+    r"""Pseudo-linear Trainable Optimizer: weights step along a trained gradient estimator.
+
+    For every parameter tensor, flattened to :math:`w`, with stochastic gradient :math:`g_t`:
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \gamma \text{ (lr)},\ \alpha \text{ (slope rate)},\
+            \beta \text{ (intercept rate)},\ \lambda \text{ (weight decay)},\
+            \beta_2, \epsilon \text{ (preconditioner)} \\
+        &\textbf{init}: A_0 = 0,\ b_0 = g_0 \ (\text{so } r_0 = 0),\ v_0 = 0 \\
+        &\textbf{for}\ t = 0, 1, \dots \\
+        &\quad r_t = A_t w_t + b_t - g_t                         && \text{residual} \\
+        &\quad A_{t+1} = A_t - \alpha\, \partial_A \tfrac12\lVert r_t\rVert^2,\quad
+               b_{t+1} = b_t - \beta\, r_t                       && \text{estimator step} \\
+        &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
+        &\quad d_t = \hat G_t \ \text{(paper)}\quad\text{or}\quad
+               d_t = \hat G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
+               v_{t+1} = \beta_2 v_t + (1-\beta_2) g_t^2     && \text{preconditioner} \\
+        &\quad w_{t+1} = (1 - \gamma\lambda)\, w_t - \gamma\, d_t && \text{weights}
+        \end{aligned}
+
+    The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.estimators`):
+    ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
+    ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
+    with ``preconditioner="none"`` it is ``SGD(momentum=1-β, dampening=1-β)``).
+
+    The default ``preconditioner="adam"`` makes the step size independent of the gradient
+    scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
+    paper-literal update is ``preconditioner="none", alpha_scaling="none",
+    intercept_init="zero"`` (registered as ``"to_paper_<estimator>"``).  The measurements
+    behind each default are in ``docs/design-decisions.md``.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma` (default: 1e-3).
+        estimator: structure of :math:`A`: ``"diagonal"`` (default), ``"rank_one"``,
+            ``"full"`` or ``"none"``.
+        alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
+            (default: 0.01; with ``alpha_scaling="normalized"`` the largest fraction of the
+            residual that the slope term absorbs per step).
+        beta: intercept rate :math:`\beta`, the step of :math:`b` (default: 0.1; the
+            ``1 - beta1`` of Adam).
+        preconditioner: ``"adam"`` (default) or ``"none"`` (paper).
+        beta2: decay of the preconditioner's second moment (default: 0.999).
+        eps: term added to the preconditioner's denominator (default: 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
+        alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
+        intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
+            reading, :math:`b_0 = 0`).
+        max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
+            state holds ``n**2`` values (default: 4096, i.e. 64 MiB in fp32).
+        diagnostics: accumulate the estimator's health on the device (see
+            :meth:`diagnostics`); off by default, and then no step reads anything back.
+
+    State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
+    ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
+    ``exp_avg_sq`` with the Adam preconditioner.  State is float32 for float16/bfloat16/float32
+    parameters and float64 for float64 parameters, and keeps that dtype through
+    ``load_state_dict``.
+
+    Non-finite gradients: a tensor whose gradient holds ``inf``/``nan`` is skipped for that
+    step (weights, state and its ``step`` untouched) and counted in :meth:`diagnostics`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        *,
+        estimator: str = "diagonal",
+        alpha: float = 0.01,
+        beta: float = 0.1,
+        preconditioner: str = "adam",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        alpha_scaling: str = "normalized",
+        intercept_init: str = "gradient",
+        max_full_numel: int = 4096,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            estimator=estimator,
+            alpha=alpha,
+            beta=beta,
+            preconditioner=preconditioner,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            alpha_scaling=alpha_scaling,
+            intercept_init=intercept_init,
+            max_full_numel=max_full_numel,
+        )
+        _validate_hyperparameters(defaults)
+        defaults[ALGORITHM_KEY] = ALGORITHM
+        self.track_diagnostics = bool(diagnostics)
+        super().__init__(params, defaults)
+        self._diag: list[dict[str, Tensor]] = []
+
+    # -- torch.optim plumbing -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_hyperparameters(group)
+            _check_full_size(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("track_diagnostics", False)
+        self.__dict__.setdefault("_diag", [])
+        for group in self.param_groups:
+            group.setdefault("alpha_scaling", "normalized")
+            group.setdefault("intercept_init", "gradient")
+            group.setdefault("max_full_numel", 4096)
+            group.setdefault(ALGORITHM_KEY, ALGORITHM)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, refusing one of another optimizer or another estimator.
+
+        Unlike the base class, floating-point state keeps its saved dtype (float32 estimator
+        state of bfloat16 parameters stays float32) and is only moved to the parameter's device.
+        """
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if saved.get(ALGORITHM_KEY) != ALGORITHM:
+                raise ValueError(
+                    f"param group {i} of the loaded state dict was not written by TrainableOptimizer "
+                    f"(no '{ALGORITHM_KEY}: {ALGORITHM}' stamp; keys: {sorted(k for k in saved if k != 'params')}); "
+                    "resume with the optimizer that wrote the checkpoint, or start the optimizer afresh"
+                )
+            for key in ("estimator", "preconditioner"):
+                if saved.get(key) != group[key]:
+                    raise ValueError(
+                        f"param group {i}: the checkpoint was written with {key}={saved.get(key)!r}, "
+                        f"this optimizer has {key}={group[key]!r}; their states are not interchangeable"
+                    )
+        super().load_state_dict(state_dict)
+        # The base class casts floating state to the parameter dtype; undo that from the source.
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+        """Collect the parameters with gradients; create their state on first use."""
+        estimator = get_estimator(group["estimator"])
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("TrainableOptimizer does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(
+                    "TrainableOptimizer does not support complex parameters; "
+                    "view them as real with torch.view_as_real"
+                )
+            state = self.state[p]
+            if not state:
+                _init_state(state, p, estimator, group)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+        return params, grads, states
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.track_diagnostics and len(self._diag) != len(self.param_groups):
+            self._diag = [_empty_stats() for _ in self.param_groups]
+        for i, group in enumerate(self.param_groups):
+            params, grads, states = self._init_group(group)
+            if not params:
+                continue
+            stats = trainable_to(
+                params,
+                grads,
+                states,
+                lr=group["lr"],
+                estimator=group["estimator"],
+                alpha=group["alpha"],
+                beta=group["beta"],
+                preconditioner=group["preconditioner"],
+                beta2=group["beta2"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                alpha_scaling=group["alpha_scaling"],
+                intercept_init=group["intercept_init"],
+                diagnostics=self.track_diagnostics,
+            )
+            if stats is not None:
+                acc = self._diag[i]
+                for key, value in stats.items():
+                    acc[key] = acc[key].to(value.device) + value
+        return loss
+
+    # -- diagnostics ----------------------------------------------------------------------
+
+    def diagnostics(self, *, reset: bool = True) -> list[dict[str, float]]:
+        r"""The estimator's health per param group since the last reset (one host sync).
+
+        For each group: ``steps`` (optimizer steps that updated at least one tensor),
+        ``residual_sq`` (mean over steps of :math:`\sum_p \lVert r_t\rVert^2`, the residual
+        before the estimator step), ``grad_sq`` (:math:`\sum_p\lVert g_t\rVert^2`),
+        ``estimate_sq`` (:math:`\sum_p\lVert \hat G_t\rVert^2`), ``relative_residual``
+        (``residual_sq / grad_sq``; near 1 means the estimator explains little of the
+        gradient, near 0 that it tracks it) and ``skipped`` (tensor updates skipped for
+        non-finite gradients).  Empty list when ``diagnostics=False``.
+        """
+        out = []
+        for acc in self._diag:
+            values = {k: float(v) for k, v in acc.items()}
+            steps = max(values["steps"], 1.0)
+            rec = {
+                "steps": values["steps"],
+                "residual_sq": values["residual_sq"] / steps,
+                "grad_sq": values["grad_sq"] / steps,
+                "estimate_sq": values["estimate_sq"] / steps,
+                "skipped": values["skipped"],
+            }
+            rec["relative_residual"] = rec["residual_sq"] / rec["grad_sq"] if rec["grad_sq"] > 0 else 0.0
+            out.append(rec)
+        if reset:
+            self._diag = [_empty_stats() for _ in self.param_groups] if self.track_diagnostics else []
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (all parameters, ``step`` included)."""
+        return sum(
+            v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, Tensor)
+        )
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the argument and value of the first invalid setting."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    checks = [
+        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "a finite number >= 0"),
+        ("alpha", group["alpha"], _num(group["alpha"]) and group["alpha"] >= 0, "a finite number >= 0"),
+        ("beta", group["beta"], _num(group["beta"]) and 0 < group["beta"] <= 1, "in (0, 1]"),
+        ("beta2", group["beta2"], _num(group["beta2"]) and 0 <= group["beta2"] < 1, "in [0, 1)"),
+        ("eps", group["eps"], _num(group["eps"]) and group["eps"] >= 0, "a finite number >= 0"),
+        (
+            "weight_decay",
+            group["weight_decay"],
+            _num(group["weight_decay"]) and group["weight_decay"] >= 0,
+            "a finite number >= 0",
+        ),
+        ("estimator", group["estimator"], group["estimator"] in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
+        ("preconditioner", group["preconditioner"], group["preconditioner"] in PRECONDITIONERS, PRECONDITIONERS),
+        ("alpha_scaling", group["alpha_scaling"], group["alpha_scaling"] in ALPHA_SCALINGS, ALPHA_SCALINGS),
+        ("intercept_init", group["intercept_init"], group["intercept_init"] in INTERCEPT_INITS, INTERCEPT_INITS),
+        (
+            "max_full_numel",
+            group["max_full_numel"],
+            isinstance(group["max_full_numel"], int)
+            and not isinstance(group["max_full_numel"], bool)
+            and group["max_full_numel"] >= 1,
+            "an int >= 1",
+        ),
+    ]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    if group["preconditioner"] == "adam" and group["eps"] == 0:
+        # eps = 0 divides by zero where a gradient coordinate has always been zero.
+        raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_full_size(group: dict[str, Any]) -> None:
+    """The dense estimator stores n² values per tensor: refuse tensors above the limit."""
+    if group["estimator"] != "full":
+        return
+    limit = group["max_full_numel"]
+    for p in group["params"]:
+        n = p.numel()
+        if n > limit:
+            gib = n * n * 4 / 2**30
+            raise ValueError(
+                f"estimator='full' on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
+                f"{n}x{n} matrix A: {n * n} values, {gib:.2f} GiB in float32. The limit is "
+                f"max_full_numel={limit}; use estimator='diagonal' or 'rank_one' (O(n) memory), "
+                "put large tensors in another param group, or raise max_full_numel"
+            )
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+def state_dtype_for(p: Tensor) -> torch.dtype:
+    """Estimator state is float64 for float64 parameters and float32 otherwise."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _init_state(state: dict, p: Tensor, estimator: Estimator, group: dict[str, Any]) -> None:
+    w = p.detach().to(state_dtype_for(p), copy=True)
+    # ``step`` stays a CPU tensor: reading it for the bias correction costs no device sync.
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["b"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    estimator.init(state, w.contiguous())
+    if group["preconditioner"] == "adam":
+        state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+
+
+_STAT_KEYS = ("steps", "residual_sq", "grad_sq", "estimate_sq", "skipped")
+
+
+def _empty_stats(device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
+
+
+# -- functional API ------------------------------------------------------------------------
+
+
+def trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float | Tensor,
+    estimator: str,
+    alpha: float,
+    beta: float,
+    preconditioner: str,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha_scaling: str = "normalized",
+    intercept_init: str = "gradient",
+    diagnostics: bool = False,
+) -> dict[str, Tensor] | None:
+    """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
+
+    Non-finite gradients are found with one batched norm and one host read per call; the
+    tensors holding them are skipped.  Returns per-call sums for the diagnostics, or None.
+    """
+    return _single_tensor_trainable_to(
+        params,
+        grads,
+        states,
+        lr=float(lr),
+        estimator=get_estimator(estimator),
+        alpha=alpha,
+        beta=beta,
+        adam=preconditioner == "adam",
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        normalize=alpha_scaling == "normalized",
+        intercept_from_gradient=intercept_init == "gradient",
+        diagnostics=diagnostics,
+    )
+
+
+def _single_tensor_trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float,
+    estimator: Estimator,
+    alpha: float,
+    beta: float,
+    adam: bool,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    normalize: bool,
+    intercept_from_gradient: bool,
+    diagnostics: bool,
+) -> dict[str, Tensor] | None:
+    finite = finite_flags(grads)
+    stats = _empty_stats(grads[0].device) if diagnostics else None
+
+    for p, g, state, ok in zip(params, grads, states, finite):
+        if not ok:
+            if stats is not None:
+                stats["skipped"] += 1
+            continue
+        b = state["b"]
+        sdtype = b.dtype
+        in_place = p.dtype == sdtype and p.is_contiguous()
+        w = p.view(-1) if in_place else p.detach().reshape(-1).to(sdtype)
+        gf = g.reshape(-1).to(sdtype)
+        bf = b.view(-1)
+        first = state["step"].item() == 0
+        state["step"] += 1
+
+        if first and intercept_from_gradient:
+            # b_0 = g_0 − A_0 w_0 with A_0 = 0: the first residual is zero, the step is SGD's.
+            bf.copy_(gf)
+            r = None
+        else:
+            aw = estimator.apply(state, w)
+            r = bf - gf if aw is None else aw.add_(bf).sub_(gf)
+            estimator.update(state, w, r, alpha, normalize)
+            bf.add_(r, alpha=-beta)
+
+        aw = estimator.apply(state, w)
+        g_hat = bf.clone() if aw is None else aw.add_(bf)
+
+        if stats is not None:
+            if r is not None:
+                stats["residual_sq"] += torch.dot(r, r).to(stats["residual_sq"].device)
+            stats["grad_sq"] += torch.dot(gf, gf).to(stats["grad_sq"].device)
+            stats["estimate_sq"] += torch.dot(g_hat, g_hat).to(stats["estimate_sq"].device)
+
+        if adam:
+            v = state["exp_avg_sq"].view(-1)
+            v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
+            bias_correction2 = 1 - beta2 ** state["step"].item()
+            denom = (v / bias_correction2).sqrt_().add_(eps)
+            g_hat.div_(denom)
+
+        if weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        w.add_(g_hat, alpha=-lr)
+        if not in_place:
+            p.copy_(w.view_as(p))
+
+    if stats is not None and any(finite):
+        stats["steps"] += 1
+    return stats
+
+
+def finite_flags(grads: list[Tensor]) -> list[bool]:
+    """Per tensor, whether its gradient is all finite: one norm each, one host read in all.
+
+    Half-precision norms accumulate in float32 so that a large finite gradient does not
+    overflow to ``inf`` and get skipped.
+    """
+    norms = [
+        torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
+        for g in grads
+    ]
+    device = grads[0].device
+    return torch.isfinite(torch.stack([n.to(device, torch.float64) for n in norms])).tolist()
