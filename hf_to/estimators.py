@@ -9,28 +9,33 @@ parameter tensor flattened to :math:`w \in \mathbb{R}^n`, a *gradient estimator*
 whose parameters take one gradient step per iteration on the squared residual
 :math:`\tfrac12\lVert r_t\rVert^2`, :math:`r_t = A_t w_t + b_t - g_t`.  Since
 :math:`\partial \tfrac12\lVert r\rVert^2 / \partial A = r\,w^\top`, the chain rule gives the
-update of each structure of :math:`A` (with the *slope rate* :math:`\alpha`):
+update of each structure of :math:`A` (with the *slope rate* :math:`\alpha` and the
+*intercept rate* :math:`\beta`, :math:`b \leftarrow b - \beta r` for all):
 
-========== ========================= ============================================ ==========
-name       :math:`A`                 slope update                                 state
-========== ========================= ============================================ ==========
-full       dense :math:`n\times n`   :math:`A \leftarrow A - \alpha\, r w^\top`     n² values
-diagonal   :math:`\mathrm{diag}(a)`  :math:`a \leftarrow a - \alpha\, r\odot w`     n values
-rank_one   :math:`u v^\top`          :math:`u \leftarrow u - \alpha\,(v^\top w)\,r`, 2n values
+========== ========================= =============================================== =========
+name       :math:`A`                 slope update                                    state
+========== ========================= =============================================== =========
+full       dense :math:`n\times n`   :math:`A \leftarrow A - \alpha\, r w^\top`        n² values
+diagonal   :math:`\mathrm{diag}(a)`  :math:`a \leftarrow a - \alpha\, r\odot w`        n values
+rank_one   :math:`u v^\top`          :math:`u \leftarrow u - \alpha\,(v^\top w)\,r`,   2n values
                                      :math:`v \leftarrow v - \alpha\,(u^\top r)\,w`
-none       :math:`0`                 — (the estimator is EMA momentum)            0
-========== ========================= ============================================ ==========
+none       :math:`0`                 — (the estimator is EMA momentum)               0
+========== ========================= =============================================== =========
 
-Each structure is one strategy object with ``init`` (create the slope state with
-:math:`A_0 = 0`), ``apply`` (return :math:`A w`) and ``update`` (the step above), selected by
-name through :data:`ESTIMATORS`.  The optimizer owns the intercept :math:`b`, the rates and
-the weights; the strategies only know their own slope state.
+Each structure is one strategy object, selected by name through :data:`ESTIMATORS`:
+
+* ``init(state, w)`` creates the slope state with :math:`A_0 = 0`;
+* ``stat_names`` / ``local_stats(...)`` list the whole-tensor sums the step needs (such as
+  :math:`v^\top w`).  They are *partial* sums over the elements at hand, so that a sharded
+  parameter can add them across ranks in one collective for all tensors before the step;
+* ``step(...)`` does the residual, the estimator step and the estimate with those sums,
+  elementwise.
 
 *Normalised slope rate.*  With ``alpha_scaling="normalized"`` (the default) the slope step is
 divided by the squared norm of the estimator's input Jacobian — the normalised LMS rule —
-so that the change of :math:`A w` in one step is at most :math:`\alpha \lVert r\rVert`
-whatever the scale of :math:`w`.  ``alpha_scaling="none"`` is the paper-literal raw rate.
-See ``docs/design-decisions.md`` for the measurement behind the default.
+so that :math:`A w` moves by at most :math:`\alpha \lVert r\rVert` in one step whatever the
+scale of :math:`w`.  ``alpha_scaling="none"`` is the paper-literal raw rate.  See
+``docs/design-decisions.md`` for the measurements behind the default.
 """
 
 from __future__ import annotations
@@ -51,33 +56,74 @@ __all__ = [
 ]
 
 # Keeps a normalised step finite when w == 0 (e.g. a LoRA B matrix at initialisation).
-_TINY = 1e-30
+TINY = 1e-30
 
 
 class Estimator:
     """Strategy interface for one structure of the slope matrix ``A``.
 
-    All tensors handed to the methods are flat (``w.view(-1)``) and in the state dtype.
+    Tensors handed to ``local_stats`` and ``step`` are flat views in the state dtype: the
+    weights ``w``, the gradient ``g`` and the intercept ``b`` (updated in place).  ``stats``
+    holds the globally summed values named by ``stat_names``, as 0-d tensors.
     """
 
     name: ClassVar[str]
     #: Names of the slope-state tensors this structure keeps in ``optimizer.state[p]``.
     state_keys: ClassVar[tuple[str, ...]]
+    #: Whole-tensor sums the step needs (``ww`` = wᵀw, ...).
+    stat_names: ClassVar[tuple[str, ...]] = ("ww",)
 
     def numel(self, n: int) -> int:
         """Number of slope-state values for a tensor of ``n`` elements."""
         raise NotImplementedError
 
     def init(self, state: dict, w: Tensor) -> None:
-        """Create the slope state with :math:`A_0 = 0`, shaped like the parameter."""
+        """Create the slope state with :math:`A_0 = 0`, shaped like ``w`` (the parameter)."""
         raise NotImplementedError
 
-    def apply(self, state: dict, w: Tensor) -> Tensor | None:
-        """Return :math:`A w` (flat), or ``None`` when :math:`A \\equiv 0`."""
+    def local_stats(self, state: dict, w: Tensor, g: Tensor, b: Tensor) -> list[Tensor]:
+        """Partial sums, over the elements at hand, of the quantities in ``stat_names``."""
+        return [torch.dot(w, w)]
+
+    def step(
+        self,
+        state: dict,
+        w: Tensor,
+        g: Tensor,
+        b: Tensor,
+        stats: dict[str, Tensor],
+        *,
+        n: int,
+        alpha: float,
+        beta: float,
+        normalize: bool,
+        first: bool,
+        intercept_from_gradient: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        r"""Residual, estimator step, estimate: return :math:`(\hat G_t, r_t)` (flat).
+
+        On the first step with ``intercept_from_gradient`` the intercept starts at
+        :math:`b_0 = g_0 - A_0 w_0 = g_0`, so :math:`r_0 = 0`, nothing else moves and ``None``
+        is returned for the residual.
+        """
+        if first and intercept_from_gradient:
+            b.copy_(g)
+            return b.clone(), None
+        r = self._residual(state, w, g, b, stats)
+        self._update_slope(state, w, r, stats, n=n, alpha=alpha, normalize=normalize)
+        b.add_(r, alpha=-beta)
+        return self._estimate(state, w, b, stats), r
+
+    # Structure-specific pieces of ``step``.
+    def _residual(self, state: dict, w: Tensor, g: Tensor, b: Tensor, stats: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def update(self, state: dict, w: Tensor, r: Tensor, alpha: float | Tensor, normalize: bool) -> None:
-        """One gradient step of the slope state on :math:`\\tfrac12\\lVert r\\rVert^2`."""
+    def _update_slope(
+        self, state: dict, w: Tensor, r: Tensor, stats: dict[str, Tensor], *, n: int, alpha: float, normalize: bool
+    ) -> None:
+        raise NotImplementedError
+
+    def _estimate(self, state: dict, w: Tensor, b: Tensor, stats: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
 
@@ -86,6 +132,7 @@ class NoSlopeEstimator(Estimator):
 
     name = "none"
     state_keys = ()
+    stat_names = ()
 
     def numel(self, n: int) -> int:
         return 0
@@ -93,11 +140,17 @@ class NoSlopeEstimator(Estimator):
     def init(self, state: dict, w: Tensor) -> None:
         return None
 
-    def apply(self, state: dict, w: Tensor) -> Tensor | None:
+    def local_stats(self, state, w, g, b):
+        return []
+
+    def _residual(self, state, w, g, b, stats):
+        return b - g
+
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
         return None
 
-    def update(self, state: dict, w: Tensor, r: Tensor, alpha: float | Tensor, normalize: bool) -> None:
-        return None
+    def _estimate(self, state, w, b, stats):
+        return b.clone()
 
 
 class DiagonalEstimator(Estimator):
@@ -105,8 +158,8 @@ class DiagonalEstimator(Estimator):
 
     Normalised rate, per coordinate: :math:`\alpha_i = \alpha / (w_i^2 + \overline{w^2})`, the
     LMS normalisation of each scalar regression :math:`g_i \approx a_i w_i + b_i`, regularised
-    by the tensor's mean square :math:`\overline{w^2}` so that tiny :math:`w_i` cannot blow
-    :math:`a_i` up (``|Δa_i| ≤ α|r_i| / (2·rms(w))``).
+    by the tensor's mean square :math:`\overline{w^2} = w^\top w / n` so that a tiny
+    :math:`w_i` cannot blow :math:`a_i` up (:math:`|\Delta a_i| \le \alpha |r_i| / (2\,\mathrm{rms}(w))`).
     """
 
     name = "diagonal"
@@ -116,19 +169,20 @@ class DiagonalEstimator(Estimator):
         return n
 
     def init(self, state: dict, w: Tensor) -> None:
-        state["a"] = torch.zeros_like(w)
+        state["a"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
 
-    def apply(self, state: dict, w: Tensor) -> Tensor | None:
-        return state["a"].view(-1) * w
+    def _residual(self, state, w, g, b, stats):
+        return torch.addcmul(b - g, state["a"].view(-1), w)
 
-    def update(self, state: dict, w: Tensor, r: Tensor, alpha: float | Tensor, normalize: bool) -> None:
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
         a = state["a"].view(-1)
         if normalize:
-            w2 = w * w
-            scale = w2 + w2.mean() + _TINY
-            a.sub_(alpha * r * w / scale)
+            a.sub_(alpha * r * w / (w * w + (stats["ww"] / n + TINY)))
         else:
-            a.sub_(alpha * r * w)
+            a.sub_(r * w, alpha=alpha)
+
+    def _estimate(self, state, w, b, stats):
+        return torch.addcmul(b, state["a"].view(-1), w)
 
 
 class RankOneEstimator(Estimator):
@@ -137,42 +191,72 @@ class RankOneEstimator(Estimator):
     simultaneously (both from the old factors).
 
     :math:`u = v = 0` is a fixed point of this update, so the factors start at
-    :math:`u_0 = 0`, :math:`v_0 = w_0/\lVert w_0\rVert` (the all-ones direction
-    :math:`1/\sqrt n` when :math:`w_0 = 0`): :math:`A_0 = 0` exactly like the other structures,
-    :math:`u` receives a gradient from the first non-zero residual, and nothing random is
-    involved, so data-parallel ranks agree without seeding.
+    :math:`u_0 = 0` and :math:`v_0 = w_0/\lVert w_0\rVert` (any unit vector when
+    :math:`w_0 = 0`, where :math:`v^\top w` vanishes anyway): :math:`A_0 = 0` exactly as for the
+    other structures, :math:`u` receives a gradient from the first non-zero residual because
+    :math:`v_0^\top w_0 = \lVert w_0\rVert \neq 0`, and nothing random is involved, so
+    data-parallel ranks agree without seeding.
+
+    All whole-vector products come from five sums of the old state,
+    :math:`v^\top w,\ u^\top u,\ u^\top b,\ u^\top g,\ w^\top w`:
+    :math:`u^\top r = u^\top u\,(v^\top w) + u^\top b - u^\top g` and, after the step,
+    :math:`v'^\top w = v^\top w - \alpha (u^\top r)\, w^\top w`.
 
     Normalised rate: :math:`\alpha / ((v^\top w)^2 + \lVert u\rVert^2\lVert w\rVert^2)`, the
-    squared Frobenius bound of the Jacobian of :math:`u v^\top w` with respect to
-    :math:`(u, v)`.
+    squared Frobenius norm of the Jacobian of :math:`u v^\top w` with respect to :math:`(u, v)`.
     """
 
     name = "rank_one"
     state_keys = ("u", "v")
+    stat_names = ("ww", "vw", "uu", "ub", "ug")
 
     def numel(self, n: int) -> int:
         return 2 * n
 
     def init(self, state: dict, w: Tensor) -> None:
-        state["u"] = torch.zeros_like(w)
-        norm = torch.linalg.vector_norm(w)
-        # torch.where instead of an ``if`` on the norm: no host sync, same result on every rank.
-        state["v"] = torch.where(norm > 0, w / norm.clamp_min(_TINY), w.numel() ** -0.5)
+        # v_0 needs ‖w_0‖, a whole-tensor sum: it is set on the first step from the summed
+        # ``ww`` so that sharded parameters need no extra collective.
+        state["u"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        state["v"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
 
-    def apply(self, state: dict, w: Tensor) -> Tensor | None:
+    def local_stats(self, state, w, g, b):
         u, v = state["u"].view(-1), state["v"].view(-1)
-        return u * torch.dot(v, w)
+        return [torch.dot(w, w), torch.dot(v, w), torch.dot(u, u), torch.dot(u, b), torch.dot(u, g)]
 
-    def update(self, state: dict, w: Tensor, r: Tensor, alpha: float | Tensor, normalize: bool) -> None:
+    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, first, intercept_from_gradient):
+        if first:
+            norm = stats["ww"].sqrt()
+            state["v"].view(-1).copy_(torch.where(norm > 0, w / norm.clamp_min(TINY), n**-0.5))
+            stats = {**stats, "vw": norm}  # v_0ᵀw_0 = ‖w_0‖
+        return super().step(
+            state,
+            w,
+            g,
+            b,
+            stats,
+            n=n,
+            alpha=alpha,
+            beta=beta,
+            normalize=normalize,
+            first=first,
+            intercept_from_gradient=intercept_from_gradient,
+        )
+
+    def _residual(self, state, w, g, b, stats):
+        return (b - g).add_(state["u"].view(-1) * stats["vw"])
+
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
         u, v = state["u"].view(-1), state["v"].view(-1)
-        vw = torch.dot(v, w)
-        ur = torch.dot(u, r)
-        if normalize:
-            alpha = alpha / (vw * vw + torch.dot(u, u) * torch.dot(w, w) + _TINY)
-        grad_u = r * vw
-        grad_v = w * ur
-        u.sub_(alpha * grad_u)
-        v.sub_(alpha * grad_v)
+        vw, uu, ww = stats["vw"], stats["uu"], stats["ww"]
+        ur = uu * vw + stats["ub"] - stats["ug"]
+        rate = alpha / (vw * vw + uu * ww + TINY) if normalize else torch.as_tensor(alpha, dtype=w.dtype)
+        u.sub_(r * (rate * vw))
+        v.sub_(w * (rate * ur))
+        # v'ᵀw for the estimate, from the sums: no second pass over v.
+        stats["vw_new"] = vw - rate * ur * ww
+
+    def _estimate(self, state, w, b, stats):
+        return b + state["u"].view(-1) * stats["vw_new"]
 
 
 class FullEstimator(Estimator):
@@ -192,13 +276,15 @@ class FullEstimator(Estimator):
         n = w.numel()
         state["A"] = torch.zeros((n, n), dtype=w.dtype, device=w.device)
 
-    def apply(self, state: dict, w: Tensor) -> Tensor | None:
-        return state["A"] @ w
+    def _residual(self, state, w, g, b, stats):
+        return torch.addmv(b - g, state["A"], w)
 
-    def update(self, state: dict, w: Tensor, r: Tensor, alpha: float | Tensor, normalize: bool) -> None:
-        if normalize:
-            alpha = alpha / (torch.dot(w, w) + _TINY)
-        state["A"].addr_(r * (-alpha), w)
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
+        rate = alpha / (stats["ww"] + TINY) if normalize else alpha
+        state["A"].addr_(r * (-rate), w)
+
+    def _estimate(self, state, w, b, stats):
+        return torch.addmv(b, state["A"], w)
 
 
 #: Registry of slope structures by the name users pass as ``estimator=``.

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import is_sharded, local_view, make_stats_reducer
 from .estimators import ESTIMATORS, Estimator, get_estimator
 
-__all__ = ["PRECONDITIONERS", "ALPHA_SCALINGS", "INTERCEPT_INITS", "TrainableOptimizer", "trainable_to"]
+__all__ = ["ALPHA_SCALINGS", "INTERCEPT_INITS", "PRECONDITIONERS", "TrainableOptimizer", "trainable_to"]
 
 #: ``"adam"``: divide the estimate by :math:`\sqrt{\hat v_t}+\epsilon` (Adam's second moment of
 #: the raw gradient); ``"none"``: the paper-literal step along :math:`\hat G_t`.
@@ -202,8 +203,12 @@ class TrainableOptimizer(Optimizer):
                 raise RuntimeError("TrainableOptimizer does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError(
-                    "TrainableOptimizer does not support complex parameters; "
-                    "view them as real with torch.view_as_real"
+                    "TrainableOptimizer does not support complex parameters; view them as real with torch.view_as_real"
+                )
+            if group["estimator"] == "full" and is_sharded(p):
+                raise ValueError(
+                    f"estimator='full' cannot run on a sharded parameter of shape {tuple(p.shape)}: its "
+                    "n x n matrix A couples all shards. Use estimator='diagonal' or 'rank_one' with FSDP"
                 )
             state = self.state[p]
             if not state:
@@ -241,12 +246,20 @@ class TrainableOptimizer(Optimizer):
                 alpha_scaling=group["alpha_scaling"],
                 intercept_init=group["intercept_init"],
                 diagnostics=self.track_diagnostics,
+                reduce_stats=self._stats_reducer(params),
             )
             if stats is not None:
                 acc = self._diag[i]
                 for key, value in stats.items():
                     acc[key] = acc[key].to(value.device) + value
         return loss
+
+    def _stats_reducer(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """How to sum phase-1 partial sums across the ranks that hold shards of ``params``.
+
+        ``None`` (nothing to sum) for ordinary tensors on one process or replicated by DDP.
+        """
+        return make_stats_reducer(params)
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -393,11 +406,18 @@ def trainable_to(
     alpha_scaling: str = "normalized",
     intercept_init: str = "gradient",
     diagnostics: bool = False,
+    reduce_stats: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor] | None:
     """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
 
-    Non-finite gradients are found with one batched norm and one host read per call; the
-    tensors holding them are skipped.  Returns per-call sums for the diagnostics, or None.
+    The step runs in two phases.  Phase 1 computes, per tensor, partial sums over the
+    elements at hand: a non-finite sentinel (the sum of the gradient) and the whole-tensor
+    sums the estimator needs (``Estimator.stat_names``).  They are stacked into one
+    ``(tensors, sums)`` matrix, passed through ``reduce_stats`` (the identity on one process;
+    one all-reduce for all tensors when parameters are sharded) and read back once to find
+    the tensors to skip.  Phase 2 is elementwise given those sums.
+
+    Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
     return _single_tensor_trainable_to(
         params,
@@ -414,6 +434,7 @@ def trainable_to(
         normalize=alpha_scaling == "normalized",
         intercept_from_gradient=intercept_init == "gradient",
         diagnostics=diagnostics,
+        reduce_stats=reduce_stats,
     )
 
 
@@ -433,49 +454,64 @@ def _single_tensor_trainable_to(
     normalize: bool,
     intercept_from_gradient: bool,
     diagnostics: bool,
+    reduce_stats: Callable[[Tensor], Tensor] | None,
 ) -> dict[str, Tensor] | None:
-    finite = finite_flags(grads)
-    stats = _empty_stats(grads[0].device) if diagnostics else None
+    device = grads[0].device
+    # Flat views in the state dtype; ``w`` aliases the parameter when no cast is needed.
+    # Sharded (DTensor) parameters, gradients and state work on their local shards.
+    views = []
+    numels = [p.numel() for p in params]  # the whole tensor's n, also for a DTensor
+    states = [{k: local_view(v) for k, v in state.items()} for state in states]
+    params = [local_view(p) for p in params]
+    for p, g, state in zip(params, grads, states):
+        b = state["b"]
+        in_place = p.dtype == b.dtype and p.is_contiguous()
+        w = p.view(-1) if in_place else p.detach().reshape(-1).to(b.dtype)
+        views.append((w, local_view(g).reshape(-1).to(b.dtype), b.view(-1), in_place))
 
-    for p, g, state, ok in zip(params, grads, states, finite):
+    # Phase 1: partial sums, one row per tensor: [Σg (non-finite sentinel), *stat_names].
+    rows = [
+        torch.stack([gf.sum(), *estimator.local_stats(state, w, gf, bf)]).to(device)
+        for (w, gf, bf, _), state in zip(views, states)
+    ]
+    sums = torch.stack(rows)
+    if reduce_stats is not None:
+        sums = reduce_stats(sums)
+    finite = torch.isfinite(sums[:, 0]).tolist()
+
+    stats = _empty_stats(device) if diagnostics else None
+    for p, n, state, (w, gf, bf, in_place), row, ok in zip(params, numels, states, views, sums, finite):
         if not ok:
             if stats is not None:
                 stats["skipped"] += 1
             continue
-        b = state["b"]
-        sdtype = b.dtype
-        in_place = p.dtype == sdtype and p.is_contiguous()
-        w = p.view(-1) if in_place else p.detach().reshape(-1).to(sdtype)
-        gf = g.reshape(-1).to(sdtype)
-        bf = b.view(-1)
         first = state["step"].item() == 0
         state["step"] += 1
-
-        if first and intercept_from_gradient:
-            # b_0 = g_0 − A_0 w_0 with A_0 = 0: the first residual is zero, the step is SGD's.
-            bf.copy_(gf)
-            r = None
-        else:
-            aw = estimator.apply(state, w)
-            r = bf - gf if aw is None else aw.add_(bf).sub_(gf)
-            estimator.update(state, w, r, alpha, normalize)
-            bf.add_(r, alpha=-beta)
-
-        aw = estimator.apply(state, w)
-        g_hat = bf.clone() if aw is None else aw.add_(bf)
-
+        named = {k: v.to(bf.device) for k, v in zip(estimator.stat_names, row[1:])}
+        g_hat, r = estimator.step(
+            state,
+            w,
+            gf,
+            bf,
+            named,
+            n=n,
+            alpha=alpha,
+            beta=beta,
+            normalize=normalize,
+            first=first,
+            intercept_from_gradient=intercept_from_gradient,
+        )
         if stats is not None:
             if r is not None:
-                stats["residual_sq"] += torch.dot(r, r).to(stats["residual_sq"].device)
-            stats["grad_sq"] += torch.dot(gf, gf).to(stats["grad_sq"].device)
-            stats["estimate_sq"] += torch.dot(g_hat, g_hat).to(stats["estimate_sq"].device)
+                stats["residual_sq"] += torch.dot(r, r).to(device)
+            stats["grad_sq"] += torch.dot(gf, gf).to(device)
+            stats["estimate_sq"] += torch.dot(g_hat, g_hat).to(device)
 
         if adam:
             v = state["exp_avg_sq"].view(-1)
             v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
             bias_correction2 = 1 - beta2 ** state["step"].item()
-            denom = (v / bias_correction2).sqrt_().add_(eps)
-            g_hat.div_(denom)
+            g_hat.div_((v / bias_correction2).sqrt_().add_(eps))
 
         if weight_decay != 0:
             w.mul_(1 - lr * weight_decay)
@@ -486,17 +522,3 @@ def _single_tensor_trainable_to(
     if stats is not None and any(finite):
         stats["steps"] += 1
     return stats
-
-
-def finite_flags(grads: list[Tensor]) -> list[bool]:
-    """Per tensor, whether its gradient is all finite: one norm each, one host read in all.
-
-    Half-precision norms accumulate in float32 so that a large finite gradient does not
-    overflow to ``inf`` and get skipped.
-    """
-    norms = [
-        torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
-        for g in grads
-    ]
-    device = grads[0].device
-    return torch.isfinite(torch.stack([n.to(device, torch.float64) for n in norms])).tolist()
