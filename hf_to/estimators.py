@@ -81,6 +81,14 @@ class Estimator:
         """Create the slope state with :math:`A_0 = 0`, shaped like ``w`` (the parameter)."""
         raise NotImplementedError
 
+    def predict(self, state: dict, w: Tensor) -> Tensor:
+        r"""The estimate :math:`\hat G(w) = A w + b` from the current state (whole tensors)."""
+        flat = w.reshape(-1).to(state["b"].dtype)
+        return (self._slope_times(state, flat) + state["b"].reshape(-1)).reshape(w.shape)
+
+    def _slope_times(self, state: dict, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def local_stats(self, state: dict, w: Tensor, g: Tensor, b: Tensor) -> list[Tensor]:
         """Partial sums, over the elements at hand, of the quantities in ``stat_names``."""
         return [torch.dot(w, w)]
@@ -143,6 +151,9 @@ class NoSlopeEstimator(Estimator):
     def local_stats(self, state, w, g, b):
         return []
 
+    def _slope_times(self, state, w):
+        return torch.zeros_like(w)
+
     def _residual(self, state, w, g, b, stats):
         return b - g
 
@@ -170,6 +181,9 @@ class DiagonalEstimator(Estimator):
 
     def init(self, state: dict, w: Tensor) -> None:
         state["a"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+
+    def _slope_times(self, state, w):
+        return state["a"].reshape(-1) * w
 
     def _residual(self, state, w, g, b, stats):
         return torch.addcmul(b - g, state["a"].view(-1), w)
@@ -242,6 +256,9 @@ class RankOneEstimator(Estimator):
             intercept_from_gradient=intercept_from_gradient,
         )
 
+    def _slope_times(self, state, w):
+        return state["u"].reshape(-1) * torch.dot(state["v"].reshape(-1), w)
+
     def _residual(self, state, w, g, b, stats):
         return (b - g).add_(state["u"].view(-1) * stats["vw"])
 
@@ -275,6 +292,9 @@ class FullEstimator(Estimator):
     def init(self, state: dict, w: Tensor) -> None:
         n = w.numel()
         state["A"] = torch.zeros((n, n), dtype=w.dtype, device=w.device)
+
+    def _slope_times(self, state, w):
+        return state["A"] @ w
 
     def _residual(self, state, w, g, b, stats):
         return torch.addmv(b - g, state["A"], w)

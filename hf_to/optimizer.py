@@ -291,6 +291,19 @@ class TrainableOptimizer(Optimizer):
             self._diag = [_empty_stats() for _ in self.param_groups] if self.track_diagnostics else []
         return out
 
+    @torch.no_grad()
+    def gradient_estimate(self, p: Tensor, w: Tensor | None = None) -> Tensor:
+        r"""The estimator's current :math:`\hat G(w) = A w + b` for parameter ``p``.
+
+        ``w`` defaults to the parameter's current value.  Right after a step, passing the
+        weights *before* that step returns the :math:`\hat G_t` the step moved along.
+        """
+        state = self.state[p]
+        if not state:
+            raise ValueError("no estimator state for this parameter yet: call step() first")
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return get_estimator(group["estimator"]).predict(state, p.detach() if w is None else w)
+
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (all parameters, ``step`` included)."""
         return sum(
