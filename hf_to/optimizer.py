@@ -72,7 +72,7 @@ class TrainableOptimizer(Optimizer):
         estimator: structure of :math:`A`: ``"diagonal"`` (default), ``"rank_one"``,
             ``"full"`` or ``"none"``.
         alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
-            (default: 0.01; with ``alpha_scaling="normalized"`` the largest fraction of the
+            (default: 0.1; with ``alpha_scaling="normalized"`` the largest fraction of the
             residual that the slope term absorbs per step).
         beta: intercept rate :math:`\beta`, the step of :math:`b` (default: 0.1; the
             ``1 - beta1`` of Adam).
@@ -104,7 +104,7 @@ class TrainableOptimizer(Optimizer):
         lr: float = 1e-3,
         *,
         estimator: str = "diagonal",
-        alpha: float = 0.01,
+        alpha: float = 0.1,
         beta: float = 0.1,
         preconditioner: str = "adam",
         beta2: float = 0.999,
