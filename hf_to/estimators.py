@@ -33,8 +33,14 @@ Each structure is one strategy object, selected by name through :data:`ESTIMATOR
 
 *Normalised slope rate.*  With ``alpha_scaling="normalized"`` (the default) the slope step is
 divided by the squared norm of the estimator's input Jacobian — the normalised LMS rule —
-so that :math:`A w` moves by at most :math:`\alpha \lVert r\rVert` in one step whatever the
-scale of :math:`w`.  ``alpha_scaling="none"`` is the paper-literal raw rate.  See
+plus a floor :math:`n\delta^2` (``norm_floor`` = :math:`\delta^2`, default 1), so that
+:math:`A w` moves by at most :math:`\alpha \lVert r\rVert` in one step whatever the scale of
+:math:`w`, and :math:`A` itself cannot blow up when :math:`w` is near zero (biases, a LoRA B
+matrix at initialisation), where a pure NLMS rate :math:`\alpha/\lVert w\rVert^2` would make
+:math:`\lVert A\rVert \sim \lVert r\rVert/\lVert w\rVert` and the estimate explode as soon as
+:math:`w` moves.  For weights with mean square below :math:`\delta^2` the rate is about the
+raw :math:`\alpha/n` (full, rank-one) or :math:`\alpha` (diagonal).  ``alpha_scaling="none"``
+is the paper-literal raw rate.  See
 ``docs/design-decisions.md`` for the measurements behind the default.
 """
 
@@ -105,6 +111,7 @@ class Estimator:
         alpha: float,
         beta: float,
         normalize: bool,
+        floor: float = 1.0,
         first: bool,
         intercept_from_gradient: bool,
     ) -> tuple[Tensor, Tensor | None]:
@@ -118,7 +125,7 @@ class Estimator:
             b.copy_(g)
             return b.clone(), None
         r = self._residual(state, w, g, b, stats)
-        self._update_slope(state, w, r, stats, n=n, alpha=alpha, normalize=normalize)
+        self._update_slope(state, w, r, stats, n=n, alpha=alpha, normalize=normalize, floor=floor)
         b.add_(r, alpha=-beta)
         return self._estimate(state, w, b, stats), r
 
@@ -127,7 +134,16 @@ class Estimator:
         raise NotImplementedError
 
     def _update_slope(
-        self, state: dict, w: Tensor, r: Tensor, stats: dict[str, Tensor], *, n: int, alpha: float, normalize: bool
+        self,
+        state: dict,
+        w: Tensor,
+        r: Tensor,
+        stats: dict[str, Tensor],
+        *,
+        n: int,
+        alpha: float,
+        normalize: bool,
+        floor: float,
     ) -> None:
         raise NotImplementedError
 
@@ -157,7 +173,7 @@ class NoSlopeEstimator(Estimator):
     def _residual(self, state, w, g, b, stats):
         return b - g
 
-    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize, floor):
         return None
 
     def _estimate(self, state, w, b, stats):
@@ -167,10 +183,11 @@ class NoSlopeEstimator(Estimator):
 class DiagonalEstimator(Estimator):
     r""":math:`A = \mathrm{diag}(a)`, :math:`a \leftarrow a - \alpha_i\, r \odot w`.
 
-    Normalised rate, per coordinate: :math:`\alpha_i = \alpha / (w_i^2 + \overline{w^2})`, the
-    LMS normalisation of each scalar regression :math:`g_i \approx a_i w_i + b_i`, regularised
-    by the tensor's mean square :math:`\overline{w^2} = w^\top w / n` so that a tiny
-    :math:`w_i` cannot blow :math:`a_i` up (:math:`|\Delta a_i| \le \alpha |r_i| / (2\,\mathrm{rms}(w))`).
+    Normalised rate, per coordinate:
+    :math:`\alpha_i = \alpha / (w_i^2 + \overline{w^2} + \delta^2)`, the LMS normalisation of
+    each scalar regression :math:`g_i \approx a_i w_i + b_i`, regularised by the tensor's mean
+    square :math:`\overline{w^2} = w^\top w / n` and the floor :math:`\delta^2` so that a tiny
+    :math:`w_i` cannot blow :math:`a_i` up.
     """
 
     name = "diagonal"
@@ -188,10 +205,10 @@ class DiagonalEstimator(Estimator):
     def _residual(self, state, w, g, b, stats):
         return torch.addcmul(b - g, state["a"].view(-1), w)
 
-    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize, floor):
         a = state["a"].view(-1)
         if normalize:
-            a.sub_(alpha * r * w / (w * w + (stats["ww"] / n + TINY)))
+            a.sub_(alpha * r * w / (w * w + (stats["ww"] / n + floor + TINY)))
         else:
             a.sub_(r * w, alpha=alpha)
 
@@ -216,8 +233,9 @@ class RankOneEstimator(Estimator):
     :math:`u^\top r = u^\top u\,(v^\top w) + u^\top b - u^\top g` and, after the step,
     :math:`v'^\top w = v^\top w - \alpha (u^\top r)\, w^\top w`.
 
-    Normalised rate: :math:`\alpha / ((v^\top w)^2 + \lVert u\rVert^2\lVert w\rVert^2)`, the
-    squared Frobenius norm of the Jacobian of :math:`u v^\top w` with respect to :math:`(u, v)`.
+    Normalised rate: :math:`\alpha / ((v^\top w)^2 + \lVert u\rVert^2\lVert w\rVert^2 + n\delta^2)`,
+    the squared Frobenius norm of the Jacobian of :math:`u v^\top w` with respect to
+    :math:`(u, v)`, plus the floor.
     """
 
     name = "rank_one"
@@ -237,7 +255,7 @@ class RankOneEstimator(Estimator):
         u, v = state["u"].view(-1), state["v"].view(-1)
         return [torch.dot(w, w), torch.dot(v, w), torch.dot(u, u), torch.dot(u, b), torch.dot(u, g)]
 
-    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, first, intercept_from_gradient):
+    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, floor=1.0, first, intercept_from_gradient):
         if first:
             norm = stats["ww"].sqrt()
             state["v"].view(-1).copy_(torch.where(norm > 0, w / norm.clamp_min(TINY), n**-0.5))
@@ -252,6 +270,7 @@ class RankOneEstimator(Estimator):
             alpha=alpha,
             beta=beta,
             normalize=normalize,
+            floor=floor,
             first=first,
             intercept_from_gradient=intercept_from_gradient,
         )
@@ -262,11 +281,11 @@ class RankOneEstimator(Estimator):
     def _residual(self, state, w, g, b, stats):
         return (b - g).add_(state["u"].view(-1) * stats["vw"])
 
-    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize, floor):
         u, v = state["u"].view(-1), state["v"].view(-1)
         vw, uu, ww = stats["vw"], stats["uu"], stats["ww"]
         ur = uu * vw + stats["ub"] - stats["ug"]
-        rate = alpha / (vw * vw + uu * ww + TINY) if normalize else torch.as_tensor(alpha, dtype=w.dtype)
+        rate = alpha / (vw * vw + uu * ww + n * floor + TINY) if normalize else torch.as_tensor(alpha, dtype=w.dtype)
         u.sub_(r * (rate * vw))
         v.sub_(w * (rate * ur))
         # v'ᵀw for the estimate, from the sums: no second pass over v.
@@ -279,7 +298,7 @@ class RankOneEstimator(Estimator):
 class FullEstimator(Estimator):
     r"""Dense :math:`A \in \mathbb{R}^{n\times n}`, :math:`A \leftarrow A - \alpha\, r w^\top`.
 
-    Normalised rate: :math:`\alpha / \lVert w\rVert^2` (normalised LMS).  Memory is
+    Normalised rate: :math:`\alpha / (\lVert w\rVert^2 + n\delta^2)` (normalised LMS with a floor).  Memory is
     :math:`n^2` values per tensor, so the optimizer refuses tensors above ``max_full_numel``.
     """
 
@@ -299,8 +318,8 @@ class FullEstimator(Estimator):
     def _residual(self, state, w, g, b, stats):
         return torch.addmv(b - g, state["A"], w)
 
-    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize):
-        rate = alpha / (stats["ww"] + TINY) if normalize else alpha
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize, floor):
+        rate = alpha / (stats["ww"] + n * floor + TINY) if normalize else alpha
         state["A"].addr_(r * (-rate), w)
 
     def _estimate(self, state, w, b, stats):

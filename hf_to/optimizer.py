@@ -81,6 +81,8 @@ class TrainableOptimizer(Optimizer):
         eps: term added to the preconditioner's denominator (default: 1e-8).
         weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
         alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
+        norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
+            slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1.0).
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -111,6 +113,7 @@ class TrainableOptimizer(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         alpha_scaling: str = "normalized",
+        norm_floor: float = 1.0,
         intercept_init: str = "gradient",
         max_full_numel: int = 4096,
         diagnostics: bool = False,
@@ -125,6 +128,7 @@ class TrainableOptimizer(Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             alpha_scaling=alpha_scaling,
+            norm_floor=norm_floor,
             intercept_init=intercept_init,
             max_full_numel=max_full_numel,
         )
@@ -152,6 +156,7 @@ class TrainableOptimizer(Optimizer):
         self.__dict__.setdefault("_diag", [])
         for group in self.param_groups:
             group.setdefault("alpha_scaling", "normalized")
+            group.setdefault("norm_floor", 1.0)
             group.setdefault("intercept_init", "gradient")
             group.setdefault("max_full_numel", 4096)
             group.setdefault(ALGORITHM_KEY, ALGORITHM)
@@ -244,6 +249,7 @@ class TrainableOptimizer(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 alpha_scaling=group["alpha_scaling"],
+                norm_floor=group["norm_floor"],
                 intercept_init=group["intercept_init"],
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
@@ -327,6 +333,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         ("beta", group["beta"], _num(group["beta"]) and 0 < group["beta"] <= 1, "in (0, 1]"),
         ("beta2", group["beta2"], _num(group["beta2"]) and 0 <= group["beta2"] < 1, "in [0, 1)"),
         ("eps", group["eps"], _num(group["eps"]) and group["eps"] >= 0, "a finite number >= 0"),
+        ("norm_floor", group["norm_floor"], _num(group["norm_floor"]) and group["norm_floor"] >= 0, "a finite number >= 0"),
         (
             "weight_decay",
             group["weight_decay"],
@@ -417,6 +424,7 @@ def trainable_to(
     eps: float,
     weight_decay: float,
     alpha_scaling: str = "normalized",
+    norm_floor: float = 1.0,
     intercept_init: str = "gradient",
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
@@ -445,6 +453,7 @@ def trainable_to(
         eps=eps,
         weight_decay=weight_decay,
         normalize=alpha_scaling == "normalized",
+        floor=norm_floor,
         intercept_from_gradient=intercept_init == "gradient",
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
@@ -465,6 +474,7 @@ def _single_tensor_trainable_to(
     eps: float,
     weight_decay: float,
     normalize: bool,
+    floor: float,
     intercept_from_gradient: bool,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
@@ -511,6 +521,7 @@ def _single_tensor_trainable_to(
             alpha=alpha,
             beta=beta,
             normalize=normalize,
+            floor=floor,
             first=first,
             intercept_from_gradient=intercept_from_gradient,
         )

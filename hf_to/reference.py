@@ -68,16 +68,17 @@ def reference_step(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[s
     grad_A = torch.outer(r, w)
     alpha = group["alpha"]
     normalized = group["alpha_scaling"] == "normalized"
+    floor = group["norm_floor"]  # δ²
     if est == "full":
-        scale = alpha / (w @ w + 1e-30) if normalized else alpha
+        scale = alpha / (w @ w + n * floor + 1e-30) if normalized else alpha
         state["A"] = A - scale * grad_A
     elif est == "diagonal":
         a = torch.diagonal(A)
-        scale = alpha / (w * w + (w * w).mean() + 1e-30) if normalized else alpha
+        scale = alpha / (w * w + (w * w).mean() + floor + 1e-30) if normalized else alpha
         state["a"] = (a - scale * torch.diagonal(grad_A)).reshape(p.shape)
     elif est == "rank_one":
         u, v = state["u"].reshape(-1), state["v"].reshape(-1)
-        scale = alpha / ((v @ w) ** 2 + (u @ u) * (w @ w) + 1e-30) if normalized else alpha
+        scale = alpha / ((v @ w) ** 2 + (u @ u) * (w @ w) + n * floor + 1e-30) if normalized else alpha
         state["u"] = (u - scale * (grad_A @ v)).reshape(p.shape)
         state["v"] = (v - scale * (grad_A.T @ u)).reshape(p.shape)
     b = b - group["beta"] * r
