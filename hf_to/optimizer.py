@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .distributed import is_sharded, local_view, make_stats_reducer
 from .estimators import ESTIMATORS, Estimator, get_estimator
+from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
 
 __all__ = ["ALPHA_SCALINGS", "INTERCEPT_INITS", "PRECONDITIONERS", "TrainableOptimizer", "trainable_to"]
 
@@ -89,6 +90,13 @@ class TrainableOptimizer(Optimizer):
             state holds ``n**2`` values (default: 4096, i.e. 64 MiB in fp32).
         diagnostics: accumulate the estimator's health on the device (see
             :meth:`diagnostics`); off by default, and then no step reads anything back.
+        fused: ``True``: the fused kernels of :mod:`hf_to.kernels`, compiled with
+            ``torch.compile`` (eager fallback where it is unavailable); ``False``: the readable
+            per-tensor path; ``None`` (default): fused and compiled on CUDA and for large CPU
+            groups, readable otherwise (see :func:`hf_to.kernels.use_fused`).
+        state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
+            float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
+            memory, stored with stochastic rounding; not for ``estimator="full"``).
 
     State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
     ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
@@ -117,6 +125,8 @@ class TrainableOptimizer(Optimizer):
         intercept_init: str = "gradient",
         max_full_numel: int = 4096,
         diagnostics: bool = False,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,6 +141,8 @@ class TrainableOptimizer(Optimizer):
             norm_floor=norm_floor,
             intercept_init=intercept_init,
             max_full_numel=max_full_numel,
+            fused=fused,
+            state_dtype=state_dtype,
         )
         _validate_hyperparameters(defaults)
         defaults[ALGORITHM_KEY] = ALGORITHM
@@ -159,6 +171,8 @@ class TrainableOptimizer(Optimizer):
             group.setdefault("norm_floor", 1.0)
             group.setdefault("intercept_init", "gradient")
             group.setdefault("max_full_numel", 4096)
+            group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
             group.setdefault(ALGORITHM_KEY, ALGORITHM)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -253,6 +267,7 @@ class TrainableOptimizer(Optimizer):
                 intercept_init=group["intercept_init"],
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
+                fused=group["fused"],
             )
             if stats is not None:
                 acc = self._diag[i]
@@ -353,6 +368,16 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
             "an int >= 1",
         ),
     ]
+    checks.append(
+        (
+            "state_dtype",
+            group["state_dtype"],
+            group["state_dtype"] in STATE_DTYPES
+            and not (group["state_dtype"] == torch.bfloat16 and group["estimator"] not in FUSED_ESTIMATORS),
+            f"one of {STATE_DTYPES}; bfloat16 with estimator in {FUSED_ESTIMATORS}",
+        )
+    )
+    checks.append(("fused", group["fused"], group["fused"] in (None, True, False), "None, True or False"))
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
@@ -391,7 +416,7 @@ def state_dtype_for(p: Tensor) -> torch.dtype:
 
 
 def _init_state(state: dict, p: Tensor, estimator: Estimator, group: dict[str, Any]) -> None:
-    w = p.detach().to(state_dtype_for(p), copy=True)
+    w = p.detach().to(group.get("state_dtype") or state_dtype_for(p), copy=True)
     # ``step`` stays a CPU tensor: reading it for the bias correction costs no device sync.
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     state["b"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
@@ -428,6 +453,7 @@ def trainable_to(
     intercept_init: str = "gradient",
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
+    fused: bool | None = None,
 ) -> dict[str, Tensor] | None:
     """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
 
@@ -438,8 +464,32 @@ def trainable_to(
     one all-reduce for all tensors when parameters are sharded) and read back once to find
     the tensors to skip.  Phase 2 is elementwise given those sums.
 
+    ``fused`` selects the fused kernels of :mod:`hf_to.kernels` (``True``: compiled, eager
+    fallback; ``False``: this readable path; ``None``: see :func:`hf_to.kernels.use_fused`).
+
     Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
+    use_kernels, compile = use_fused(fused, estimator, params, states)
+    if use_kernels:
+        return fused_trainable_to(
+            params,
+            grads,
+            states,
+            lr=float(lr),
+            estimator=estimator,
+            alpha=alpha,
+            beta=beta,
+            adam=preconditioner == "adam",
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            normalize=alpha_scaling == "normalized",
+            floor=norm_floor,
+            intercept_from_gradient=intercept_init == "gradient",
+            diagnostics=diagnostics,
+            reduce_stats=reduce_stats,
+            compile=compile,
+        )
     return _single_tensor_trainable_to(
         params,
         grads,
