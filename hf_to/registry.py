@@ -8,6 +8,7 @@ tested for free.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,16 @@ from torch import nn
 
 from .optimizer import TrainableOptimizer
 
-__all__ = ["PAPER_LITERAL", "VARIANTS", "create_optimizer", "load_optimizer", "param_groups_for"]
+__all__ = [
+    "NO_DECAY_MODULES",
+    "NO_DECAY_PATTERNS",
+    "PAPER_LITERAL",
+    "VARIANTS",
+    "create_optimizer",
+    "decay_parameter_names",
+    "load_optimizer",
+    "param_groups_for",
+]
 
 #: The paper's plain update: step along Ĝ, raw slope rate, b_0 = 0.
 PAPER_LITERAL: dict[str, Any] = {"preconditioner": "none", "alpha_scaling": "none", "intercept_init": "zero"}
@@ -36,23 +46,49 @@ def load_optimizer(name: str) -> Callable[..., TrainableOptimizer]:
     return functools.partial(TrainableOptimizer, **VARIANTS[key])
 
 
-def param_groups_for(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into decay / no-decay groups by the Trainer's rule.
+#: Name patterns (searched in the lower-cased dotted parameter name) that get no weight decay:
+#: ``transformers.Trainer.get_decay_parameter_names`` of transformers 5.
+NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+#: Module types whose parameters get no weight decay (the Trainer's ``[nn.LayerNorm]``).
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
 
-    No weight decay for biases and for the parameters of normalisation layers (any module
-    whose class name contains ``Norm``), as ``transformers.Trainer.get_decay_parameter_names``
-    does.  Both groups are always returned, possibly empty.
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay, by the Trainer's rule.
+
+    A transcription of ``Trainer.get_decay_parameter_names`` (``get_parameter_names`` with
+    ``[nn.LayerNorm]`` and :data:`NO_DECAY_PATTERNS`) that does not import transformers.
     """
-    no_decay: set[int] = set()
-    for module in model.modules():
-        is_norm = "norm" in type(module).__name__.lower() or isinstance(module, nn.modules.normalization.LayerNorm)
-        for pname, p in module.named_parameters(recurse=False):
-            if is_norm or pname == "bias" or "bias" in pname or "layernorm" in pname or "rmsnorm" in pname:
-                no_decay.add(id(p))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    patterns = [re.compile(p) for p in NO_DECAY_PATTERNS]
+
+    def names(module: nn.Module) -> list[str]:
+        result = []
+        for child_name, child in module.named_children():
+            result += [
+                f"{child_name}.{n}"
+                for n in names(child)
+                if not isinstance(child, NO_DECAY_MODULES)
+                and not any(p.search(f"{child_name}.{n}".lower()) for p in patterns)
+            ]
+        result += [k for k in module._parameters if not any(p.search(k.lower()) for p in patterns)]
+        return result
+
+    return names(model)
+
+
+def param_groups_for(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into decay / no-decay groups exactly as the Trainer does.
+
+    No weight decay for biases, normalisation weights (by name: ``layernorm``, ``rmsnorm``,
+    ``norm``, ``*_norm``) and the parameters of ``nn.LayerNorm`` modules; see
+    :func:`decay_parameter_names`.  Both groups are always returned, possibly empty (the
+    optimizer skips empty groups).
+    """
+    decay = set(decay_parameter_names(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
 
 
