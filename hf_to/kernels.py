@@ -15,7 +15,9 @@ The kernels are plain PyTorch functions.  ``torch.compile`` (Inductor, ``dynamic
 that one kernel serves every tensor size) fuses each into one loop; where compilation is
 unavailable or fails the same functions run eagerly (correct, but with temporaries), and a
 warning says so once.  Compilation happens on the first call for each combination of flags
-and dtypes, once per process; :func:`compile_seconds` reports the time spent there.
+and dtypes, once per process; :func:`compile_seconds` reports the time spent there.  The
+first step of each tensor (which seeds the intercept, and the rank-one ``v``) runs eagerly:
+it happens once, and compiling its variant would double the compile time.
 
 On a CPU without sharded parameters (no ``reduce_stats``) the two phases run tensor by
 tensor, so that phase 2 re-reads ``w`` and ``g`` from the cache rather than from memory;
@@ -37,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -86,14 +89,6 @@ def _round_bf16(x: Tensor) -> Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _store(dst: Tensor, x: Tensor) -> None:
-    """Write ``x`` (float32/float64) into the state tensor ``dst`` of any float dtype."""
-    if dst.dtype == torch.bfloat16:
-        dst.copy_(_round_bf16(x.float()))
-    else:
-        dst.copy_(x)
-
-
 def stochastic_round_(dst: Tensor, x: Tensor) -> Tensor:
     """Copy float32 ``x`` into bfloat16 ``dst`` with stochastic rounding; return ``dst``."""
     _store(dst, x)
@@ -126,6 +121,32 @@ def _stats_rank_one(w: Tensor, g: Tensor, b: Tensor, u: Tensor, v: Tensor) -> Te
 
 # -- phase 2: the elementwise step ---------------------------------------------------------
 
+# Group hyperparameters travel as one small tensor ``hp`` (not Python floats): a compiled
+# kernel then guards on one argument instead of seven, and a learning-rate schedule never
+# recompiles.  ``step`` is the tensor's CPU step count *before* this step.
+LR, DECAY, ALPHA, BETA, BETA2, EPS, FLOOR = range(7)
+
+
+def _hyperparameters(
+    lr: float, weight_decay: float, alpha: float, beta: float, beta2: float, eps: float, floor: float, device
+) -> Tensor:
+    values = [lr, 1 - lr * weight_decay, alpha, beta, beta2, eps, floor]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _keep_if(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the step is taken; ``old`` (cast) where it is skipped (one-pass kernels)."""
+    return new if ok is None else torch.where(ok, new, old.to(new.dtype))
+
+
+def _store(dst: Tensor, x: Tensor, ok: Tensor | None = None) -> None:
+    """Write ``x`` (float32/float64) into the tensor ``dst`` of any float dtype."""
+    x = _keep_if(ok, x, dst)
+    if dst.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
+        dst.copy_(_round_bf16(x.float()))
+    else:
+        dst.copy_(x)
+
 
 def _finish(
     p: Tensor,
@@ -134,20 +155,21 @@ def _finish(
     g_hat: Tensor,
     exp_avg_sq: Tensor | None,
     r: Tensor | None,
-    lr: float,
-    decay: float,
-    beta2: float,
-    bias_correction2: float,
-    eps: float,
+    hp: Tensor,
+    step: Tensor,
     diagnostics: bool,
+    ok: Tensor | None,
 ) -> Tensor | None:
     """Preconditioner, weight update and (optionally) the diagnostic sums ``[r·r, g·g, Ĝ·Ĝ]``."""
     d = g_hat
     if exp_avg_sq is not None:
+        beta2 = hp[BETA2].to(w.dtype)
         v2 = exp_avg_sq.to(w.dtype) * beta2 + (1 - beta2) * gf * gf
-        d = g_hat / ((v2 / bias_correction2).sqrt() + eps)
-        _store(exp_avg_sq, v2)
-    p.copy_(w * decay - lr * d)
+        bias_correction2 = (1 - hp[BETA2] ** (step.to(torch.float64) + 1)).to(w.dtype)
+        d = g_hat / ((v2 / bias_correction2).sqrt() + hp[EPS].to(w.dtype))
+        _store(exp_avg_sq, v2, ok)
+    # Parameters are stored with round-to-nearest, as in the readable path.
+    p.copy_(_keep_if(ok, w * hp[DECAY].to(w.dtype) - hp[LR].to(w.dtype) * d, w))
     if not diagnostics:
         return None
     rr = (r * r).sum() if r is not None else torch.zeros((), dtype=w.dtype, device=w.device)
@@ -161,37 +183,33 @@ def _update_diagonal(
     a: Tensor,
     exp_avg_sq: Tensor | None,
     row: Tensor,
+    hp: Tensor,
+    step: Tensor,
     n: int,
-    lr: float,
-    decay: float,
-    alpha: float,
-    beta: float,
-    beta2: float,
-    bias_correction2: float,
-    eps: float,
     normalize: bool,
-    floor: float,
     seed_intercept: bool,
     diagnostics: bool,
+    ok: Tensor | None = None,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
     w, gf = p.to(cd), g.to(cd)
     r = None
     if seed_intercept:  # b_0 = g_0: r_0 = 0, the slope stays at A_0 = 0
         g_hat = gf
-        _store(b, gf)
+        _store(b, gf, ok)
     else:
         af, bf = a.to(cd), b.to(cd)
+        alpha = hp[ALPHA].to(cd)
         r = af * w + bf - gf
         if normalize:
-            af = af - alpha * r * w / (w * w + (row[1] / n + floor + TINY))
+            af = af - alpha * r * w / (w * w + (row[1] / n + hp[FLOOR].to(cd) + TINY))
         else:
             af = af - alpha * (r * w)
-        bf = bf - beta * r
+        bf = bf - hp[BETA].to(cd) * r
         g_hat = af * w + bf
-        _store(a, af)
-        _store(b, bf)
-    return _finish(p, w, gf, g_hat, exp_avg_sq, r, lr, decay, beta2, bias_correction2, eps, diagnostics)
+        _store(a, af, ok)
+        _store(b, bf, ok)
+    return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
 
 def _update_none(
@@ -199,14 +217,14 @@ def _update_none(
     g: Tensor,
     b: Tensor,
     exp_avg_sq: Tensor | None,
-    lr: float,
-    decay: float,
-    beta: float,
-    beta2: float,
-    bias_correction2: float,
-    eps: float,
+    row: Tensor,
+    hp: Tensor,
+    step: Tensor,
+    n: int,
+    normalize: bool,
     seed_intercept: bool,
     diagnostics: bool,
+    ok: Tensor | None = None,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
     w, gf = p.to(cd), g.to(cd)
@@ -216,9 +234,9 @@ def _update_none(
     else:
         bf = b.to(cd)
         r = bf - gf
-        g_hat = bf - beta * r
-    _store(b, g_hat)
-    return _finish(p, w, gf, g_hat, exp_avg_sq, r, lr, decay, beta2, bias_correction2, eps, diagnostics)
+        g_hat = bf - hp[BETA].to(cd) * r
+    _store(b, g_hat, ok)
+    return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
 
 def _update_rank_one(
@@ -229,22 +247,18 @@ def _update_rank_one(
     v: Tensor,
     exp_avg_sq: Tensor | None,
     row: Tensor,
+    hp: Tensor,
+    step: Tensor,
     n: int,
-    lr: float,
-    decay: float,
-    alpha: float,
-    beta: float,
-    beta2: float,
-    bias_correction2: float,
-    eps: float,
     normalize: bool,
-    floor: float,
-    first: bool,
     seed_intercept: bool,
     diagnostics: bool,
+    ok: Tensor | None = None,
+    first: bool = False,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
     w, gf = p.to(cd), g.to(cd)
+    row = row.to(cd)
     ww, vw, uu, ub, ug = row[1], row[2], row[3], row[4], row[5]
     if first:  # v_0 = w_0/‖w_0‖ (1/√n when w_0 = 0), so v_0ᵀw_0 = ‖w_0‖
         norm = ww.sqrt()
@@ -255,22 +269,55 @@ def _update_rank_one(
     r = None
     if seed_intercept:
         g_hat = gf
-        _store(b, gf)
-        _store(v, vf)
+        _store(b, gf, ok)
+        _store(v, vf, ok)
     else:
         uf, bf = u.to(cd), b.to(cd)
+        alpha = hp[ALPHA].to(cd)
         r = bf - gf + uf * vw
         ur = uu * vw + ub - ug
-        rate = alpha / (vw * vw + uu * ww + n * floor + TINY) if normalize else alpha
+        rate = alpha / (vw * vw + uu * ww + n * hp[FLOOR].to(cd) + TINY) if normalize else alpha
         uf = uf - r * (rate * vw)
         vf = vf - w * (rate * ur)
         vw_new = vw - rate * ur * ww
-        bf = bf - beta * r
+        bf = bf - hp[BETA].to(cd) * r
         g_hat = bf + uf * vw_new
-        _store(u, uf)
-        _store(v, vf)
-        _store(b, bf)
-    return _finish(p, w, gf, g_hat, exp_avg_sq, r, lr, decay, beta2, bias_correction2, eps, diagnostics)
+        _store(u, uf, ok)
+        _store(v, vf, ok)
+        _store(b, bf, ok)
+    return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
+
+
+def _one_pass(stats: Callable[..., Tensor], update: Callable[..., Tensor | None]) -> Callable[..., Tensor]:
+    """Both phases in one kernel for an unsharded tensor: the sums, then the step where finite.
+
+    Returns ``[Σg, *diagnostic sums]``; nothing is written where ``Σg`` is not finite.
+    """
+
+    def kernel(
+        p: Tensor,
+        g: Tensor,
+        b: Tensor,
+        slope: list[Tensor],
+        exp_avg_sq: Tensor | None,
+        hp: Tensor,
+        step: Tensor,
+        normalize: bool,
+        seed_intercept: bool,
+        diagnostics: bool,
+        first: bool,
+    ) -> Tensor:
+        row = stats(p, g, b, *slope) if update is _update_rank_one else stats(p, g, b)
+        ok = torch.isfinite(row[0])
+        extra = {"first": first} if update is _update_rank_one else {}
+        sums = update(
+            p, g, b, *slope, exp_avg_sq, row, hp, step, p.numel(), normalize, seed_intercept, diagnostics, ok, **extra
+        )
+        head = row[:1]
+        return head if sums is None else torch.cat([head, sums.to(head.dtype)])
+
+    kernel.__name__ = f"_one_pass{update.__name__[len('_update') :]}"
+    return kernel
 
 
 _STATS: dict[str, Callable[..., Tensor]] = {
@@ -283,14 +330,14 @@ _UPDATES: dict[str, Callable[..., Tensor | None]] = {
     "rank_one": _update_rank_one,
     "none": _update_none,
 }
+_ONE_PASS: dict[str, Callable[..., Tensor]] = {name: _one_pass(_STATS[name], _UPDATES[name]) for name in _STATS}
 
 
 # -- compilation with an eager fallback ----------------------------------------------------
 
-_compiled: dict[str, Callable[..., Any]] = {}
+_compiled: dict[tuple, Callable[..., Any]] = {}
 _compile_failed = False
 _compile_seconds = 0.0
-_seen_keys: set[tuple] = set()
 
 
 def compile_available() -> bool:
@@ -316,29 +363,41 @@ def _disable_compile(err: BaseException) -> None:
     _compile_failed = True
 
 
+def _fresh_copy(fn: Callable[..., Any], tag: int) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    Dynamo caches compiled graphs per code object, with a limit on the number of variants;
+    one code object per static configuration keeps each cache at one entry (cheap guards)
+    and never runs into the limit, however many configurations a process uses.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 def _call(name: str, table: dict[str, Callable[..., Any]], compile: bool, key: tuple, *args: Any) -> Any:
-    """Run kernel ``name``: compiled (first call per ``key`` timed as compile time) or eagerly."""
+    """Run kernel ``name``: compiled for configuration ``key`` (first call timed) or eagerly."""
     global _compile_seconds
     eager = table[name]
     if not (compile and compile_available()):
         return eager(*args)
-    fn = _compiled.get(f"{id(table)}:{name}")
-    if fn is None:
+    fn = _compiled.get(key)
+    new = fn is None
+    if new:
         try:
-            fn = torch.compile(eager, dynamic=True)
+            fn = torch.compile(_fresh_copy(eager, len(_compiled)), dynamic=True)
         except Exception as err:  # no compiler backend: the eager kernel is the fallback
             _disable_compile(err)
             return eager(*args)
-        _compiled[f"{id(table)}:{name}"] = fn
-    new = key not in _seen_keys
-    start = time.perf_counter() if new else 0.0
+    start = time.perf_counter()
     try:
         out = fn(*args)
     except Exception as err:  # compilation errors surface on the first call, before any write
         _disable_compile(err)
         return eager(*args)
     if new:
-        _seen_keys.add(key)
+        _compiled[key] = fn
         _compile_seconds += time.perf_counter() - start
     return out
 
@@ -395,7 +454,7 @@ def fused_trainable_to(
     params = [local_view(p) for p in params]
     grads = [local_view(g) for g in grads]
     slope_keys = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}[estimator]
-    decay = 1 - lr * weight_decay
+    hp = _hyperparameters(lr, weight_decay, alpha, beta, beta2, eps, floor, device)
     out = None
     if diagnostics:
         out = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _DIAG_KEYS}
@@ -403,34 +462,28 @@ def fused_trainable_to(
     def flat(t: Tensor) -> Tensor:
         return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
-    def phase1(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> Tensor:
-        b = state["b"]
-        args = (flat(p), flat(g), b.view(-1), *(state[k].view(-1) for k in slope_keys if estimator == "rank_one"))
-        key = ("stats", estimator, device.type, p.dtype, g.dtype, b.dtype)
-        return _call(estimator, _STATS, compile, key, *args)
-
-    def phase2(p: Tensor, n: int, g: Tensor, state: dict[str, Tensor], row: Tensor) -> None:
+    def kernel_args(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> tuple:
         first = state["step"].item() == 0
-        state["step"] += 1
-        seed = first and intercept_from_gradient
-        bias_correction2 = 1 - beta2 ** state["step"].item() if adam else 1.0
-        v2 = state["exp_avg_sq"].view(-1) if adam else None
         w = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-        b = state["b"].view(-1)
         slope = [state[k].view(-1) for k in slope_keys]
-        if estimator == "diagonal":
-            args = (w, flat(g), b, *slope, v2, row, n, lr, decay, alpha, beta, beta2, bias_correction2, eps)
-            args += (normalize, floor, seed, diagnostics)
-        elif estimator == "rank_one":
-            args = (w, flat(g), b, *slope, v2, row, n, lr, decay, alpha, beta, beta2, bias_correction2, eps)
-            args += (normalize, floor, first, seed, diagnostics)
-        else:
-            args = (w, flat(g), b, v2, lr, decay, beta, beta2, bias_correction2, eps, seed, diagnostics)
-        key = ("update", estimator, device.type, p.dtype, g.dtype, b.dtype, adam, normalize, first, seed, diagnostics)
-        sums = _call(estimator, _UPDATES, compile, key, *args)
+        v2 = state["exp_avg_sq"].view(-1) if adam else None
+        key = (
+            device.type,
+            p.dtype,
+            g.dtype,
+            state["b"].dtype,
+            adam,
+            normalize,
+            first,
+            first and intercept_from_gradient,
+        )
+        return first, w, (w, flat(g), state["b"].view(-1), slope, v2), key
+
+    def finish(p: Tensor, w: Tensor, state: dict[str, Tensor], sums: Tensor | None) -> None:
+        state["step"] += 1
         if not p.is_contiguous():
             p.copy_(w.view_as(p))
-        if out is not None:
+        if out is not None and sums is not None:
             rr, gg, hh = sums.to(device=device, dtype=torch.float64)
             out["residual_sq"] += rr
             out["grad_sq"] += gg
@@ -438,27 +491,45 @@ def fused_trainable_to(
 
     any_finite = False
     if reduce_stats is None and device.type == "cpu":
-        # No collective and no device sync: finish each tensor while it is still in cache.
-        for p, n, g, state in zip(params, numels, grads, states):
-            row = phase1(p, g, state)
-            if not torch.isfinite(row[0]).item():
+        # Unsharded on a CPU: both phases in one kernel per tensor, so the sums and the step
+        # read w and g once from memory, and the finite flag is read without a device sync.
+        for p, g, state in zip(params, grads, states):
+            first, w, (w, gf, b, slope, v2), key = kernel_args(p, g, state)
+            args = (w, gf, b, slope, v2, hp, state["step"], normalize, first and intercept_from_gradient)
+            args += (diagnostics, first and estimator == "rank_one")
+            res = _call(estimator, _ONE_PASS, compile and not first, ("one_pass", estimator, *key, diagnostics), *args)
+            if not torch.isfinite(res[0]).item():
                 if out is not None:
                     out["skipped"] += 1
                 continue
             any_finite = True
-            phase2(p, n, g, state, row)
+            finish(p, w, state, res[1:] if diagnostics else None)
     else:
-        sums = torch.stack([phase1(p, g, state).to(device) for p, g, state in zip(params, grads, states)])
+        # Phase 1: per-tensor partial sums, one reduction, one host read of the finite flags.
+        rows = []
+        for p, g, state in zip(params, grads, states):
+            b = state["b"].view(-1)
+            extra = [state[k].view(-1) for k in slope_keys] if estimator == "rank_one" else []
+            key = ("stats", estimator, device.type, p.dtype, g.dtype, b.dtype)
+            rows.append(_call(estimator, _STATS, compile, key, flat(p), flat(g), b, *extra).to(device))
+        sums = torch.stack(rows)
         if reduce_stats is not None:
             sums = reduce_stats(sums)
         finite = torch.isfinite(sums[:, 0]).tolist()
+        # Phase 2: the elementwise step given the summed rows.
         for p, n, g, state, row, ok in zip(params, numels, grads, states, sums, finite):
             if not ok:
                 if out is not None:
                     out["skipped"] += 1
                 continue
             any_finite = True
-            phase2(p, n, g, state, row.to(state["b"].device))
+            first, w, (w, gf, b, slope, v2), key = kernel_args(p, g, state)
+            args = (w, gf, b, *slope, v2, row.to(b.device), hp, state["step"], n, normalize)
+            args += (first and intercept_from_gradient, diagnostics, None)
+            if estimator == "rank_one":
+                args += (first,)
+            sums_i = _call(estimator, _UPDATES, compile and not first, ("update", estimator, *key, diagnostics), *args)
+            finish(p, w, state, sums_i)
     if out is not None and any_finite:
         out["steps"] += 1
     return out
