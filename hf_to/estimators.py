@@ -33,7 +33,7 @@ Each structure is one strategy object, selected by name through :data:`ESTIMATOR
 
 *Normalised slope rate.*  With ``alpha_scaling="normalized"`` (the default) the slope step is
 divided by the squared norm of the estimator's input Jacobian — the normalised LMS rule —
-plus a floor :math:`n\delta^2` (``norm_floor`` = :math:`\delta^2`, default 1), so that
+plus a floor :math:`n\delta^2` (``norm_floor`` = :math:`\delta^2`, default 1e-3), so that
 :math:`A w` moves by at most :math:`\alpha \lVert r\rVert` in one step whatever the scale of
 :math:`w`, and :math:`A` itself cannot blow up when :math:`w` is near zero (biases, a LoRA B
 matrix at initialisation), where a pure NLMS rate :math:`\alpha/\lVert w\rVert^2` would make
@@ -111,7 +111,7 @@ class Estimator:
         alpha: float,
         beta: float,
         normalize: bool,
-        floor: float = 1.0,
+        floor: float = 1e-3,
         first: bool,
         intercept_from_gradient: bool,
     ) -> tuple[Tensor, Tensor | None]:
@@ -255,7 +255,7 @@ class RankOneEstimator(Estimator):
         u, v = state["u"].view(-1), state["v"].view(-1)
         return [torch.dot(w, w), torch.dot(v, w), torch.dot(u, u), torch.dot(u, b), torch.dot(u, g)]
 
-    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, floor=1.0, first, intercept_from_gradient):
+    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, floor=1e-3, first, intercept_from_gradient):
         if first:
             norm = stats["ww"].sqrt()
             state["v"].view(-1).copy_(torch.where(norm > 0, w / norm.clamp_min(TINY), n**-0.5))

@@ -83,7 +83,7 @@ class TrainableOptimizer(Optimizer):
         weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
         alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
         norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
-            slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1.0).
+            slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -121,7 +121,7 @@ class TrainableOptimizer(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         alpha_scaling: str = "normalized",
-        norm_floor: float = 1.0,
+        norm_floor: float = 1e-3,
         intercept_init: str = "gradient",
         max_full_numel: int = 4096,
         diagnostics: bool = False,
@@ -168,7 +168,7 @@ class TrainableOptimizer(Optimizer):
         self.__dict__.setdefault("_diag", [])
         for group in self.param_groups:
             group.setdefault("alpha_scaling", "normalized")
-            group.setdefault("norm_floor", 1.0)
+            group.setdefault("norm_floor", 1e-3)
             group.setdefault("intercept_init", "gradient")
             group.setdefault("max_full_numel", 4096)
             group.setdefault("fused", None)
@@ -348,7 +348,12 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         ("beta", group["beta"], _num(group["beta"]) and 0 < group["beta"] <= 1, "in (0, 1]"),
         ("beta2", group["beta2"], _num(group["beta2"]) and 0 <= group["beta2"] < 1, "in [0, 1)"),
         ("eps", group["eps"], _num(group["eps"]) and group["eps"] >= 0, "a finite number >= 0"),
-        ("norm_floor", group["norm_floor"], _num(group["norm_floor"]) and group["norm_floor"] >= 0, "a finite number >= 0"),
+        (
+            "norm_floor",
+            group["norm_floor"],
+            _num(group["norm_floor"]) and group["norm_floor"] >= 0,
+            "a finite number >= 0",
+        ),
         (
             "weight_decay",
             group["weight_decay"],
@@ -449,7 +454,7 @@ def trainable_to(
     eps: float,
     weight_decay: float,
     alpha_scaling: str = "normalized",
-    norm_floor: float = 1.0,
+    norm_floor: float = 1e-3,
     intercept_init: str = "gradient",
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,

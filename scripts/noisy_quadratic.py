@@ -29,15 +29,33 @@ def make_problem(n: int = 16, seed: int = 0, scale: float = 1.0):
     return h / scale**2, c / scale, w0
 
 
-def run(estimator: str, *, alpha: float, beta: float, lr: float = 0.05, steps: int = 400, warmup: int = 100,
-        sigma: float = 1.0, seed: int = 0, scale: float = 1.0, **kwargs) -> dict[str, float]:
+def run(
+    estimator: str,
+    *,
+    alpha: float,
+    beta: float,
+    lr: float = 0.05,
+    steps: int = 400,
+    warmup: int = 100,
+    sigma: float = 1.0,
+    seed: int = 0,
+    scale: float = 1.0,
+    **kwargs,
+) -> dict[str, float]:
     """Return the error ratio after warm-up and the final suboptimality."""
     h, c, w0 = make_problem(seed=seed, scale=scale)
     f = lambda w: 0.5 * w @ h @ w + c @ w  # noqa: E731
     f_star = f(torch.linalg.solve(h, -c))
     p = torch.nn.Parameter(w0.clone())
-    opt = TrainableOptimizer([p], lr=lr, estimator=estimator, alpha=alpha, beta=beta,
-                             preconditioner=kwargs.pop("preconditioner", "none"), **kwargs)
+    opt = TrainableOptimizer(
+        [p],
+        lr=lr,
+        estimator=estimator,
+        alpha=alpha,
+        beta=beta,
+        preconditioner=kwargs.pop("preconditioner", "none"),
+        **kwargs,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     est_err, noise = 0.0, 0.0
     for t in range(steps):
@@ -69,8 +87,10 @@ def main() -> None:
     ):
         if est == "none" and (alpha != args.alphas[0] or scaling != args.alpha_scalings[0]):
             continue
-        res = [run(est, alpha=alpha, beta=beta, lr=args.lr, seed=s, scale=scale, alpha_scaling=scaling)
-               for s in range(args.seeds)]
+        res = [
+            run(est, alpha=alpha, beta=beta, lr=args.lr, seed=s, scale=scale, alpha_scaling=scaling)
+            for s in range(args.seeds)
+        ]
         ratio = sum(r["ratio"] for r in res) / len(res)
         sub = sum(r["subopt"] for r in res) / len(res)
         print(f"| {est} | {scaling} | {alpha:g} | {beta:g} | {scale:g} | {ratio:.4f} | {sub:.3g} |")

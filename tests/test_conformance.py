@@ -281,7 +281,9 @@ BAD_HYPERPARAMETERS = [
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), BAD_HYPERPARAMETERS, ids=[next(iter(k)) for k, _ in BAD_HYPERPARAMETERS])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), BAD_HYPERPARAMETERS, ids=[next(iter(k)) for k, _ in BAD_HYPERPARAMETERS]
+)
 def test_invalid_hyperparameter_raises_value_error_naming_it(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainableOptimizer([torch.nn.Parameter(torch.randn(2))], **kwargs)

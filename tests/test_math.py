@@ -12,7 +12,7 @@ from hf_to import ESTIMATORS, ReferenceTrainableOptimizer, TrainableOptimizer
 from hf_to.registry import PAPER_LITERAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from noisy_quadratic import run as run_noisy_quadratic  # noqa: E402
+from noisy_quadratic import run as run_noisy_quadratic
 
 SLOPED = ["full", "diagonal", "rank_one"]
 FORMS = {
@@ -106,8 +106,10 @@ def test_first_step_with_gradient_intercept_is_sgd_step():
 @pytest.mark.parametrize("estimator", SLOPED)
 def test_estimator_error_is_below_a_fifth_of_the_noise_after_warmup(estimator):
     """The paper's central claim on a noisy quadratic: E‖Ĝ−∇F‖² ≤ E‖g−∇F‖² / 5."""
-    ratios = [run_noisy_quadratic(estimator, alpha=0.1, beta=0.1, lr=0.05, steps=400, warmup=100, seed=s)["ratio"]
-              for s in range(2)]
+    ratios = [
+        run_noisy_quadratic(estimator, alpha=0.1, beta=0.1, lr=0.05, steps=400, warmup=100, seed=s)["ratio"]
+        for s in range(2)
+    ]
     assert max(ratios) <= 0.2, ratios
 
 

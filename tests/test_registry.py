@@ -34,7 +34,7 @@ def test_paper_variants_are_the_paper_literal_form():
 
 
 def test_unknown_variant_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown optimizer 'to_dense'.*to_diagonal"):
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'to_dense'.*to_diagonal"):
         load_optimizer("to_dense")
 
 
