@@ -14,7 +14,7 @@ import pytest
 import torch
 from _launch import torchrun
 
-ESTIMATORS = ("diagonal", "rank_one", "none")
+ESTIMATORS = ("diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused")
 WORLDS = (2, 3)
 TOLERANCE = 1e-5  # max relative difference of fp32 parameters after 20 steps (issue 4)
 
