@@ -307,7 +307,16 @@ def _one_pass(stats: Callable[..., Tensor], update: Callable[..., Tensor | None]
         diagnostics: bool,
         first: bool,
     ) -> Tensor:
-        row = stats(p, g, b, *slope) if update is _update_rank_one else stats(p, g, b)
+        if update is _update_rank_one:
+            row = stats(p, g, b, *slope)
+        elif update is _update_diagonal and normalize:
+            # One reduction for both the sentinel and wᵀw: g·0 is 0 where g is finite, NaN where not.
+            cd = _compute_dtype(b)
+            w = p.to(cd)
+            check = (w * w + g.to(cd) * 0).sum()
+            row = torch.stack([check, check])
+        else:  # the sentinel only (wᵀw is not used)
+            row = _stats_none(p, g, b)
         ok = torch.isfinite(row[0])
         extra = {"first": first} if update is _update_rank_one else {}
         sums = update(
