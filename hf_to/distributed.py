@@ -9,7 +9,8 @@ across the shard group by a single ``all_reduce``; everything else runs on local
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Container
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,21 @@ try:  # torch >= 2.4 exposes DTensor publicly
 except ImportError:  # pragma: no cover - older torch
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_dtensor", "is_sharded", "local_view", "make_stats_reducer"]
+__all__ = [
+    "WHOLE_TENSOR_ESTIMATORS",
+    "check_unflattened",
+    "flattened_reason",
+    "is_dtensor",
+    "is_sharded",
+    "local_view",
+    "make_stats_reducer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Estimators whose slope couples all elements of one parameter tensor (the rank-one
+#: estimator's sums vᵀw, uᵀr; the full estimator's n×n matrix).
+WHOLE_TENSOR_ESTIMATORS = ("rank_one", "full")
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -70,3 +85,63 @@ def make_stats_reducer(params: list[Tensor]) -> Callable[[Tensor], Tensor] | Non
         return torch.where(mask.to(sums.device)[:, None], total, sums)
 
     return reduce
+
+
+def flattened_reason(p: Tensor, given: Container[Tensor]) -> str | None:
+    """Why ``p`` is a flat piece of several parameters rather than one parameter, or ``None``.
+
+    ``given`` holds the tensors handed to the optimizer (constructor and ``add_param_group``).
+    DeepSpeed's ZeRO optimizer (stages 1-3) and its bf16 optimizer wrap the client optimizer
+    and overwrite each ``param_group["params"]`` with one flat fp32 partition per rank, a
+    slice of the concatenation of the group's parameters; such a tensor was never given to
+    the optimizer.  FSDP1 (``FullyShardedDataParallel``) marks its ``FlatParameter`` and, with
+    ``use_orig_params=True``, the flat shards it exposes as parameters.
+    """
+    if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+        return (
+            "FSDP1 (FullyShardedDataParallel) flattened the parameters into FlatParameter shards, "
+            "pieces of several parameters split across ranks"
+        )
+    if p.dim() == 1 and not is_dtensor(p) and p not in given:
+        # (accelerate's FSDP2 preparation swaps in DTensors for the given parameters: not flat.)
+        return (
+            f"a tensor of shape {tuple(p.shape)} in its param group was not passed to the optimizer: a wrapper "
+            "replaced the group's parameters, as DeepSpeed (ZeRO stages 1-3 and its bf16 optimizer) does "
+            "with one flat fp32 partition per param group and rank, a slice of the concatenation of "
+            "the group's parameters"
+        )
+    return None
+
+
+_warned: set[tuple[int, int]] = set()
+
+
+def check_unflattened(p: Tensor, given: Container[Tensor], *, estimator: str, alpha_scaling: str, index: int) -> None:
+    """Refuse a flat partition (see :func:`flattened_reason`) for the whole-tensor estimators.
+
+    The rank-one and full estimators need each parameter whole: their sums and matrix span
+    one tensor, and a flat partition holds pieces of several tensors, each summed on its own
+    rank.  ``diagonal`` and ``none`` are elementwise and run; the diagonal estimator's
+    normalised rate then uses the partition's mean square of the weights instead of each
+    tensor's (a warning says so).
+    """
+    reason = flattened_reason(p, given)
+    if reason is None:
+        return
+    if estimator in WHOLE_TENSOR_ESTIMATORS:
+        raise ValueError(
+            f"estimator={estimator!r} cannot run on param group {index}: {reason}. The {estimator} "
+            "estimator couples all elements of one parameter tensor (whole-tensor sums such as v^T w, "
+            "or an n x n matrix), which a flat partition no longer holds. Use estimator='diagonal' or "
+            "estimator='none' (elementwise) with DeepSpeed ZeRO or FSDP1; with FSDP2 (fully_shard; "
+            "accelerate's fsdp_version: 2) estimator='rank_one' runs on sharded parameters"
+        )
+    if estimator == "diagonal" and alpha_scaling == "normalized" and (id(given), index) not in _warned:
+        _warned.add((id(given), index))
+        logger.warning(
+            "hf_to: param group %d holds flat partitions (%s); the diagonal estimator runs elementwise "
+            "on them, its normalised slope rate using each partition's mean square of the weights "
+            "instead of each parameter's",
+            index,
+            reason,
+        )

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .distributed import is_sharded, local_view, make_stats_reducer
+from .distributed import check_unflattened, is_sharded, local_view, make_stats_reducer
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
 
@@ -161,11 +162,17 @@ class TrainableOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        # The tensors given to the optimizer: a flat partition swapped in later by a wrapper
+        # (DeepSpeed ZeRO) is recognised by its absence (see hf_to.distributed.flattened_reason).
+        given = self.__dict__.setdefault("_given_params", WeakIdKeyDictionary())
+        for p in group["params"]:
+            given[p] = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("track_diagnostics", False)
         self.__dict__.setdefault("_diag", [])
+        self._given_params = WeakIdKeyDictionary({p: True for g in self.param_groups for p in g["params"]})
         for group in self.param_groups:
             group.setdefault("alpha_scaling", "normalized")
             group.setdefault("norm_floor", 1e-3)
@@ -231,6 +238,13 @@ class TrainableOptimizer(Optimizer):
                 )
             state = self.state[p]
             if not state:
+                check_unflattened(
+                    p,
+                    self._given_params,
+                    estimator=group["estimator"],
+                    alpha_scaling=group["alpha_scaling"],
+                    index=next(i for i, g in enumerate(self.param_groups) if g is group),
+                )
                 _init_state(state, p, estimator, group)
             params.append(p)
             grads.append(p.grad)
