@@ -124,14 +124,27 @@ def _stats_rank_one(w: Tensor, g: Tensor, b: Tensor, u: Tensor, v: Tensor) -> Te
 # Group hyperparameters travel as one small tensor ``hp`` (not Python floats): a compiled
 # kernel then guards on one argument instead of seven, and a learning-rate schedule never
 # recompiles.  ``step`` is the tensor's CPU step count *before* this step.
-LR, DECAY, ALPHA, BETA, BETA2, EPS, FLOOR = range(7)
+LR, DECAY, ALPHA, BETA, BETA2, EPS, FLOOR, WARMUP = range(8)
 
 
 def _hyperparameters(
-    lr: float, weight_decay: float, alpha: float, beta: float, beta2: float, eps: float, floor: float, device
+    lr: float,
+    weight_decay: float,
+    alpha: float,
+    beta: float,
+    beta2: float,
+    eps: float,
+    floor: float,
+    device,
+    beta_warmup: bool = True,
 ) -> Tensor:
-    values = [lr, 1 - lr * weight_decay, alpha, beta, beta2, eps, floor]
+    values = [lr, 1 - lr * weight_decay, alpha, beta, beta2, eps, floor, 1.0 if beta_warmup else 0.0]
     return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _beta(hp: Tensor, step: Tensor, cd: torch.dtype) -> Tensor:
+    """β_t = max(β, 1/(step+1)) with the warm-up, β without (``step`` counts earlier steps)."""
+    return torch.maximum(hp[BETA], hp[WARMUP] / (step.to(hp.device, torch.float64) + 1)).to(cd)
 
 
 def _keep_if(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
@@ -205,7 +218,7 @@ def _update_diagonal(
             af = af - alpha * r * w / (w * w + (row[1] / n + hp[FLOOR].to(cd) + TINY))
         else:
             af = af - alpha * (r * w)
-        bf = bf - hp[BETA].to(cd) * r
+        bf = bf - _beta(hp, step, cd) * r
         g_hat = af * w + bf
         _store(a, af, ok)
         _store(b, bf, ok)
@@ -234,7 +247,7 @@ def _update_none(
     else:
         bf = b.to(cd)
         r = bf - gf
-        g_hat = bf - hp[BETA].to(cd) * r
+        g_hat = bf - _beta(hp, step, cd) * r
     _store(b, g_hat, ok)
     return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
@@ -280,7 +293,7 @@ def _update_rank_one(
         uf = uf - r * (rate * vw)
         vf = vf - w * (rate * ur)
         vw_new = vw - rate * ur * ww
-        bf = bf - hp[BETA].to(cd) * r
+        bf = bf - _beta(hp, step, cd) * r
         g_hat = bf + uf * vw_new
         _store(u, uf, ok)
         _store(v, vf, ok)
@@ -453,6 +466,7 @@ def fused_trainable_to(
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
     compile: bool,
+    beta_warmup: bool = True,
 ) -> dict[str, Tensor] | None:
     """One TO step with the fused kernels (same arguments and result as the readable path)."""
     if estimator not in FUSED_ESTIMATORS:
@@ -463,7 +477,7 @@ def fused_trainable_to(
     params = [local_view(p) for p in params]
     grads = [local_view(g) for g in grads]
     slope_keys = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}[estimator]
-    hp = _hyperparameters(lr, weight_decay, alpha, beta, beta2, eps, floor, device)
+    hp = _hyperparameters(lr, weight_decay, alpha, beta, beta2, eps, floor, device, beta_warmup)
     out = None
     if diagnostics:
         out = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _DIAG_KEYS}

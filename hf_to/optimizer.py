@@ -65,7 +65,7 @@ class TrainableOptimizer(Optimizer):
     The default ``preconditioner="adam"`` makes the step size independent of the gradient
     scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
     paper-literal update is ``preconditioner="none", alpha_scaling="none",
-    intercept_init="zero"`` (registered as ``"to_paper_<estimator>"``).  The measurements
+    intercept_init="zero", beta_warmup=False`` (registered as ``"to_paper_<estimator>"``).  The measurements
     behind each default are in ``docs/design-decisions.md``.
 
     Args:
@@ -85,6 +85,11 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
         norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
             slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
+        beta_warmup: use :math:`\beta_t = \max(\beta, 1/(t+1))` (default ``True``): the
+            intercept is the running mean of the residual-corrected gradients for the first
+            :math:`1/\beta` steps and an EMA after, the analogue of Adam's bias correction; the
+            first step then sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
+            ``False`` is the paper's constant :math:`\beta`.
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -124,6 +129,7 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: str = "normalized",
         norm_floor: float = 1e-3,
         intercept_init: str = "gradient",
+        beta_warmup: bool = True,
         max_full_numel: int = 4096,
         diagnostics: bool = False,
         fused: bool | None = None,
@@ -141,6 +147,7 @@ class TrainableOptimizer(Optimizer):
             alpha_scaling=alpha_scaling,
             norm_floor=norm_floor,
             intercept_init=intercept_init,
+            beta_warmup=beta_warmup,
             max_full_numel=max_full_numel,
             fused=fused,
             state_dtype=state_dtype,
@@ -177,6 +184,7 @@ class TrainableOptimizer(Optimizer):
             group.setdefault("alpha_scaling", "normalized")
             group.setdefault("norm_floor", 1e-3)
             group.setdefault("intercept_init", "gradient")
+            group.setdefault("beta_warmup", True)
             group.setdefault("max_full_numel", 4096)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
@@ -279,6 +287,7 @@ class TrainableOptimizer(Optimizer):
                 alpha_scaling=group["alpha_scaling"],
                 norm_floor=group["norm_floor"],
                 intercept_init=group["intercept_init"],
+                beta_warmup=group["beta_warmup"],
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
                 fused=group["fused"],
@@ -378,6 +387,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         ("preconditioner", group["preconditioner"], group["preconditioner"] in PRECONDITIONERS, PRECONDITIONERS),
         ("alpha_scaling", group["alpha_scaling"], group["alpha_scaling"] in ALPHA_SCALINGS, ALPHA_SCALINGS),
         ("intercept_init", group["intercept_init"], group["intercept_init"] in INTERCEPT_INITS, INTERCEPT_INITS),
+        ("beta_warmup", group["beta_warmup"], isinstance(group["beta_warmup"], bool), "True or False"),
         (
             "max_full_numel",
             group["max_full_numel"],
@@ -470,6 +480,7 @@ def trainable_to(
     alpha_scaling: str = "normalized",
     norm_floor: float = 1e-3,
     intercept_init: str = "gradient",
+    beta_warmup: bool = True,
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,
@@ -505,6 +516,7 @@ def trainable_to(
             normalize=alpha_scaling == "normalized",
             floor=norm_floor,
             intercept_from_gradient=intercept_init == "gradient",
+            beta_warmup=beta_warmup,
             diagnostics=diagnostics,
             reduce_stats=reduce_stats,
             compile=compile,
@@ -524,6 +536,7 @@ def trainable_to(
         normalize=alpha_scaling == "normalized",
         floor=norm_floor,
         intercept_from_gradient=intercept_init == "gradient",
+        beta_warmup=beta_warmup,
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
@@ -545,6 +558,7 @@ def _single_tensor_trainable_to(
     normalize: bool,
     floor: float,
     intercept_from_gradient: bool,
+    beta_warmup: bool,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
 ) -> dict[str, Tensor] | None:
@@ -588,7 +602,8 @@ def _single_tensor_trainable_to(
             named,
             n=n,
             alpha=alpha,
-            beta=beta,
+            # β_t = max(β, 1/t): b is the running mean of the first 1/β residuals, then an EMA.
+            beta=max(beta, 1.0 / state["step"].item()) if beta_warmup else beta,
             normalize=normalize,
             floor=floor,
             first=first,

@@ -81,7 +81,8 @@ def reference_step(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[s
         scale = alpha / ((v @ w) ** 2 + (u @ u) * (w @ w) + n * floor + 1e-30) if normalized else alpha
         state["u"] = (u - scale * (grad_A @ v)).reshape(p.shape)
         state["v"] = (v - scale * (grad_A.T @ u)).reshape(p.shape)
-    b = b - group["beta"] * r
+    beta = max(group["beta"], 1.0 / t) if group["beta_warmup"] else group["beta"]
+    b = b - beta * r
     state["b"] = b.reshape(p.shape)
     # 3. estimate with the updated estimator
     g_hat = _dense_slope(est, state, n, w) @ w + b

@@ -28,8 +28,13 @@ __all__ = [
     "param_groups_for",
 ]
 
-#: The paper's plain update: step along Ĝ, raw slope rate, b_0 = 0.
-PAPER_LITERAL: dict[str, Any] = {"preconditioner": "none", "alpha_scaling": "none", "intercept_init": "zero"}
+#: The paper's plain update: step along Ĝ, raw slope rate, b_0 = 0, constant β.
+PAPER_LITERAL: dict[str, Any] = {
+    "preconditioner": "none",
+    "alpha_scaling": "none",
+    "intercept_init": "zero",
+    "beta_warmup": False,
+}
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "trainable_to": {},
