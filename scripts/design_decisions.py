@@ -1,7 +1,7 @@
 """Measurements behind the defaults the paper leaves open (see docs/design-decisions.md).
 
     python scripts/design_decisions.py all          # everything (~10 min on 2 CPU cores)
-    python scripts/design_decisions.py lm           # preconditioner and rates on a tiny LM
+    python scripts/design_decisions.py lm           # preconditioner, warm-up and rates on a tiny LM
     python scripts/design_decisions.py floor        # norm_floor with weights that start at 0
     python scripts/design_decisions.py init         # intercept initialisation
     python scripts/design_decisions.py scaling      # alpha_scaling across weight scales
@@ -88,6 +88,18 @@ def section_lm(steps: int) -> None:
     for lr in (0.1, 0.3, 1.0):
         paper = lm_run(lambda p, lr=lr: TrainableOptimizer(p, lr=lr, **PAPER_LITERAL, alpha=1e-3), steps)
         print(f"| {lr:g} | {paper:.3f} |")
+
+    print(f"\n### Intercept-rate warm-up β_t = max(β, 1/t) (lr 1e-3, β 0.1, {steps} steps)\n")
+    adamw = lm_run(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0), steps)
+    print(f"AdamW (β1 = 0.9, bias-corrected): {adamw:.3f}\n")
+    print("| estimator | constant β (b₀ = g₀) | warm-up (default) |")
+    print("|---|---|---|")
+    for est in ("none", "diagonal", "rank_one"):
+        cells = [
+            lm_run(lambda p, e=est, wu=wu: TrainableOptimizer(p, lr=1e-3, estimator=e, beta_warmup=wu), steps)
+            for wu in (False, True)
+        ]
+        print(f"| {est} | {cells[0]:.3f} | {cells[1]:.3f} |")
 
     print(f"\n### Slope and intercept rates of the default form (lr 1e-3, {steps} steps)\n")
     print("| estimator | alpha | beta | final loss |")
