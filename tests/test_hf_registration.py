@@ -285,12 +285,16 @@ def test_the_environment_variable_turns_the_hook_off() -> None:
 
 @needs_installed_hook
 def test_the_hook_costs_under_5_ms_at_start_up() -> None:
-    run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, env=_env(), check=True
-    )
-    # "import time: self [us] | cumulative | name"; take the best of the module's line.
-    times = [int(line.split("|")[1]) for line in run.stderr.splitlines() if line.rstrip().endswith(" _hf_to_startup")]
-    assert times, run.stderr[-2000:]
+    # "import time: self [us] | cumulative [us] | name" for the module the .pth line imports;
+    # the best of five runs, so that a busy machine does not decide the result.
+    times = []
+    for _ in range(5):
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, env=_env(), check=True
+        )
+        lines = [line for line in run.stderr.splitlines() if line.rstrip().endswith(" _hf_to_startup")]
+        assert lines, run.stderr[-2000:]
+        times.append(int(lines[0].split("|")[1]))
     assert min(times) < 5000
 
 
