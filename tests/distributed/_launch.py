@@ -13,7 +13,8 @@ ROOT = HERE.parents[1]
 
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``tests/distributed/<script>`` on ``nproc`` local ranks; raise with its log on failure."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), OMP_NUM_THREADS="1")
+    path = [str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",
