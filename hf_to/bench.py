@@ -6,6 +6,7 @@ Usage::
     python -m hf_to.bench step --sets smollm2 --dtypes fp32 --rounds 5 --repeats 10
     python -m hf_to.bench step --sets synthetic      # 8 x 2M fp32, the issue's measurement
     python -m hf_to.bench step --device cuda         # on a GPU
+    python -m hf_to.bench state                      # bf16 state vs fp32 state: final losses
 
 Parameter sets (weights and gradients are random; only shapes and dtypes matter):
 
@@ -32,6 +33,7 @@ time, which includes compiling the fused kernels (paid once per process;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import math
@@ -40,7 +42,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,6 +318,72 @@ def step_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bfloat16 state: convergence against float32 state -----------------------------------
+
+
+@contextlib.contextmanager
+def _nearest_rounding() -> Iterator[None]:
+    """Ablation: store bfloat16 state with round-to-nearest instead of stochastic rounding."""
+    original = kernels._round_bf16
+    kernels._round_bf16 = lambda x: x.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        kernels._round_bf16 = original
+
+
+def _noisy_quadratic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:
+    """Final loss on ½ Σ hᵢ wᵢ², hᵢ log-spaced in [1e-2, 1], gradient noise σ = 0.1."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.logspace(-2, 0, 512)
+    w = torch.nn.Parameter(torch.ones(512))
+    opt = TrainableOptimizer([w], lr=3e-3, state_dtype=state_dtype)
+    for _ in range(steps):
+        w.grad = h * w.detach() + 0.1 * torch.randn(512, generator=gen)
+        opt.step()
+    return 0.5 * (h * w.detach() ** 2).sum().item()
+
+
+def _logistic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:
+    """Final full-batch loss of logistic regression (d = 64, n = 4096, batch 64, lr 1e-3)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, 64, generator=gen)
+    y = (x @ torch.randn(64, generator=gen) + 0.5 * torch.randn(4096, generator=gen) > 0).float()
+    model = torch.nn.Linear(64, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = TrainableOptimizer(model.parameters(), lr=1e-3, state_dtype=state_dtype)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(x[idx]).squeeze(1), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return loss_fn(model(x).squeeze(1), y).item()
+
+
+def state_command(args: argparse.Namespace) -> int:
+    """Final losses with float32 state, bfloat16 state (stochastic rounding) and the ablation."""
+    print(
+        f"# hf_to.bench state — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"torch {torch.__version__}; trainable_to defaults, {args.seeds} seeds, final loss mean (min-max)\n"
+    )
+    print("| problem | float32 state | bfloat16 state, stochastic rounding | bfloat16 state, round-to-nearest |")
+    print("|---|---:|---:|---:|")
+    for name, problem in (
+        ("noisy quadratic (d=512, 1000 steps)", _noisy_quadratic),
+        ("logistic regression (d=64, 1000 steps)", _logistic),
+    ):
+        cells = []
+        for label in ("fp32", "bf16", "bf16-nearest"):
+            with _nearest_rounding() if label == "bf16-nearest" else contextlib.nullcontext():
+                losses = [problem(None if label == "fp32" else torch.bfloat16, seed) for seed in range(args.seeds)]
+            cells.append(f"{statistics.mean(losses):.4g} ({min(losses):.4g}-{max(losses):.4g})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_to.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--repeats", type=int, default=5)
     step.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     step.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    state = sub.add_parser("state", help="convergence with bfloat16 state against float32 state")
+    state.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    return step_command(args)
+    return step_command(args) if args.command == "step" else state_command(args)
 
 
 if __name__ == "__main__":
