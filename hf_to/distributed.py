@@ -22,13 +22,16 @@ except ImportError:  # pragma: no cover - older torch
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
+    "ELEMENT_SUMS",
     "WHOLE_TENSOR_ESTIMATORS",
+    "all_reduce_diagnostics",
     "check_unflattened",
     "flattened_reason",
     "is_dtensor",
     "is_sharded",
     "local_view",
     "make_stats_reducer",
+    "shard_process_group",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,31 @@ def local_view(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def shard_process_group(params: list[Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which the sharded tensors among ``params`` are split.
+
+    ``None`` when none is sharded.  All sharded tensors must share their mesh and shard mesh
+    dimension (as ``fully_shard`` produces), so that one collective serves them all.
+    """
+    groups = set()
+    for p in params:
+        if is_sharded(p):
+            dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+            if len(dims) != 1:
+                raise NotImplementedError(
+                    f"TrainableOptimizer supports parameters sharded over one mesh dimension; got {p.placements}"
+                )
+            groups.add((p.device_mesh, dims[0]))
+    if not groups:
+        return None
+    if len(groups) != 1:
+        raise NotImplementedError(
+            "parameters of one param group are sharded over different device meshes; put them in separate param groups"
+        )
+    mesh, dim = groups.pop()
+    return mesh.get_group(dim)
+
+
 def make_stats_reducer(params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
     """Return a function that sums the rows of sharded parameters over their shard group.
 
@@ -59,25 +87,10 @@ def make_stats_reducer(params: list[Tensor]) -> Callable[[Tensor], Tensor] | Non
     parameters of one param group must share their mesh and shard mesh dimension (as
     ``fully_shard`` produces), so one collective serves the whole group.
     """
-    sharded = [is_sharded(p) for p in params]
-    if not any(sharded):
+    process_group = shard_process_group(params)
+    if process_group is None:
         return None
-    groups = set()
-    for p, s in zip(params, sharded):
-        if s:
-            dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
-            if len(dims) != 1:
-                raise NotImplementedError(
-                    f"TrainableOptimizer supports parameters sharded over one mesh dimension; got {p.placements}"
-                )
-            groups.add((p.device_mesh, dims[0]))
-    if len(groups) != 1:
-        raise NotImplementedError(
-            "parameters of one param group are sharded over different device meshes; put them in separate param groups"
-        )
-    mesh, dim = groups.pop()
-    process_group = mesh.get_group(dim)
-    mask = torch.tensor(sharded)
+    mask = torch.tensor([is_sharded(p) for p in params])
 
     def reduce(sums: Tensor) -> Tensor:
         total = sums.clone()
@@ -85,6 +98,28 @@ def make_stats_reducer(params: list[Tensor]) -> Callable[[Tensor], Tensor] | Non
         return torch.where(mask.to(sums.device)[:, None], total, sums)
 
     return reduce
+
+
+#: Diagnostic sums that are sums over elements (and so partial on a shard).
+ELEMENT_SUMS = ("residual_sq", "grad_sq", "estimate_sq")
+
+
+def all_reduce_diagnostics(accs: list[dict[str, Tensor]], param_groups: list[dict]) -> list[dict[str, Tensor]]:
+    """Sum the element sums of each param group's diagnostics over its shard group.
+
+    One all-reduce per param group with sharded parameters; counts (``steps``, ``skipped``)
+    are the same on every rank and stay as they are.  A replicated tensor in a group with
+    sharded ones is counted once per rank.
+    """
+    out = []
+    for acc, group in zip(accs, param_groups):
+        process_group = shard_process_group(group["params"])
+        if process_group is not None:
+            sums = torch.stack([acc[k] for k in ELEMENT_SUMS])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+            acc = {**acc, **dict(zip(ELEMENT_SUMS, sums.unbind()))}
+        out.append(acc)
+    return out
 
 
 def flattened_reason(p: Tensor, given: Container[Tensor]) -> str | None:

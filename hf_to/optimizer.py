@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .distributed import check_unflattened, is_sharded, local_view, make_stats_reducer
+from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
 
@@ -307,7 +307,7 @@ class TrainableOptimizer(Optimizer):
 
     # -- diagnostics ----------------------------------------------------------------------
 
-    def diagnostics(self, *, reset: bool = True) -> list[dict[str, float]]:
+    def diagnostics(self, *, reset: bool = True, all_reduce: bool = False) -> list[dict[str, float]]:
         r"""The estimator's health per param group since the last reset (one host sync).
 
         For each group: ``steps`` (optimizer steps that updated at least one tensor),
@@ -317,9 +317,14 @@ class TrainableOptimizer(Optimizer):
         (``residual_sq / grad_sq``; near 1 means the estimator explains little of the
         gradient, near 0 that it tracks it) and ``skipped`` (tensor updates skipped for
         non-finite gradients).  Empty list when ``diagnostics=False``.
+
+        With sharded (FSDP2) parameters each rank accumulates the sums over its local shards;
+        ``all_reduce=True`` sums them over the shard group (one collective per sharded param
+        group: call it on every rank).
         """
         out = []
-        for acc in self._diag:
+        accs = all_reduce_diagnostics(self._diag, self.param_groups) if all_reduce else self._diag
+        for acc in accs:
             values = {k: float(v) for k, v in acc.items()}
             steps = max(values["steps"], 1.0)
             rec = {

@@ -217,6 +217,22 @@ def main() -> None:
     for estimator in args.estimators:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
 
+    # Diagnostics: local shard sums, summed over the shard group on request.
+    ref = make_model(0)
+    ref_opt = TrainableOptimizer(param_groups(ref, 0.1), **OPT_KW, estimator="rank_one", diagnostics=True)
+    model = shard(make_model(0), mesh)
+    opt = TrainableOptimizer(param_groups(model, 0.1), **OPT_KW, estimator="rank_one", diagnostics=True)
+    train(ref, ref_opt, range(3), rank=0, world=1)
+    train(model, opt, range(3), rank, world)
+    expected = ref_opt.diagnostics()
+    local = opt.diagnostics(reset=False)
+    summed = opt.diagnostics(all_reduce=True)
+    results["diagnostics_max_rel_diff"] = max(
+        abs(s[k] - e[k]) / max(abs(e[k]), 1e-30) for s, e in zip(summed, expected) for k in e
+    )
+    results["diagnostics_local_grad_sq"] = [d["grad_sq"] for d in local]
+    results["diagnostics_summed_grad_sq"] = [d["grad_sq"] for d in summed]
+
     # The full estimator refuses sharded parameters with a clear error.
     model = shard(make_model(0), mesh)
     opt = TrainableOptimizer(model.parameters(), estimator="full")

@@ -84,3 +84,12 @@ def test_full_estimator_refuses_sharded_parameters(run):
     for r in ranks:
         assert r["full_error"] is not None
         assert "sharded" in r["full_error"] and "diagonal" in r["full_error"]
+
+
+def test_diagnostics_summed_over_shards_equal_one_process(run):
+    _, ranks = run
+    for r in ranks:
+        assert r["diagnostics_max_rel_diff"] <= TOLERANCE
+    # each rank alone sees only its shards' part
+    for r in ranks:
+        assert all(a < b for a, b in zip(r["diagnostics_local_grad_sq"], r["diagnostics_summed_grad_sq"]))
