@@ -233,6 +233,25 @@ def main() -> None:
     results["diagnostics_local_grad_sq"] = [d["grad_sq"] for d in local]
     results["diagnostics_summed_grad_sq"] = [d["grad_sq"] for d in summed]
 
+    # accelerate's FSDP2 preparation builds the optimizer first, shards the model, then swaps
+    # the DTensors into the optimizer's groups: these are not flat partitions.
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    model = make_model(0)
+    opt = TrainableOptimizer(param_groups(model, 0.1), **OPT_KW, estimator="rank_one")
+    old = dict(model.named_parameters())
+    shard(model, mesh)
+    fsdp2_switch_optimizer_parameters(opt, {old[n].data_ptr: p for n, p in model.named_parameters()})
+    direct = shard(make_model(0), mesh)
+    direct_opt = TrainableOptimizer(param_groups(direct, 0.1), **OPT_KW, estimator="rank_one")
+    try:
+        train(model, opt, range(3), rank, world)
+        train(direct, direct_opt, range(3), rank, world)
+        a, b = full_params(model), full_params(direct)
+        results["accelerate_swap_max_abs_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+    except ValueError as e:
+        results["accelerate_swap_max_abs_diff"] = str(e)
+
     # The full estimator refuses sharded parameters with a clear error.
     model = shard(make_model(0), mesh)
     opt = TrainableOptimizer(model.parameters(), estimator="full")

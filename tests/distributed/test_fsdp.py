@@ -93,3 +93,10 @@ def test_diagnostics_summed_over_shards_equal_one_process(run):
     # each rank alone sees only its shards' part
     for r in ranks:
         assert all(a < b for a, b in zip(r["diagnostics_local_grad_sq"], r["diagnostics_summed_grad_sq"]))
+
+
+def test_parameters_swapped_in_by_accelerate_fsdp2_are_not_flat_partitions(run):
+    """accelerate shards the model after the optimizer exists and swaps the DTensors in."""
+    _, ranks = run
+    for r in ranks:
+        assert r["accelerate_swap_max_abs_diff"] == 0.0
