@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# recipes/paper's scripts import each other as top-level modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "paper"))
+
 import math
 
 import convex
 import numpy as np
 import pytest
-from paper_helpers import PAPER_DIR  # noqa: F401
 
 
 @pytest.fixture(scope="module")

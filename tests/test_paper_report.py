@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
+
+# recipes/paper's scripts import each other as top-level modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "paper"))
+
+import json
 
 import convex
 import nonconvex
 import overhead
 import pytest
 import report
-from paper_helpers import PAPER_DIR  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,28 @@ def test_llm_results_are_included_when_given_and_marked_not_run_otherwise(data_d
     text = report.build_report(data_dir, tmp_path / "b", llm, plots=False).read_text()
     assert "| trainable_to | 1.5 |" in text
     assert "eval_loss: trainable_to 1.5000 vs adamw 1.7000" in text
+
+
+def test_llm_claim_reads_the_summary_rows_of_recipes_compare(data_dir, tmp_path):
+    summary = [
+        {
+            "label": "adamw",
+            "optim": "adamw_torch_fused",
+            "final_eval_loss": 2.0,
+            "final_eval_loss_std": 0.0,
+            "steps_per_s": 2.0,
+        },
+        {
+            "label": "to_diagonal",
+            "optim": "trainable_to",
+            "final_eval_loss": 2.5,
+            "final_eval_loss_std": 0.0,
+            "steps_per_s": 1.0,
+        },
+    ]
+    llm = tmp_path / "results.json"
+    llm.write_text(json.dumps({"compare_args": {"baseline": "adamw"}, "summary": summary, "runs": []}))
+    text = report.build_report(data_dir, tmp_path / "c", llm, plots=False).read_text()
+    assert "final_eval_loss: to_diagonal 2.5000 vs adamw 2.0000" in text
+    assert "to_diagonal 0.50×" in text
+    assert "TO fine-tunes an LLM faster than AdamW |" in text and "| **does not hold** |" in text

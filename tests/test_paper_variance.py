@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# recipes/paper's scripts import each other as top-level modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "paper"))
+
 import pytest
 import torch
 from common import estimate_from_state
-from paper_helpers import PAPER_DIR  # noqa: F401
 
 from hf_to import TrainableOptimizer
 from hf_to.registry import PAPER_LITERAL

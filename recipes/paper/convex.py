@@ -14,12 +14,14 @@ float64.  Two schedules: ``constant`` and ``diminishing`` (:math:`\\eta_t=\\eta_
 variants, the full gradient :math:`\\nabla F(w_t)` is computed at every step to measure the
 estimator's error :math:`\\lVert\\hat G_t-\\nabla F(w_t)\\rVert^2` against the mini-batch's
 :math:`\\lVert g_t-\\nabla F(w_t)\\rVert^2`, and against an EMA with the same β run on the same
-trajectory (momentum's estimate, no slope term).
+trajectory (momentum's estimate, no slope term), started like the method's intercept
+(:math:`g_0`, or 0 for the paper-literal ``intercept_init="zero"``).
 
 Usage::
 
     python recipes/paper/convex.py --out recipes/paper/report/data           # full run
     python recipes/paper/convex.py --out /tmp/paper --smoke                  # a few steps, one seed
+    python recipes/paper/convex.py --out DIR --reuse DIR                     # keep the tuning, rerun the seeds
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import METHODS, estimate_from_state, provenance, save_json, steps_to_target, tune
+from common import METHODS, estimate_from_state, load_json, provenance, save_json, steps_to_target, tune
 
 __all__ = ["CONVEX_METHODS", "Problem", "fit_rate", "load_problem", "main", "run"]
 
@@ -159,6 +161,7 @@ def run(
     rec_steps, subopt = [], []
     track = track_variance and method.trainable
     beta = hp.get("beta", 0.1)
+    zero_init = track and opt.param_groups[0].get("intercept_init") == "zero"
     err_g = err_hat = err_ema = grad_sq = 0.0
     ema = None
     per_step: dict[str, list[float]] = {"g": [], "hat": [], "ema": [], "full": []}
@@ -183,7 +186,10 @@ def run(
         sched.step()
         if track:
             g_hat = estimate_from_state(opt, w, w_before)
-            ema = g.clone() if ema is None else ema.mul_(1 - beta).add_(g, alpha=beta)
+            if ema is None:  # start like the optimizer's intercept: b₀ = g₀, or b₀ = 0 (paper)
+                ema = torch.zeros_like(g).add_(g, alpha=beta) if zero_init else g.clone()
+            else:
+                ema.mul_(1 - beta).add_(g, alpha=beta)
             eg, eh, ee = (float(((x - full) ** 2).sum()) for x in (g, g_hat, ema))
             if t >= 10:  # skip the estimators' warm-up
                 err_g += eg
@@ -248,8 +254,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="+", default=list(CONVEX_METHODS))
     ap.add_argument("--schedules", nargs="+", default=["constant", "diminishing"])
     ap.add_argument("--smoke", action="store_true", help="60 steps, one seed, learning rates 0.01 and 0.1 only")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="directory of earlier convex_<problem>.json: reuse their tuning (same steps), rerun the seeds",
+    )
+    ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    reused: dict[str, Any] = {}
+    for pname in args.problems if args.reuse else []:
+        path = args.reuse / f"convex_{pname}.json"
+        if path.exists():
+            reused[pname] = load_json(path)["problems"][pname]
     steps = 60 if args.smoke else args.steps
     seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
     lr_grid = (1e-2, 1e-1) if args.smoke else None
@@ -276,7 +294,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     return tail_score(run(prob, key, hp, schedule=sched, steps=steps, seed=0))
 
                 kw = {"lr_grid": lr_grid} if lr_grid else {}
-                best, trials = tune(key, objective, **kw)
+                prior = reused.get(pname, {}).get(sched, {}).get(key) if key not in args.retune else None
+                if prior:  # --reuse: keep the earlier selection, rerun only the reported seeds
+                    best, trials = prior["best"], prior["trials"]
+                else:
+                    best, trials = tune(key, objective, **kw)
                 runs = [run(prob, key, best, schedule=sched, steps=steps, seed=s, track_variance=True) for s in seeds]
                 curves = np.asarray([r["subopt"] for r in runs if not r["diverged"]])
                 entry: dict[str, Any] = {"label": METHODS[key].label, "best": best, "trials": trials}

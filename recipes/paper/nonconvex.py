@@ -15,6 +15,7 @@ Usage::
 
     python recipes/paper/nonconvex.py --out recipes/paper/report/data
     python recipes/paper/nonconvex.py --out /tmp/paper --smoke
+    python recipes/paper/nonconvex.py --out DIR --reuse DIR --retune to_diagonal   # retune one method
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import METHODS, provenance, save_json, steps_to_target, tune
+from common import METHODS, load_json, provenance, save_json, steps_to_target, tune
 from torch import nn
 
 __all__ = ["NONCONVEX_METHODS", "build_model", "load_digits_split", "main", "run"]
@@ -142,8 +143,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     ap.add_argument("--methods", nargs="+", default=list(NONCONVEX_METHODS))
     ap.add_argument("--smoke", action="store_true", help="20 steps, one seed, learning rates 0.01 and 0.1 only")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="directory of earlier nonconvex_<model>.json: reuse their tuning (same steps), rerun the seeds",
+    )
+    ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    reused: dict[str, Any] = {}
+    for mname in args.models if args.reuse else []:
+        path = args.reuse / f"nonconvex_{mname}.json"
+        if path.exists():
+            reused[mname] = load_json(path)["models"][mname]
     steps = 20 if args.smoke else args.steps
     seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
     lr_grid = (1e-2, 1e-1) if args.smoke else None
@@ -165,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return val_score(run(data, mname, key, hp, steps=steps, seed=0))
 
             kw = {"lr_grid": lr_grid} if lr_grid else {}
-            best, trials = tune(key, objective, **kw)
+            prior = reused.get(mname, {}).get(key) if key not in args.retune else None
+            if prior:  # --reuse: keep the earlier selection, rerun only the reported seeds
+                best, trials = prior["best"], prior["trials"]
+            else:
+                best, trials = tune(key, objective, **kw)
             runs = [run(data, mname, key, best, steps=steps, seed=s) for s in seeds]
             ok = [r for r in runs if not r["diverged"]]
             entry: dict[str, Any] = {"label": METHODS[key].label, "best": best, "trials": trials}

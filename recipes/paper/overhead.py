@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -24,9 +25,24 @@ import torch
 from common import METHODS, provenance, save_json
 from torch import nn
 
+from hf_to import TrainableOptimizer
+
 __all__ = ["OVERHEAD_METHODS", "decoder_params", "main", "time_steps"]
 
-OVERHEAD_METHODS = ("sgd", "momentum", "adam", "adamw", "to_diagonal", "to_rank_one", "to_none", "to_paper_diagonal")
+OVERHEAD_METHODS = (
+    "sgd",
+    "momentum",
+    "adam",
+    "adamw",
+    "to_diagonal",
+    "to_diagonal_readable",
+    "to_rank_one",
+    "to_none",
+    "to_paper_diagonal",
+)
+LABELS = {"adamw": "AdamW", "to_diagonal_readable": "TO-diag, fused=False (readable path)"}
+#: Whether this hf_to has the ``fused`` switch (compiled kernels vs the readable path).
+HAS_FUSED = "fused" in inspect.signature(TrainableOptimizer.__init__).parameters
 
 
 def decoder_params(hidden: int, layers: int, vocab: int) -> list[nn.Parameter]:
@@ -48,6 +64,8 @@ def decoder_params(hidden: int, layers: int, vocab: int) -> list[nn.Parameter]:
 def _build(key: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if key == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    if key == "to_diagonal_readable":
+        return TrainableOptimizer(params, lr=1e-4, fused=False)
     return METHODS[key].build(params, lr=1e-4)
 
 
@@ -88,13 +106,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Interleave the methods over rounds so that a load change on the machine hits them all.
     rounds = 3
     per_round = max(1, args.repeats // rounds)
-    samples: dict[str, list[dict[str, float]]] = {k: [] for k in OVERHEAD_METHODS}
+    keys = [k for k in OVERHEAD_METHODS if HAS_FUSED or k != "to_diagonal_readable"]
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in keys}
     for _ in range(rounds):
-        for key in OVERHEAD_METHODS:
+        for key in keys:
             samples[key].append(time_steps(key, params, warmup=2, repeats=per_round))
     for key, runs in samples.items():
         res["methods"][key] = {
-            "label": "AdamW" if key == "adamw" else METHODS[key].label,
+            "label": LABELS.get(key) or METHODS[key].label,
             "median_s": statistics.median(r["median_s"] for r in runs),
             "min_s": min(r["min_s"] for r in runs),
             "state_bytes": runs[0]["state_bytes"],

@@ -101,6 +101,19 @@ def _verdict(scores: list[int]) -> str:
     return "mixed"
 
 
+def _sensitivity(entry: dict[str, Any]) -> tuple[dict[float, float], dict[float, float]]:
+    """Best tuning score per α (over β) and per β (over α), at the selected learning rate."""
+    lr = entry["best"]["lr"]
+    by_a: dict[float, float] = {}
+    by_b: dict[float, float] = {}
+    for t in entry["trials"]:
+        if t["lr"] != lr or "alpha" not in t:
+            continue
+        by_a[t["alpha"]] = min(by_a.get(t["alpha"], math.inf), t["score"])
+        by_b[t["beta"]] = min(by_b.get(t["beta"], math.inf), t["score"])
+    return dict(sorted(by_a.items())), dict(sorted(by_b.items()))
+
+
 def _merge(parts: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     """One result from the per-problem / per-model files of a script."""
     if not parts:
@@ -220,7 +233,19 @@ _LOSS_KEYS = ("eval_loss", "final_eval_loss", "final_train_loss", "train_loss", 
 
 
 def _llm_methods(data: Any) -> dict[str, dict[str, float]]:
-    """Method name → scalar metrics, from a results.json of unknown exact layout."""
+    """Method name → scalar metrics, from ``recipes/compare.py``'s results.json (its ``summary``
+    rows), or from another layout of per-method records."""
+    if isinstance(data, dict) and isinstance(data.get("summary"), list):
+        rows = _llm_methods(data["summary"])
+        baseline = (data.get("compare_args") or {}).get("baseline")
+        for row in data["summary"]:
+            name = str(row.get("label"))
+            if name in rows:
+                rows[name]["_baseline"] = float(name == baseline)
+                rows[name]["_trainable"] = float("trainable" in str(row.get("optim", "")))
+                rows[name]["n_seeds"] = float(len(row.get("seeds") or [1]))
+                rows[name].pop("seeds (last)", None)
+        return rows
     for key in ("runs", "results", "methods", "optimizers"):
         if isinstance(data, dict) and key in data:
             return _llm_methods(data[key])
@@ -229,7 +254,8 @@ def _llm_methods(data: Any) -> dict[str, dict[str, float]]:
     if isinstance(data, list):
         for i, d in enumerate(data):
             if isinstance(d, dict):
-                items.append((str(d.get("optimizer", d.get("name", d.get("method", i)))), d))
+                name = d.get("label", d.get("optimizer", d.get("name", d.get("method", i))))
+                items.append((str(name), d))
     elif isinstance(data, dict):
         items = [(k, v) for k, v in data.items() if isinstance(v, dict)]
     for name, d in items:
@@ -251,16 +277,36 @@ def _llm_methods(data: Any) -> dict[str, dict[str, float]]:
 
 
 def _llm_claim(rows: dict[str, dict[str, float]]) -> tuple[str, str]:
-    to = [n for n in rows if "to" in n.lower().replace("adamw", "").split("_")[0] or "trainable" in n.lower()]
-    adam = [n for n in rows if "adam" in n.lower()]
+    if any("_baseline" in r for r in rows.values()):
+        adam = [n for n, r in rows.items() if r.get("_baseline")]
+        to = [n for n, r in rows.items() if r.get("_trainable") and not r.get("_baseline")]
+    else:
+        adam = [n for n in rows if "adam" in n.lower()]
+        to = [n for n in rows if n not in adam and ("to" in n.lower().split("_") or "trainable" in n.lower())]
     if not to or not adam:
         return "results.json given but no TO/AdamW pair recognised; see the table", "not evaluated"
     for key in _LOSS_KEYS:
         for cand in (key, f"{key} (last)"):
-            if all(cand in rows[n] for n in (to[0], adam[0])):
-                a, b = rows[to[0]][cand], rows[adam[0]][cand]
-                verdict = "holds" if a < b else "does not hold"
-                return f"{cand}: {to[0]} {a:.4f} vs {adam[0]} {b:.4f} (single run, no seeds)", verdict
+            if cand in rows[adam[0]] and all(cand in rows[n] for n in to):
+                b = rows[adam[0]][cand]
+                sb = rows[adam[0]].get(f"{cand}_std", 0.0)
+                n = max(1.0, rows[adam[0]].get("n_seeds", 1.0))
+                scores = [
+                    _beats(
+                        {"mean": rows[t][cand], "std": rows[t].get(f"{cand}_std", 0.0)}, {"mean": b, "std": sb}, int(n)
+                    )
+                    for t in to
+                ]
+                parts = [f"{t} {rows[t][cand]:.4f}" for t in to]
+                speed = [
+                    f"{t} {rows[t]['steps_per_s'] / rows[adam[0]]['steps_per_s']:.2f}×"
+                    for t in to
+                    if rows[t].get("steps_per_s") and rows[adam[0]].get("steps_per_s")
+                ]
+                meas = f"{cand}: {', '.join(parts)} vs {adam[0]} {b:.4f}"
+                if speed:
+                    meas += f"; training steps/s relative to {adam[0]}: {', '.join(speed)}"
+                return meas, _verdict(scores)
     return "no common loss key in results.json; see the table", "not evaluated"
 
 
@@ -347,8 +393,11 @@ def claims(
                     key=lambda k: d[k]["final_log10"]["mean"],
                 )
                 sscores.append(_beats(t, a, n))
+                st_t = d[DEFAULT_TO].get("steps_to", {}).get("0.001", [None])
+                st_a = d["adam"].get("steps_to", {}).get("0.001", [None])
                 sparts.append(
-                    f"{pname}/{sched}: TO-diag {t['mean']:.2f} vs Adam {a['mean']:.2f} "
+                    f"{pname}/{sched}: TO-diag {t['mean']:.2f} vs Adam {a['mean']:.2f}, "
+                    f"steps to 1e-3·gap {_median_steps(st_t)} vs {_median_steps(st_a)} "
                     f"(best TO: {d[best_k]['label']} {d[best_k]['final_log10']['mean']:.2f}; SGD {d['sgd']['final_log10']['mean']:.2f})"
                 )
         rows.append(
@@ -367,13 +416,6 @@ def claims(
             if "final_train_loss" not in a or "final_train_loss" not in t:
                 continue
             scores.append(_beats(t["final_train_loss"], a["final_train_loss"], n))
-            scores.append(
-                _beats(
-                    {"mean": -t["final_test_acc"]["mean"], "std": t["final_test_acc"]["std"]},
-                    {"mean": -a["final_test_acc"]["mean"], "std": a["final_test_acc"]["std"]},
-                    n,
-                )
-            )
             parts.append(
                 f"{mname}: train loss TO-diag {_pm(t['final_train_loss'], '.4f')} vs Adam {_pm(a['final_train_loss'], '.4f')}, "
                 f"test acc {_pm(t['final_test_acc'])} vs {_pm(a['final_test_acc'])}, steps to loss {nc['targets']['train_loss']}: "
@@ -382,7 +424,8 @@ def claims(
         rows.append(
             (
                 "TO converges faster than Adam on non-convex problems",
-                "digits, final training loss and test accuracy, mean ± std over seeds: " + "; ".join(parts),
+                "digits; verdict on the final training loss (> 2 s.e.), test accuracy for information; "
+                "mean ± std over seeds: " + "; ".join(parts),
                 _verdict(scores),
             )
         )
@@ -425,7 +468,9 @@ def _digits_overhead(nc: dict[str, Any]) -> str:
 # -- markdown ----------------------------------------------------------------------------------
 
 
-def build_report(data_dir: Path, out: Path, llm_path: Path | None = None, *, plots: bool = True) -> Path:
+def build_report(
+    data_dir: Path, out: Path, llm_path: Path | None = None, *, plots: bool = True, note: str = ""
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     conv = _merge([load_json(f) for f in sorted(data_dir.glob("convex_*.json"))], "problems")
     nc = _merge([load_json(f) for f in sorted(data_dir.glob("nonconvex_*.json"))], "models")
@@ -451,6 +496,8 @@ def build_report(data_dir: Path, out: Path, llm_path: Path | None = None, *, plo
             + ".",
             "",
         ]
+    if note:
+        md += [note, ""]
     md += [
         "**Protocol.** Every method gets the same learning-rate grid "
         "(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1); the TO variants additionally get an α × β grid at their best "
@@ -558,7 +605,7 @@ def build_report(data_dir: Path, out: Path, llm_path: Path | None = None, *, plo
             md += ["", f"![digits {mname}](nonconvex_{mname}.png)", ""]
     md += ["## LLM fine-tuning (recipes/compare.py)", ""]
     if llm:
-        keys = sorted({k for r in llm.values() for k in r})
+        keys = sorted({k for r in llm.values() for k in r if not k.startswith("_")})
         md += ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, r in llm.items():
             md.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" if k in r else "—" for k in keys) + " |")
@@ -605,6 +652,25 @@ def build_report(data_dir: Path, out: Path, llm_path: Path | None = None, *, plo
                     b = e["best"]
                     md.append(f"| {name} | {e['label']} | {b['lr']:g} | {b['alpha']:g} | {b['beta']:g} |")
         md.append("")
+        md += [
+            "**Sensitivity** (seed-0 tuning score at the selected learning rate: for each α the best over β, "
+            "for each β the best over α; convex: log10 of the tail F−F*, digits: validation loss; lower is better).",
+            "",
+            "| setting | method | score by α | score by β |",
+            "|---|---|---|---|",
+        ]
+        for name, res in settings:
+            for _key, e in res.items():
+                if isinstance(e, dict) and "alpha" in e.get("best", {}) and _key not in ("to_none", "to_paper_none"):
+                    by_a, by_b = _sensitivity(e)
+                    md.append(
+                        f"| {name} | {e['label']} | "
+                        + ", ".join(f"{a:g}: {v:.3f}" for a, v in by_a.items())
+                        + " | "
+                        + ", ".join(f"{b:g}: {v:.3f}" for b, v in by_b.items())
+                        + " |"
+                    )
+        md.append("")
 
     if plots and conv:
         _plot_convex(conv, out)
@@ -621,8 +687,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--data", type=Path, required=True, help="directory holding the scripts' JSON results")
     ap.add_argument("--out", type=Path, required=True, help="where REPORT.md and the PNGs go")
     ap.add_argument("--llm", type=Path, default=None, help="results.json of recipes/compare.py (optional)")
+    ap.add_argument("--note", default="", help="a paragraph printed under the provenance line")
     args = ap.parse_args(argv)
-    path = build_report(args.data, args.out, args.llm)
+    path = build_report(args.data, args.out, args.llm, note=args.note)
     print(f"wrote {path}")
     return path
 
