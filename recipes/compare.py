@@ -10,7 +10,7 @@ schedule; only ``optim`` / ``optim_args`` change.  Writes into ``output_dir``:
 Usage (from the repository root; the default job is the embedded SmolLM2-135M with LoRA on
 the Python language reference, about 10-15 minutes on 2 CPU cores)::
 
-    python recipes/compare.py --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
+    python recipes/compare.py        # = --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
 
     # shorter, other variants, three seeds
     python recipes/compare.py --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml \\
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from recipe_lib import (
+    CONFIG_DIR,
     ModelArguments,
     RecipeError,
     ScriptArguments,
@@ -48,7 +49,10 @@ from transformers.training_args import OptimizerNames
 
 import hf_to
 
-__all__ = ["CompareArguments", "Variant", "main", "parse_args", "parse_variant", "summarize"]
+__all__ = ["DEFAULT_CONFIG", "CompareArguments", "Variant", "main", "parse_args", "parse_variant", "summarize"]
+
+#: Read when no --config is given: the embedded SmolLM2-135M + LoRA job, sized for 2 CPU cores.
+DEFAULT_CONFIG = CONFIG_DIR / "compare_smollm2_135m_lora_cpu.yaml"
 
 DEFAULT_VARIANTS = [
     "adamw=adamw_torch_fused",
@@ -104,6 +108,7 @@ def parse_args(
         (CompareArguments, ScriptArguments, TrainingArguments, ModelArguments),
         argv,
         extra_sections={"compare": CompareArguments},
+        default_config=DEFAULT_CONFIG,
     )
     return compare_args, script_args, training_args, model_args
 

