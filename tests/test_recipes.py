@@ -281,7 +281,7 @@ def test_every_accelerate_config_is_valid_yaml_with_a_distributed_type(path: Pat
 
 
 def test_without_config_the_scripts_run_the_embedded_cpu_defaults(tmp_path: Path) -> None:
-    compare_args, script_args, training_args, model_args = compare.parse_args(["--output_dir", str(tmp_path)])
+    compare_args, script_args, _, model_args = compare.parse_args(["--output_dir", str(tmp_path)])
     assert model_args.model_name_or_path == recipe_lib.EMBEDDED_MODEL and model_args.use_peft
     assert script_args.dataset_name == recipe_lib.PYDOC_DATASET
     assert compare_args.baseline in [compare.parse_variant(v).label for v in compare_args.variants]
