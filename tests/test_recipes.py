@@ -7,6 +7,7 @@ nothing is downloaded.  Runs use ``report_to=none`` and a few steps.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -136,6 +137,42 @@ def test_sft_script_trains_from_the_command_line(tiny_model: Path, tmp_path: Pat
     record = json.loads((tmp_path / "run_record.json").read_text())
     assert record["optim_args"] == "estimator=diagonal"
     assert any("loss" in h for h in record["log_history"])
+
+
+def test_sft_runs_under_accelerate_launch_with_the_ddp_config_on_two_cpu_ranks(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Without CUDA, the ddp.yaml launch (torch.distributed.run) + use_cpu gives DDP over gloo.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(RECIPES / "accelerate_configs" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+    args = tiny_args(tiny_model, tmp_path, "--use_peft", "true", "--max_steps", "2", "--use_cpu", "true")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*launch, str(RECIPES / "sft.py"), *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run_record.json").read_text())
+    batch = 2  # per device, from tiny_args
+    first = next(h for h in record["log_history"] if "loss" in h)
+    assert first["epoch"] == pytest.approx(2 * batch / record["train_sequences"])  # two ranks share each step
+    assert record["trainable_tensors_changed"] == record["trainable_tensors"]
+    assert record["frozen_tensors_changed"] == 0
 
 
 @pytest.mark.parametrize("parse", [sft.parse_args, compare.parse_args], ids=["sft", "compare"])
