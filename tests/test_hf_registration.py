@@ -331,3 +331,31 @@ def test_import_hf_to_does_not_import_transformers() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env(PYTHONPATH=str(REPO))
     )
     assert run.stdout.strip() == "[]"
+
+
+def test_rank_one_with_a_deepspeed_config_is_refused_when_the_optimizer_arguments_are_built():
+    """The Trainer-side check runs with the optim_args, before any model is loaded.
+
+    (transformers itself refuses ``deepspeed=`` without the deepspeed package, so the
+    arguments are a stand-in with the fields the check reads.)
+    """
+    from types import SimpleNamespace
+
+    import pytest
+
+    from hf_to.integrations.transformers import to_kwargs_from_training_args
+
+    def args(optim_args, deepspeed):
+        return SimpleNamespace(
+            learning_rate=1e-4,
+            weight_decay=0.0,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            optim_args=optim_args,
+            deepspeed=deepspeed,
+        )
+
+    with pytest.raises(ValueError, match="estimator='rank_one' cannot run under DeepSpeed"):
+        to_kwargs_from_training_args(args("estimator=rank_one", "ds_zero2.json"))
+    assert to_kwargs_from_training_args(args("estimator=diagonal", "ds_zero2.json"))["estimator"] == "diagonal"
+    assert to_kwargs_from_training_args(args("estimator=rank_one", None))["estimator"] == "rank_one"

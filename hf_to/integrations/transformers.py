@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..optimizer import TrainableOptimizer
+from .deepspeed import check_estimator
 
 __all__ = [
     "OPTIM_NAME",
@@ -126,6 +127,9 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     return out
 
 
+_DEFAULT_ESTIMATOR = inspect.signature(TrainableOptimizer).parameters["estimator"].default
+
+
 def _validate(kwargs: dict[str, Any]) -> None:
     """Build the optimizer on a one-element tensor: the core's own check names a bad value."""
     TrainableOptimizer([torch.zeros(1, requires_grad=True)], **kwargs)
@@ -147,6 +151,8 @@ def to_kwargs_from_training_args(args: Any) -> dict[str, Any]:
         kwargs.update(beta2=args.adam_beta2, eps=args.adam_epsilon)
     kwargs.update(parsed)
     _validate(kwargs)
+    # Under DeepSpeed the structured estimators cannot run: say so before the model loads.
+    check_estimator(kwargs.get("estimator", _DEFAULT_ESTIMATOR), training_args=args)
     return kwargs
 
 
@@ -183,7 +189,8 @@ def _unwrap(optimizer: Any) -> Any:
 
 def diagnostics_metrics(optimizer: TrainableOptimizer, prefix: str = "to/") -> dict[str, float]:
     """Read (and reset) the optimizer's diagnostics as flat ``to/...`` metrics; {} if none."""
-    groups = [d for d in optimizer.diagnostics(reset=True) if d["steps"] > 0]
+    # all_reduce: sharded (FSDP2) groups sum their shard-local sums; every rank calls on_log.
+    groups = [d for d in optimizer.diagnostics(reset=True, all_reduce=True) if d["steps"] > 0]
     if not groups:
         return {}
     residual = sum(d["residual_sq"] for d in groups)
