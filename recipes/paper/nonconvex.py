@@ -41,6 +41,7 @@ NONCONVEX_METHODS = (
     "to_diagonal",
     "to_rank_one",
     "to_paper_diagonal",
+    "to_none",
 )
 BATCH = 32
 EVAL_EVERY = 20
