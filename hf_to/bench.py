@@ -1,0 +1,411 @@
+r"""Benchmark of the optimizer step: Trainable Optimizer variants against AdamW, interleaved.
+
+Usage::
+
+    python -m hf_to.bench step                       # SmolLM2-135M shapes, fp32 and bf16, + LoRA set
+    python -m hf_to.bench step --sets smollm2 --dtypes fp32 --rounds 5 --repeats 10
+    python -m hf_to.bench step --sets synthetic      # 8 x 2M fp32, the issue's measurement
+    python -m hf_to.bench step --device cuda         # on a GPU
+    python -m hf_to.bench state                      # bf16 state vs fp32 state: final losses
+
+Parameter sets (weights and gradients are random; only shapes and dtypes matter):
+
+* ``smollm2``: every parameter of SmolLM2-135M, built on the meta device from a
+  ``LlamaConfig`` (hidden 576, intermediate 1536, 30 layers, 9 heads, 3 kv heads, vocab
+  49152, tied embeddings): 272 tensors, 134.5 M values;
+* ``lora``: the LoRA adapters (r = 16) on q/k/v/o/gate/up/down of the same model;
+* ``synthetic``: 8 tensors of 2 M values (the measurement in the issue).
+
+All variants step the *same* parameter and gradient tensors (each keeps its own state), in
+``--rounds`` rounds; a round times ``--repeats`` consecutive steps of every variant in turn,
+so that drift of the machine's load hits all variants alike.  Reported per variant: the
+median over all timed steps, min and max, the ratio to fused AdamW, and the ratio to the
+*bandwidth limit* of the issue: an in-place elementwise step that reads ``w``, ``g`` and
+``k`` state tensors and writes ``w`` and the ``k`` states moves ``2·|w| + |g| + 2·|state|``
+bytes, so its limit is that byte count over fused AdamW's, times fused AdamW's time (for
+fp32 everything this is :math:`(2k+3)/7`).  Also: state bytes per parameter, the peak memory
+a step adds above the memory held before it (CPU: the process's peak RSS, reset through
+``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``), and the first step's
+and second steps' times: the first step creates the state and runs eagerly, the second
+compiles the fused kernels (paid once per process and configuration;
+``hf_to.kernels.compile_seconds`` in total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .optimizer import TrainableOptimizer
+from .registry import VARIANTS
+
+__all__ = ["PARAM_SETS", "VARIANT_FACTORIES", "lora_shapes", "main", "smollm2_shapes"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: SmolLM2-135M's architecture (HuggingFaceTB/SmolLM2-135M config.json).
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def smollm2_shapes() -> list[tuple[int, ...]]:
+    """Shapes of every parameter of SmolLM2-135M (from transformers on the meta device)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+        return [tuple(p.shape) for p in model.parameters()]
+    except ImportError:  # the same shapes by hand
+        c = SMOLLM2_135M
+        h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"]
+        head = h // c["num_attention_heads"]
+        layer = [(h, h), (kv * head, h), (kv * head, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
+        return [(c["vocab_size"], h)] + layer * c["num_hidden_layers"] + [(h,)]
+
+
+def lora_shapes(r: int = 16) -> list[tuple[int, ...]]:
+    """Shapes of LoRA adapters ``A: (r, in)``, ``B: (out, r)`` on SmolLM2-135M's projections."""
+    c = SMOLLM2_135M
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"]
+    kvd = kv * (h // c["num_attention_heads"])
+    io = {"q_proj": (h, h), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (h, h)}
+    io |= {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = []
+    for _ in range(c["num_hidden_layers"]):
+        for name in LORA_TARGETS:
+            fan_in, fan_out = io[name]
+            shapes += [(r, fan_in), (fan_out, r)]
+    return shapes
+
+
+PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "smollm2": smollm2_shapes,
+    "lora": lora_shapes,
+    "synthetic": lambda: [(2_000_000,)] * 8,
+    "tiny": lambda: [(33, 5), (7,), (1,)],  # a smoke test of the script
+}
+
+
+def _to(name: str, **overrides: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    return lambda params: TrainableOptimizer(params, lr=1e-5, **{**VARIANTS[name], **overrides})
+
+
+#: Variant name -> constructor.  ``[readable]`` is the per-tensor reference-style path.
+VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True),
+    "adamw_foreach": lambda params: torch.optim.AdamW(params, lr=1e-5, foreach=True),
+    "to_paper_none": _to("to_paper_none", fused=True),
+    "to_paper_diagonal": _to("to_paper_diagonal", fused=True),
+    "to_paper_rank_one": _to("to_paper_rank_one", fused=True),
+    "trainable_to": _to("trainable_to", fused=True),
+    "trainable_to[bf16 state]": _to("trainable_to", fused=True, state_dtype=torch.bfloat16),
+    "to_rank_one": _to("to_rank_one", fused=True),
+    "trainable_to[readable]": _to("trainable_to", fused=False),
+}
+DEFAULT_VARIANTS = (
+    "adamw_fused",
+    "adamw_foreach",
+    "to_paper_none",
+    "to_paper_diagonal",
+    "to_paper_rank_one",
+    "trainable_to",
+    "trainable_to[bf16 state]",
+    "trainable_to[readable]",
+)
+
+
+@dataclass
+class Result:
+    name: str
+    times_ms: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0
+    second_step_s: float = 0.0
+    state_bytes: int = 0
+    peak_bytes: int = 0
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
+    return [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor) and v.numel() > 1]
+
+
+def _bytes_moved(params: list[Tensor], grads: list[Tensor], opt: torch.optim.Optimizer) -> int:
+    """Bytes an ideal in-place step streams: read w, g, state; write w, state."""
+    w = sum(p.numel() * p.element_size() for p in params)
+    g = sum(x.numel() * x.element_size() for x in grads)
+    s = sum(t.numel() * t.element_size() for t in _state_tensors(opt))
+    return 2 * w + g + 2 * s
+
+
+class _Peak:
+    """Peak memory a step adds above what is held before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.proc = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
+
+    def _status(self, key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def measure(self, fn: Callable[[], None]) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        if self.proc:
+            gc.collect()
+            base = self._status("VmRSS:")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            fn()
+            return max(self._status("VmHWM:") - base, 0)
+        import psutil  # pragma: no cover - non-Linux
+
+        proc = psutil.Process()
+        base = proc.memory_info().rss
+        fn()
+        return max(proc.memory_info().rss - base, 0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_set(
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    variants: list[str],
+    *,
+    device: torch.device,
+    rounds: int,
+    repeats: int,
+    seed: int = 0,
+) -> tuple[list[Result], list[Tensor], list[Tensor], dict[str, torch.optim.Optimizer]]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=dtype)) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=dtype) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    peak = _Peak(device)
+    opts: dict[str, torch.optim.Optimizer] = {}
+    results: dict[str, Result] = {}
+    for name in variants:
+        opt = VARIANT_FACTORIES[name](params)
+        _sync(device)
+        start = time.perf_counter()
+        opt.step()  # creates the state and compiles the fused kernels
+        _sync(device)
+        res = Result(name, first_step_s=time.perf_counter() - start)
+        start = time.perf_counter()
+        opt.step()  # second step: compiles the steady-state kernels (the first step runs eagerly)
+        _sync(device)
+        res.second_step_s = time.perf_counter() - start
+        res.state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(opt))
+        res.peak_bytes = peak.measure(opt.step)
+        opts[name], results[name] = opt, res
+    for _ in range(rounds):
+        for name in variants:
+            opt = opts[name]
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                opt.step()
+                _sync(device)
+                results[name].times_ms.append((time.perf_counter() - start) * 1e3)
+    return [results[n] for n in variants], params, grads, opts
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def report(
+    title: str,
+    results: list[Result],
+    params: list[Tensor],
+    grads: list[Tensor],
+    opts: dict[str, torch.optim.Optimizer],
+) -> str:
+    numel = sum(p.numel() for p in params)
+    base = next((r for r in results if r.name == "adamw_fused"), None)
+    base_ms = statistics.median(base.times_ms) if base else math.nan
+    base_bytes = _bytes_moved(params, grads, opts["adamw_fused"]) if base else math.nan
+    lines = [
+        f"### {title}: {len(params)} tensors, {numel / 1e6:.1f} M parameters",
+        "",
+        "| variant | state B/param | median ms | min ms | max ms | × fused AdamW | limit × | × limit "
+        "| step peak | 1st step s | 2nd step s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        med = statistics.median(r.times_ms)
+        limit = _bytes_moved(params, grads, opts[r.name]) / base_bytes
+        lines.append(
+            f"| {r.name} | {r.state_bytes / numel:.1f} | {med:.2f} | {min(r.times_ms):.2f} | {max(r.times_ms):.2f} "
+            f"| {med / base_ms:.2f} | {limit:.2f} | {med / (limit * base_ms):.2f} | {_fmt_bytes(r.peak_bytes)} "
+            f"| {r.first_step_s:.1f} | {r.second_step_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _load_note() -> str:
+    try:
+        load = os.getloadavg()
+        return f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
+    except OSError:  # pragma: no cover
+        return "load average unavailable"
+
+
+def step_command(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS)
+    unknown = [v for v in variants if v not in VARIANT_FACTORIES]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANT_FACTORIES)}")
+    if "adamw_fused" not in variants:
+        variants.insert(0, "adamw_fused")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(
+        f"# hf_to.bench step — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"torch {torch.__version__}, device {device} ({hw}), {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds x {args.repeats} steps per variant, interleaved; {_load_note()} at start\n"
+        f"command: python -m hf_to.bench step {' '.join(sys.argv[2:])}\n",
+        flush=True,
+    )
+    for set_name in args.sets.split(","):
+        shapes = PARAM_SETS[set_name]()
+        for dtype_name in args.dtypes.split(",") if set_name != "lora" else ["fp32"]:
+            results, params, grads, opts = bench_set(
+                shapes,
+                DTYPES[dtype_name],
+                variants,
+                device=device,
+                rounds=args.rounds,
+                repeats=args.repeats,
+            )
+            print(report(f"{set_name}, {dtype_name} params", results, params, grads, opts), flush=True)
+            print(f"\n{_load_note()} after this table\n", flush=True)
+            del results, params, grads, opts
+            gc.collect()
+    print(f"fused-kernel compile time in this process: {kernels.compile_seconds():.1f} s")
+    return 0
+
+
+# -- bfloat16 state: convergence against float32 state -----------------------------------
+
+
+@contextlib.contextmanager
+def _nearest_rounding() -> Iterator[None]:
+    """Ablation: store bfloat16 state with round-to-nearest instead of stochastic rounding."""
+    original = kernels._round_bf16
+    kernels._round_bf16 = lambda x: x.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        kernels._round_bf16 = original
+
+
+def _noisy_quadratic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:
+    """Final loss on ½ Σ hᵢ wᵢ², hᵢ log-spaced in [1e-2, 1], gradient noise σ = 0.1."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.logspace(-2, 0, 512)
+    w = torch.nn.Parameter(torch.ones(512))
+    opt = TrainableOptimizer([w], lr=3e-3, state_dtype=state_dtype)
+    for _ in range(steps):
+        w.grad = h * w.detach() + 0.1 * torch.randn(512, generator=gen)
+        opt.step()
+    return 0.5 * (h * w.detach() ** 2).sum().item()
+
+
+def _logistic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:
+    """Final full-batch loss of logistic regression (d = 64, n = 4096, batch 64, lr 1e-3)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, 64, generator=gen)
+    y = (x @ torch.randn(64, generator=gen) + 0.5 * torch.randn(4096, generator=gen) > 0).float()
+    model = torch.nn.Linear(64, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = TrainableOptimizer(model.parameters(), lr=1e-3, state_dtype=state_dtype)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(x[idx]).squeeze(1), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return loss_fn(model(x).squeeze(1), y).item()
+
+
+def state_command(args: argparse.Namespace) -> int:
+    """Final losses with float32 state, bfloat16 state (stochastic rounding) and the ablation."""
+    print(
+        f"# hf_to.bench state — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"torch {torch.__version__}; trainable_to defaults, {args.seeds} seeds, final loss mean (min-max)\n"
+    )
+    print("| problem | float32 state | bfloat16 state, stochastic rounding | bfloat16 state, round-to-nearest |")
+    print("|---|---:|---:|---:|")
+    for name, problem in (
+        ("noisy quadratic (d=512, 1000 steps)", _noisy_quadratic),
+        ("logistic regression (d=64, 1000 steps)", _logistic),
+    ):
+        cells = []
+        for label in ("fp32", "bf16", "bf16-nearest"):
+            with _nearest_rounding() if label == "bf16-nearest" else contextlib.nullcontext():
+                losses = [problem(None if label == "fp32" else torch.bfloat16, seed) for seed in range(args.seeds)]
+            cells.append(f"{statistics.mean(losses):.4g} ({min(losses):.4g}-{max(losses):.4g})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hf_to.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    step = sub.add_parser("step", help="time the optimizer step (see the module docstring)")
+    step.add_argument("--sets", default="smollm2,lora", help=f"comma list of {sorted(PARAM_SETS)}")
+    step.add_argument("--dtypes", default="fp32,bf16", help="parameter dtypes: fp32,bf16,fp16 (LoRA: fp32)")
+    step.add_argument("--variants", default="", help=f"comma list of {sorted(VARIANT_FACTORIES)}")
+    step.add_argument("--rounds", type=int, default=5)
+    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    step.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    state = sub.add_parser("state", help="convergence with bfloat16 state against float32 state")
+    state.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    return step_command(args) if args.command == "step" else state_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

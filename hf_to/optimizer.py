@@ -1,0 +1,637 @@
+r"""The Trainable Optimizer (TO) as a ``torch.optim.Optimizer``.
+
+Paper: Ruiqi Wang and Diego Klabjan, "A Trainable Optimizer", arXiv:2508.01764.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
+from .estimators import ESTIMATORS, Estimator, get_estimator
+from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
+
+__all__ = ["ALPHA_SCALINGS", "INTERCEPT_INITS", "PRECONDITIONERS", "TrainableOptimizer", "trainable_to"]
+
+#: ``"adam"``: divide the estimate by :math:`\sqrt{\hat v_t}+\epsilon` (Adam's second moment of
+#: the raw gradient); ``"none"``: the paper-literal step along :math:`\hat G_t`.
+PRECONDITIONERS = ("adam", "none")
+#: ``"normalized"``: normalised-LMS slope rate (see :mod:`hf_to.estimators`); ``"none"``: raw α.
+ALPHA_SCALINGS = ("normalized", "none")
+#: ``"gradient"``: :math:`b_0 = g_0 - A_0 w_0` (zero first residual); ``"zero"``: :math:`b_0 = 0`.
+INTERCEPT_INITS = ("gradient", "zero")
+
+#: Group key stamped into every param group so that a checkpoint of another optimizer is
+#: recognised on ``load_state_dict``.
+ALGORITHM_KEY = "algorithm"
+ALGORITHM = "trainable_to"
+
+
+class TrainableOptimizer(Optimizer):
+    r"""Pseudo-linear Trainable Optimizer: weights step along a trained gradient estimator.
+
+    For every parameter tensor, flattened to :math:`w`, with stochastic gradient :math:`g_t`:
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \gamma \text{ (lr)},\ \alpha \text{ (slope rate)},\
+            \beta \text{ (intercept rate)},\ \lambda \text{ (weight decay)},\
+            \beta_2, \epsilon \text{ (preconditioner)} \\
+        &\textbf{init}: A_0 = 0,\ b_0 = g_0 \ (\text{so } r_0 = 0),\ v_0 = 0 \\
+        &\textbf{for}\ t = 0, 1, \dots \\
+        &\quad r_t = A_t w_t + b_t - g_t                         && \text{residual} \\
+        &\quad A_{t+1} = A_t - \alpha\, \partial_A \tfrac12\lVert r_t\rVert^2,\quad
+               b_{t+1} = b_t - \beta\, r_t                       && \text{estimator step} \\
+        &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
+        &\quad d_t = \hat G_t \ \text{(paper)}\quad\text{or}\quad
+               d_t = \hat G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
+               v_{t+1} = \beta_2 v_t + (1-\beta_2) g_t^2     && \text{preconditioner} \\
+        &\quad w_{t+1} = (1 - \gamma\lambda)\, w_t - \gamma\, d_t && \text{weights}
+        \end{aligned}
+
+    The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.estimators`):
+    ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
+    ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
+    with ``preconditioner="none"`` it is ``SGD(momentum=1-β, dampening=1-β)``).
+
+    The default ``preconditioner="adam"`` makes the step size independent of the gradient
+    scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
+    paper-literal update is ``preconditioner="none", alpha_scaling="none",
+    intercept_init="zero", beta_warmup=False`` (registered as ``"to_paper_<estimator>"``).  The measurements
+    behind each default are in ``docs/design-decisions.md``.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma` (default: 1e-3).
+        estimator: structure of :math:`A`: ``"diagonal"`` (default), ``"rank_one"``,
+            ``"full"`` or ``"none"``.
+        alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
+            (default: 0.1; with ``alpha_scaling="normalized"`` the largest fraction of the
+            residual that the slope term absorbs per step).
+        beta: intercept rate :math:`\beta`, the step of :math:`b` (default: 0.1; the
+            ``1 - beta1`` of Adam).
+        preconditioner: ``"adam"`` (default) or ``"none"`` (paper).
+        beta2: decay of the preconditioner's second moment (default: 0.999).
+        eps: term added to the preconditioner's denominator (default: 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
+        alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
+        norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
+            slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
+        beta_warmup: use :math:`\beta_t = \max(\beta, 1/(t+1))` (default ``True``): the
+            intercept is the running mean of the residual-corrected gradients for the first
+            :math:`1/\beta` steps and an EMA after, the analogue of Adam's bias correction; the
+            first step then sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
+            ``False`` is the paper's constant :math:`\beta`.
+        intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
+            reading, :math:`b_0 = 0`).
+        max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
+            state holds ``n**2`` values (default: 4096, i.e. 64 MiB in fp32).
+        diagnostics: accumulate the estimator's health on the device (see
+            :meth:`diagnostics`); off by default, and then no step reads anything back.
+        fused: ``True``: the fused kernels of :mod:`hf_to.kernels`, compiled with
+            ``torch.compile`` (eager fallback where it is unavailable); ``False``: the readable
+            per-tensor path; ``None`` (default): fused and compiled on CUDA and for large CPU
+            groups, readable otherwise (see :func:`hf_to.kernels.use_fused`).
+        state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
+            float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
+            memory, stored with stochastic rounding; not for ``estimator="full"``).
+
+    State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
+    ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
+    ``exp_avg_sq`` with the Adam preconditioner.  State is float32 for float16/bfloat16/float32
+    parameters and float64 for float64 parameters, and keeps that dtype through
+    ``load_state_dict``.
+
+    Non-finite gradients: a tensor whose gradient holds ``inf``/``nan`` is skipped for that
+    step (weights, state and its ``step`` untouched) and counted in :meth:`diagnostics`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        *,
+        estimator: str = "diagonal",
+        alpha: float = 0.1,
+        beta: float = 0.1,
+        preconditioner: str = "adam",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        alpha_scaling: str = "normalized",
+        norm_floor: float = 1e-3,
+        intercept_init: str = "gradient",
+        beta_warmup: bool = True,
+        max_full_numel: int = 4096,
+        diagnostics: bool = False,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            estimator=estimator,
+            alpha=alpha,
+            beta=beta,
+            preconditioner=preconditioner,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            alpha_scaling=alpha_scaling,
+            norm_floor=norm_floor,
+            intercept_init=intercept_init,
+            beta_warmup=beta_warmup,
+            max_full_numel=max_full_numel,
+            fused=fused,
+            state_dtype=state_dtype,
+        )
+        _validate_hyperparameters(defaults)
+        defaults[ALGORITHM_KEY] = ALGORITHM
+        self.track_diagnostics = bool(diagnostics)
+        super().__init__(params, defaults)
+        self._diag: list[dict[str, Tensor]] = []
+
+    # -- torch.optim plumbing -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_hyperparameters(group)
+            _check_full_size(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        # The tensors given to the optimizer: a flat partition swapped in later by a wrapper
+        # (DeepSpeed ZeRO) is recognised by its absence (see hf_to.distributed.flattened_reason).
+        given = self.__dict__.setdefault("_given_params", WeakIdKeyDictionary())
+        for p in group["params"]:
+            given[p] = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("track_diagnostics", False)
+        self.__dict__.setdefault("_diag", [])
+        self._given_params = WeakIdKeyDictionary({p: True for g in self.param_groups for p in g["params"]})
+        for group in self.param_groups:
+            group.setdefault("alpha_scaling", "normalized")
+            group.setdefault("norm_floor", 1e-3)
+            group.setdefault("intercept_init", "gradient")
+            group.setdefault("beta_warmup", True)
+            group.setdefault("max_full_numel", 4096)
+            group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
+            group.setdefault(ALGORITHM_KEY, ALGORITHM)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, refusing one of another optimizer or another estimator.
+
+        Unlike the base class, floating-point state keeps its saved dtype (float32 estimator
+        state of bfloat16 parameters stays float32) and is only moved to the parameter's device.
+        """
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if saved.get(ALGORITHM_KEY) != ALGORITHM:
+                raise ValueError(
+                    f"param group {i} of the loaded state dict was not written by TrainableOptimizer "
+                    f"(no '{ALGORITHM_KEY}: {ALGORITHM}' stamp; keys: {sorted(k for k in saved if k != 'params')}); "
+                    "resume with the optimizer that wrote the checkpoint, or start the optimizer afresh"
+                )
+            for key in ("estimator", "preconditioner"):
+                if saved.get(key) != group[key]:
+                    raise ValueError(
+                        f"param group {i}: the checkpoint was written with {key}={saved.get(key)!r}, "
+                        f"this optimizer has {key}={group[key]!r}; their states are not interchangeable"
+                    )
+        super().load_state_dict(state_dict)
+        # The base class casts floating state to the parameter dtype; undo that from the source.
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+        """Collect the parameters with gradients; create their state on first use."""
+        estimator = get_estimator(group["estimator"])
+        params, grads, states = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("TrainableOptimizer does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(
+                    "TrainableOptimizer does not support complex parameters; view them as real with torch.view_as_real"
+                )
+            if group["estimator"] == "full" and is_sharded(p):
+                raise ValueError(
+                    f"estimator='full' cannot run on a sharded parameter of shape {tuple(p.shape)}: its "
+                    "n x n matrix A couples all shards. Use estimator='diagonal' or 'rank_one' with FSDP"
+                )
+            state = self.state[p]
+            if not state:
+                check_unflattened(
+                    p,
+                    self._given_params,
+                    estimator=group["estimator"],
+                    alpha_scaling=group["alpha_scaling"],
+                    index=next(i for i, g in enumerate(self.param_groups) if g is group),
+                )
+                _init_state(state, p, estimator, group)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+        return params, grads, states
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.track_diagnostics and len(self._diag) != len(self.param_groups):
+            self._diag = [_empty_stats() for _ in self.param_groups]
+        for i, group in enumerate(self.param_groups):
+            params, grads, states = self._init_group(group)
+            if not params:
+                continue
+            stats = trainable_to(
+                params,
+                grads,
+                states,
+                lr=group["lr"],
+                estimator=group["estimator"],
+                alpha=group["alpha"],
+                beta=group["beta"],
+                preconditioner=group["preconditioner"],
+                beta2=group["beta2"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                alpha_scaling=group["alpha_scaling"],
+                norm_floor=group["norm_floor"],
+                intercept_init=group["intercept_init"],
+                beta_warmup=group["beta_warmup"],
+                diagnostics=self.track_diagnostics,
+                reduce_stats=self._stats_reducer(params),
+                fused=group["fused"],
+            )
+            if stats is not None:
+                acc = self._diag[i]
+                for key, value in stats.items():
+                    acc[key] = acc[key].to(value.device) + value
+        return loss
+
+    def _stats_reducer(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """How to sum phase-1 partial sums across the ranks that hold shards of ``params``.
+
+        ``None`` (nothing to sum) for ordinary tensors on one process or replicated by DDP.
+        """
+        return make_stats_reducer(params)
+
+    # -- diagnostics ----------------------------------------------------------------------
+
+    def diagnostics(self, *, reset: bool = True, all_reduce: bool = False) -> list[dict[str, float]]:
+        r"""The estimator's health per param group since the last reset (one host sync).
+
+        For each group: ``steps`` (optimizer steps that updated at least one tensor),
+        ``residual_sq`` (mean over steps of :math:`\sum_p \lVert r_t\rVert^2`, the residual
+        before the estimator step), ``grad_sq`` (:math:`\sum_p\lVert g_t\rVert^2`),
+        ``estimate_sq`` (:math:`\sum_p\lVert \hat G_t\rVert^2`), ``relative_residual``
+        (``residual_sq / grad_sq``; near 1 means the estimator explains little of the
+        gradient, near 0 that it tracks it) and ``skipped`` (tensor updates skipped for
+        non-finite gradients).  Empty list when ``diagnostics=False``.
+
+        With sharded (FSDP2) parameters each rank accumulates the sums over its local shards;
+        ``all_reduce=True`` sums them over the shard group (one collective per sharded param
+        group: call it on every rank).
+        """
+        out = []
+        accs = all_reduce_diagnostics(self._diag, self.param_groups) if all_reduce else self._diag
+        for acc in accs:
+            values = {k: float(v) for k, v in acc.items()}
+            steps = max(values["steps"], 1.0)
+            rec = {
+                "steps": values["steps"],
+                "residual_sq": values["residual_sq"] / steps,
+                "grad_sq": values["grad_sq"] / steps,
+                "estimate_sq": values["estimate_sq"] / steps,
+                "skipped": values["skipped"],
+            }
+            rec["relative_residual"] = rec["residual_sq"] / rec["grad_sq"] if rec["grad_sq"] > 0 else 0.0
+            out.append(rec)
+        if reset:
+            self._diag = [_empty_stats() for _ in self.param_groups] if self.track_diagnostics else []
+        return out
+
+    @torch.no_grad()
+    def gradient_estimate(self, p: Tensor, w: Tensor | None = None) -> Tensor:
+        r"""The estimator's current :math:`\hat G(w) = A w + b` for parameter ``p``.
+
+        ``w`` defaults to the parameter's current value.  Right after a step, passing the
+        weights *before* that step returns the :math:`\hat G_t` the step moved along.
+        """
+        state = self.state[p]
+        if not state:
+            raise ValueError("no estimator state for this parameter yet: call step() first")
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return get_estimator(group["estimator"]).predict(state, p.detach() if w is None else w)
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (all parameters, ``step`` included)."""
+        return sum(
+            v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, Tensor)
+        )
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the argument and value of the first invalid setting."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    checks = [
+        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "a finite number >= 0"),
+        ("alpha", group["alpha"], _num(group["alpha"]) and group["alpha"] >= 0, "a finite number >= 0"),
+        ("beta", group["beta"], _num(group["beta"]) and 0 < group["beta"] <= 1, "in (0, 1]"),
+        ("beta2", group["beta2"], _num(group["beta2"]) and 0 <= group["beta2"] < 1, "in [0, 1)"),
+        ("eps", group["eps"], _num(group["eps"]) and group["eps"] >= 0, "a finite number >= 0"),
+        (
+            "norm_floor",
+            group["norm_floor"],
+            _num(group["norm_floor"]) and group["norm_floor"] >= 0,
+            "a finite number >= 0",
+        ),
+        (
+            "weight_decay",
+            group["weight_decay"],
+            _num(group["weight_decay"]) and group["weight_decay"] >= 0,
+            "a finite number >= 0",
+        ),
+        ("estimator", group["estimator"], group["estimator"] in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
+        ("preconditioner", group["preconditioner"], group["preconditioner"] in PRECONDITIONERS, PRECONDITIONERS),
+        ("alpha_scaling", group["alpha_scaling"], group["alpha_scaling"] in ALPHA_SCALINGS, ALPHA_SCALINGS),
+        ("intercept_init", group["intercept_init"], group["intercept_init"] in INTERCEPT_INITS, INTERCEPT_INITS),
+        ("beta_warmup", group["beta_warmup"], isinstance(group["beta_warmup"], bool), "True or False"),
+        (
+            "max_full_numel",
+            group["max_full_numel"],
+            isinstance(group["max_full_numel"], int)
+            and not isinstance(group["max_full_numel"], bool)
+            and group["max_full_numel"] >= 1,
+            "an int >= 1",
+        ),
+    ]
+    checks.append(
+        (
+            "state_dtype",
+            group["state_dtype"],
+            group["state_dtype"] in STATE_DTYPES
+            and not (group["state_dtype"] == torch.bfloat16 and group["estimator"] not in FUSED_ESTIMATORS),
+            f"one of {STATE_DTYPES}; bfloat16 with estimator in {FUSED_ESTIMATORS}",
+        )
+    )
+    checks.append(("fused", group["fused"], group["fused"] in (None, True, False), "None, True or False"))
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    if group["preconditioner"] == "adam" and group["eps"] == 0:
+        # eps = 0 divides by zero where a gradient coordinate has always been zero.
+        raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_full_size(group: dict[str, Any]) -> None:
+    """The dense estimator stores n² values per tensor: refuse tensors above the limit."""
+    if group["estimator"] != "full":
+        return
+    limit = group["max_full_numel"]
+    for p in group["params"]:
+        n = p.numel()
+        if n > limit:
+            gib = n * n * 4 / 2**30
+            raise ValueError(
+                f"estimator='full' on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
+                f"{n}x{n} matrix A: {n * n} values, {gib:.2f} GiB in float32. The limit is "
+                f"max_full_numel={limit}; use estimator='diagonal' or 'rank_one' (O(n) memory), "
+                "put large tensors in another param group, or raise max_full_numel"
+            )
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+def state_dtype_for(p: Tensor) -> torch.dtype:
+    """Estimator state is float64 for float64 parameters and float32 otherwise."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _init_state(state: dict, p: Tensor, estimator: Estimator, group: dict[str, Any]) -> None:
+    w = p.detach().to(group.get("state_dtype") or state_dtype_for(p), copy=True)
+    # ``step`` stays a CPU tensor: reading it for the bias correction costs no device sync.
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["b"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    estimator.init(state, w.contiguous())
+    if group["preconditioner"] == "adam":
+        state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+
+
+_STAT_KEYS = ("steps", "residual_sq", "grad_sq", "estimate_sq", "skipped")
+
+
+def _empty_stats(device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
+
+
+# -- functional API ------------------------------------------------------------------------
+
+
+def trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float | Tensor,
+    estimator: str,
+    alpha: float,
+    beta: float,
+    preconditioner: str,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha_scaling: str = "normalized",
+    norm_floor: float = 1e-3,
+    intercept_init: str = "gradient",
+    beta_warmup: bool = True,
+    diagnostics: bool = False,
+    reduce_stats: Callable[[Tensor], Tensor] | None = None,
+    fused: bool | None = None,
+) -> dict[str, Tensor] | None:
+    """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
+
+    The step runs in two phases.  Phase 1 computes, per tensor, partial sums over the
+    elements at hand: a non-finite sentinel (the sum of the gradient) and the whole-tensor
+    sums the estimator needs (``Estimator.stat_names``).  They are stacked into one
+    ``(tensors, sums)`` matrix, passed through ``reduce_stats`` (the identity on one process;
+    one all-reduce for all tensors when parameters are sharded) and read back once to find
+    the tensors to skip.  Phase 2 is elementwise given those sums.
+
+    ``fused`` selects the fused kernels of :mod:`hf_to.kernels` (``True``: compiled, eager
+    fallback; ``False``: this readable path; ``None``: see :func:`hf_to.kernels.use_fused`).
+
+    Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
+    """
+    use_kernels, compile = use_fused(fused, estimator, params, states)
+    if use_kernels:
+        return fused_trainable_to(
+            params,
+            grads,
+            states,
+            lr=float(lr),
+            estimator=estimator,
+            alpha=alpha,
+            beta=beta,
+            adam=preconditioner == "adam",
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            normalize=alpha_scaling == "normalized",
+            floor=norm_floor,
+            intercept_from_gradient=intercept_init == "gradient",
+            beta_warmup=beta_warmup,
+            diagnostics=diagnostics,
+            reduce_stats=reduce_stats,
+            compile=compile,
+        )
+    return _single_tensor_trainable_to(
+        params,
+        grads,
+        states,
+        lr=float(lr),
+        estimator=get_estimator(estimator),
+        alpha=alpha,
+        beta=beta,
+        adam=preconditioner == "adam",
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        normalize=alpha_scaling == "normalized",
+        floor=norm_floor,
+        intercept_from_gradient=intercept_init == "gradient",
+        beta_warmup=beta_warmup,
+        diagnostics=diagnostics,
+        reduce_stats=reduce_stats,
+    )
+
+
+def _single_tensor_trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float,
+    estimator: Estimator,
+    alpha: float,
+    beta: float,
+    adam: bool,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    normalize: bool,
+    floor: float,
+    intercept_from_gradient: bool,
+    beta_warmup: bool,
+    diagnostics: bool,
+    reduce_stats: Callable[[Tensor], Tensor] | None,
+) -> dict[str, Tensor] | None:
+    device = grads[0].device
+    # Flat views in the state dtype; ``w`` aliases the parameter when no cast is needed.
+    # Sharded (DTensor) parameters, gradients and state work on their local shards.
+    views = []
+    numels = [p.numel() for p in params]  # the whole tensor's n, also for a DTensor
+    states = [{k: local_view(v) for k, v in state.items()} for state in states]
+    params = [local_view(p) for p in params]
+    for p, g, state in zip(params, grads, states):
+        b = state["b"]
+        in_place = p.dtype == b.dtype and p.is_contiguous()
+        w = p.view(-1) if in_place else p.detach().reshape(-1).to(b.dtype)
+        views.append((w, local_view(g).reshape(-1).to(b.dtype), b.view(-1), in_place))
+
+    # Phase 1: partial sums, one row per tensor: [Σg (non-finite sentinel), *stat_names].
+    rows = [
+        torch.stack([gf.sum(), *estimator.local_stats(state, w, gf, bf)]).to(device)
+        for (w, gf, bf, _), state in zip(views, states)
+    ]
+    sums = torch.stack(rows)
+    if reduce_stats is not None:
+        sums = reduce_stats(sums)
+    finite = torch.isfinite(sums[:, 0]).tolist()
+
+    stats = _empty_stats(device) if diagnostics else None
+    for p, n, state, (w, gf, bf, in_place), row, ok in zip(params, numels, states, views, sums, finite):
+        if not ok:
+            if stats is not None:
+                stats["skipped"] += 1
+            continue
+        first = state["step"].item() == 0
+        state["step"] += 1
+        named = {k: v.to(bf.device) for k, v in zip(estimator.stat_names, row[1:])}
+        g_hat, r = estimator.step(
+            state,
+            w,
+            gf,
+            bf,
+            named,
+            n=n,
+            alpha=alpha,
+            # β_t = max(β, 1/t): b is the running mean of the first 1/β residuals, then an EMA.
+            beta=max(beta, 1.0 / state["step"].item()) if beta_warmup else beta,
+            normalize=normalize,
+            floor=floor,
+            first=first,
+            intercept_from_gradient=intercept_from_gradient,
+        )
+        if stats is not None:
+            if r is not None:
+                stats["residual_sq"] += torch.dot(r, r).to(device)
+            stats["grad_sq"] += torch.dot(gf, gf).to(device)
+            stats["estimate_sq"] += torch.dot(g_hat, g_hat).to(device)
+
+        if adam:
+            v = state["exp_avg_sq"].view(-1)
+            v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
+            bias_correction2 = 1 - beta2 ** state["step"].item()
+            g_hat.div_((v / bias_correction2).sqrt_().add_(eps))
+
+        if weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        w.add_(g_hat, alpha=-lr)
+        if not in_place:
+            p.copy_(w.view_as(p))
+
+    if stats is not None and any(finite):
+        stats["steps"] += 1
+    return stats

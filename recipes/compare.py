@@ -1,0 +1,360 @@
+"""Compare AdamW (fused) with Trainable Optimizer variants on the same fine-tuning job.
+
+Every run uses the same model, data, seed, data order, number of steps and learning-rate
+schedule; only ``optim`` / ``optim_args`` change.  Writes into ``output_dir``:
+
+* ``results.json``: every run's record (log history with wall times) and the summary;
+* ``results.md``: the summary table (mean ± std over seeds when there are several);
+* ``loss_vs_step.png`` and ``loss_vs_wall_time.png``: train and eval loss curves.
+
+Usage (from the repository root; the default job is the embedded SmolLM2-135M with LoRA on
+the Python language reference, about 10-15 minutes on 2 CPU cores)::
+
+    python recipes/compare.py        # = --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
+
+    # shorter, other variants, three seeds
+    python recipes/compare.py --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml \\
+        --max_steps 20 --seeds 0 1 2 \\
+        --variants adamw=adamw_torch_fused to_rank_one=trainable_to:estimator=rank_one,alpha=0.05
+
+A variant is ``label=optim[:optim_args]`` (the label is optional).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from recipe_lib import (
+    CONFIG_DIR,
+    ModelArguments,
+    RecipeError,
+    ScriptArguments,
+    load_tokenizer,
+    parse_recipe_args,
+    prepare_datasets,
+    run_training,
+)
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+import hf_to
+
+__all__ = ["DEFAULT_CONFIG", "CompareArguments", "Variant", "main", "parse_args", "parse_variant", "summarize"]
+
+#: Read when no --config is given: the embedded SmolLM2-135M + LoRA job, sized for 2 CPU cores.
+DEFAULT_CONFIG = CONFIG_DIR / "compare_smollm2_135m_lora_cpu.yaml"
+
+DEFAULT_VARIANTS = [
+    "adamw=adamw_torch_fused",
+    "to_diagonal=trainable_to:estimator=diagonal",
+    "to_rank_one=trainable_to:estimator=rank_one",
+]
+
+
+@dataclass
+class CompareArguments:
+    """The comparison's own settings (the ``compare:`` section of a YAML config)."""
+
+    variants: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VARIANTS),
+        metadata={"help": "Runs as label=optim[:optim_args], e.g. to_rank_one=trainable_to:estimator=rank_one."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [42], metadata={"help": "One run per variant and seed."})
+    baseline: str = field(
+        default="adamw", metadata={"help": "Label whose final eval loss the 'steps to reach' column targets."}
+    )
+    final_train_window: int = field(
+        default=10, metadata={"help": "Final train loss = mean of the last this-many logged train losses."}
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    optim: str
+    optim_args: str | None
+
+
+def parse_variant(spec: str) -> Variant:
+    """``label=optim[:optim_args]`` -> :class:`Variant`; the optimizer name must be known."""
+    label, sep, rest = spec.partition("=")
+    if not sep or ":" in label or "," in label:
+        label, rest = "", spec
+    optim, _, optim_args = rest.partition(":")
+    optim = optim.strip()
+    try:
+        OptimizerNames(optim)
+    except ValueError as exc:
+        raise RecipeError(f"variant {spec!r}: unknown optimizer {optim!r}") from exc
+    if not label:
+        label = optim if not optim_args else f"{optim}[{optim_args}]"
+    return Variant(label=label.strip(), optim=optim, optim_args=optim_args.strip() or None)
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[CompareArguments, ScriptArguments, TrainingArguments, ModelArguments]:
+    compare_args, script_args, training_args, model_args = parse_recipe_args(
+        (CompareArguments, ScriptArguments, TrainingArguments, ModelArguments),
+        argv,
+        extra_sections={"compare": CompareArguments},
+        default_config=DEFAULT_CONFIG,
+    )
+    return compare_args, script_args, training_args, model_args
+
+
+def _run_args(training_args: TrainingArguments, variant: Variant, seed: int, output_dir: str) -> TrainingArguments:
+    args = copy.deepcopy(training_args)
+    args.optim = OptimizerNames(variant.optim)
+    args.optim_args = variant.optim_args
+    args.seed = seed
+    args.data_seed = seed
+    args.output_dir = output_dir
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def _curve(record: dict[str, Any], key: str) -> list[tuple[int, float, float]]:
+    """``(step, wall_time, value)`` for every log entry holding ``key``."""
+    return [(h["step"], h.get("wall_time", math.nan), float(h[key])) for h in record["log_history"] if key in h]
+
+
+def _steps_to_reach(record: dict[str, Any], target: float | None) -> int | None:
+    if target is None:
+        return None
+    for step, _, value in _curve(record, "eval_loss"):
+        if value <= target:
+            return step
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs: list[dict[str, Any]], baseline: str, window: int) -> list[dict[str, Any]]:
+    """One row per variant: each metric's mean (and std over seeds), in run order."""
+    baseline_eval = {r["seed"]: r["final_eval_loss"] for r in runs if r["label"] == baseline}
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    rows = []
+    for label in labels:
+        mine = [r for r in runs if r["label"] == label]
+        per_run = {
+            "final_train_loss": [
+                statistics.fmean([v for _, _, v in _curve(r, "loss")[-window:]]) if _curve(r, "loss") else None
+                for r in mine
+            ],
+            "final_eval_loss": [r["final_eval_loss"] for r in mine],
+            "eval_perplexity": [r["final_eval_perplexity"] for r in mine],
+            "wall_time_s": [r["train_runtime"] for r in mine],
+            "steps_per_s": [r["global_step"] / r["train_runtime"] if r["train_runtime"] else None for r in mine],
+            "peak_memory_mib": [r["peak_memory_bytes"] / 2**20 for r in mine],
+            "optimizer_state_mib": [r["optimizer_state_bytes"] / 2**20 for r in mine],
+        }
+        reached = [_steps_to_reach(r, baseline_eval.get(r["seed"])) for r in mine]
+        row: dict[str, Any] = {"label": label, "optim": mine[0]["optim"], "optim_args": mine[0]["optim_args"]}
+        row["seeds"] = [r["seed"] for r in mine]
+        for key, values in per_run.items():
+            row[key], row[f"{key}_std"] = _mean_std(values)
+        row["steps_to_baseline"], row["steps_to_baseline_std"] = _mean_std([s for s in reached if s is not None])
+        row["reached_baseline"] = sum(s is not None for s in reached)
+        row["peak_memory_kind"] = mine[0]["peak_memory_kind"]
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], baseline: str, n_seeds: int) -> str:
+    memory = "peak GPU memory (MiB)" if rows and rows[0]["peak_memory_kind"] == "cuda_allocated" else "peak RSS (MiB)"
+    header = [
+        "optimizer",
+        "final train loss",
+        "final eval loss",
+        "eval perplexity",
+        f"steps to {baseline}'s final eval loss",
+        "wall time (s)",
+        "steps/s",
+        memory,
+        "optimizer state (MiB)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        reach = (
+            "not reached"
+            if row["reached_baseline"] == 0
+            else _fmt(row["steps_to_baseline"], row["steps_to_baseline_std"], 0)
+            + (f" ({row['reached_baseline']}/{n_seeds} seeds)" if row["reached_baseline"] < n_seeds else "")
+        )
+        name = row["label"] + (
+            f" (`{row['optim']}` `{row['optim_args']}`)" if row["optim_args"] else f" (`{row['optim']}`)"
+        )
+        cells = [
+            name,
+            _fmt(row["final_train_loss"], row["final_train_loss_std"], 4),
+            _fmt(row["final_eval_loss"], row["final_eval_loss_std"], 4),
+            _fmt(row["eval_perplexity"], row["eval_perplexity_std"], 3),
+            reach,
+            _fmt(row["wall_time_s"], row["wall_time_s_std"], 1),
+            _fmt(row["steps_per_s"], row["steps_per_s_std"], 3),
+            _fmt(row["peak_memory_mib"], row["peak_memory_mib_std"], 0),
+            _fmt(row["optimizer_state_mib"], row["optimizer_state_mib_std"], 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_curve(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean over seeds of ``key`` at the steps every run logged: steps, wall times, mean, std."""
+    curves = [{s: (t, v) for s, t, v in _curve(r, key)} for r in records]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    times = [statistics.fmean(c[s][0] for c in curves) for s in steps]
+    means = [statistics.fmean(c[s][1] for c in curves) for s in steps]
+    stds = [statistics.stdev([c[s][1] for c in curves]) if len(curves) > 1 else 0.0 for s in steps]
+    return steps, times, means, stds
+
+
+def write_plots(runs: list[dict[str, Any]], output_dir: str) -> list[str]:
+    """``loss_vs_step.png`` and ``loss_vs_wall_time.png`` (train and eval panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    paths = []
+    for x_name, x_label in (("step", "optimizer step"), ("wall_time", "wall time (s)")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, title in ((axes[0], "loss", "train loss"), (axes[1], "eval_loss", "eval loss")):
+            for label in labels:
+                steps, times, means, stds = _mean_curve([r for r in runs if r["label"] == label], key)
+                if not steps:
+                    continue
+                xs = steps if x_name == "step" else times
+                marker = "o" if key == "eval_loss" else None
+                (line,) = ax.plot(xs, means, label=label, marker=marker, linewidth=1.2)
+                if any(stds):
+                    lower = [m - s for m, s in zip(means, stds, strict=True)]
+                    upper = [m + s for m, s in zip(means, stds, strict=True)]
+                    ax.fill_between(xs, lower, upper, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(title)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = os.path.join(output_dir, f"loss_vs_{x_name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_to": hf_to.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def main(
+    compare_args: CompareArguments,
+    script_args: ScriptArguments,
+    training_args: TrainingArguments,
+    model_args: ModelArguments,
+) -> dict[str, Any]:
+    """Run every variant for every seed, then write results.json, results.md and the plots."""
+    from tqdm.auto import tqdm
+
+    variants = [parse_variant(v) for v in compare_args.variants]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise RecipeError(f"variant labels must be unique, got {labels}")
+    if compare_args.baseline not in labels:
+        raise RecipeError(f"baseline {compare_args.baseline!r} is not one of the variants {labels}")
+    root = training_args.output_dir
+    os.makedirs(root, exist_ok=True)
+    script_args = copy.copy(script_args)
+    script_args.save_final_model = False
+    tokenizer = load_tokenizer(model_args)
+    datasets = prepare_datasets(script_args, tokenizer, seed=compare_args.seeds[0])
+    runs: list[dict[str, Any]] = []
+    jobs = [(seed, v) for seed in compare_args.seeds for v in variants]
+    with tqdm(jobs, desc="compare", unit="run", position=0) as bar:
+        for seed, variant in bar:
+            bar.set_postfix_str(f"{variant.label} seed={seed}")
+            run_dir = os.path.join(root, "runs", f"{variant.label}-seed{seed}")
+            args = _run_args(training_args, variant, seed, run_dir)
+            record = run_training(script_args, args, model_args, datasets=datasets)
+            record["label"] = variant.label
+            runs.append(record)
+    rows = summarize(runs, compare_args.baseline, compare_args.final_train_window)
+    table = markdown_table(rows, compare_args.baseline, len(compare_args.seeds))
+    plots = write_plots(runs, root)
+    results = {
+        "environment": _environment(),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "compare_args": asdict(compare_args),
+        "script_args": asdict(script_args),
+        "model_args": asdict(model_args),
+        "training_args": json.loads(training_args.to_json_string()),
+        "summary": rows,
+        "runs": runs,
+        "plots": [os.path.basename(p) for p in plots],
+    }
+    with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, default=str)
+    with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(table)
+    print("\n" + table)
+    print(f"wrote {os.path.join(root, 'results.json')}, results.md and {', '.join(os.path.basename(p) for p in plots)}")
+    return results
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    try:
+        main(*parse_args(argv))
+    except RecipeError as exc:
+        print(f"compare.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,44 @@
+"""The step benchmark script (hf_to.bench) runs and reports what it promises."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hf_to import bench
+
+
+def test_smollm2_shapes_match_the_135m_architecture():
+    shapes = bench.smollm2_shapes()
+    assert len(shapes) == 1 + 30 * 9 + 1  # embedding (tied), 9 tensors per layer, final norm
+    assert sum(math.prod(s) for s in shapes) == 134_515_008
+    assert shapes[0] == (49152, 576)
+
+
+def test_lora_shapes_cover_seven_projections_per_layer():
+    shapes = bench.lora_shapes(r=16)
+    assert len(shapes) == 30 * 7 * 2
+    assert all(16 in s for s in shapes)
+
+
+def test_step_benchmark_prints_a_table_with_ratios_and_memory(monkeypatch, capsys):
+    monkeypatch.setenv("HF_TO_COMPILE", "0")
+    variants = "adamw_fused,to_paper_diagonal,trainable_to[bf16 state]"
+    args = ["step", "--sets", "tiny", "--dtypes", "fp32", "--rounds", "2", "--repeats", "1", "--variants", variants]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == variants.split(",")
+    cells = rows[1].split("|")
+    assert float(cells[2]) == pytest.approx(8.0, abs=0.1)  # paper diagonal: b and a in fp32
+    assert float(cells[7]) == pytest.approx(1.0)  # same bytes moved as AdamW: limit = 1 x AdamW
+    assert "compile time" in out
+
+
+def test_state_benchmark_runs_each_column(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_noisy_quadratic", lambda dtype, seed: 1.0 if dtype is None else 2.0)
+    monkeypatch.setattr(bench, "_logistic", lambda dtype, seed: 3.0)
+    assert bench.main(["state", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| noisy quadratic (d=512, 1000 steps) | 1 (1-1) | 2 (2-2) | 2 (2-2) |" in out
