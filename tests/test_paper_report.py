@@ -92,6 +92,6 @@ def test_llm_claim_reads_the_summary_rows_of_recipes_compare(data_dir, tmp_path)
     llm = tmp_path / "results.json"
     llm.write_text(json.dumps({"compare_args": {"baseline": "adamw"}, "summary": summary, "runs": []}))
     text = report.build_report(data_dir, tmp_path / "c", llm, plots=False).read_text()
-    assert "final_eval_loss: to_diagonal 2.5000 vs adamw 2.0000" in text
+    assert "final_eval_loss: to_diagonal 2.5000 vs adamw 2.0000 (1 seed each)" in text
     assert "to_diagonal 0.50×" in text
     assert "TO fine-tunes an LLM faster than AdamW |" in text and "| **does not hold** |" in text

@@ -114,6 +114,17 @@ def _sensitivity(entry: dict[str, Any]) -> tuple[dict[float, float], dict[float,
     return dict(sorted(by_a.items())), dict(sorted(by_b.items()))
 
 
+def _display_path(path: Path | None) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    if path is None:
+        return ""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _merge(parts: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     """One result from the per-problem / per-model files of a script."""
     if not parts:
@@ -303,9 +314,9 @@ def _llm_claim(rows: dict[str, dict[str, float]]) -> tuple[str, str]:
                     for t in to
                     if rows[t].get("steps_per_s") and rows[adam[0]].get("steps_per_s")
                 ]
-                meas = f"{cand}: {', '.join(parts)} vs {adam[0]} {b:.4f}"
+                meas = f"{cand}: {', '.join(parts)} vs {adam[0]} {b:.4f} ({int(n)} seed{'s' if n > 1 else ''} each)"
                 if speed:
-                    meas += f"; training steps/s relative to {adam[0]}: {', '.join(speed)}"
+                    meas += f"; training steps/s relative to {adam[0]} (wall clock of whole runs): {', '.join(speed)}"
                 return meas, _verdict(scores)
     return "no common loss key in results.json; see the table", "not evaluated"
 
@@ -318,6 +329,7 @@ def claims(
     nc: dict[str, Any] | None,
     over: dict[str, Any] | None,
     llm: dict[str, dict[str, float]] | None,
+    llm_name: str = "",
 ) -> list[tuple[str, str, str]]:
     """(claim, measurement, verdict) rows, each computed from the results."""
     rows: list[tuple[str, str, str]] = []
@@ -457,7 +469,7 @@ def claims(
         )
     if llm:
         meas, verdict = _llm_claim(llm)
-        rows.append(("TO fine-tunes an LLM faster than AdamW", "recipes/compare.py results.json: " + meas, verdict))
+        rows.append(("TO fine-tunes an LLM faster than AdamW", f"{llm_name or 'results.json'}: " + meas, verdict))
     else:
         rows.append(("TO fine-tunes an LLM faster than AdamW", "recipes/compare.py results not given", "not run"))
     if over:
@@ -525,7 +537,7 @@ def build_report(
         "*TO-x (paper)* is the paper-literal update (`preconditioner='none', alpha_scaling='none', intercept_init='zero'`).",
         "",
     ]
-    rows = claims(conv, nc, over, llm)
+    rows = claims(conv, nc, over, llm, _display_path(llm_path) if llm else "")
     md += ["## Claims", "", "| claim | measurement | verdict |", "|---|---|---|"]
     md += [f"| {c} | {m} | **{v}** |" for c, m, v in rows]
     md.append("")
@@ -626,6 +638,7 @@ def build_report(
     md += ["## LLM fine-tuning (recipes/compare.py)", ""]
     if llm:
         keys = sorted({k for r in llm.values() for k in r if not k.startswith("_")})
+        md += [f"From `{_display_path(llm_path)}` (one row per variant, as written by `recipes/compare.py`).", ""]
         md += ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, r in llm.items():
             md.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" if k in r else "—" for k in keys) + " |")
