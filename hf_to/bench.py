@@ -332,7 +332,7 @@ def step_command(args: argparse.Namespace) -> int:
 def _nearest_rounding() -> Iterator[None]:
     """Ablation: store bfloat16 state with round-to-nearest instead of stochastic rounding."""
     original = kernels._round_bf16
-    kernels._round_bf16 = lambda x: x.to(torch.bfloat16)
+    kernels._round_bf16 = lambda x, seed: x.to(torch.bfloat16)
     try:
         yield
     finally:

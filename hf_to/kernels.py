@@ -24,8 +24,9 @@ tensor, so that phase 2 re-reads ``w`` and ``g`` from the cache rather than from
 elsewhere all rows are reduced and read back together, as in the readable path.
 
 *Low-memory state.*  With ``bfloat16`` state tensors the kernels compute in float32 and
-store with **stochastic rounding**: a uniform random integer in ``[0, 2**16)`` is added to
-the float32 bit pattern and the low 16 bits are dropped, so each stored value rounds up or
+store with **stochastic rounding**: a uniform pseudo-random integer in ``[0, 2**16)`` (a
+hash of the element's index, the step and the state tensor, so no RNG state is consumed and
+runs are reproducible) is added to the float32 bit pattern and the low 16 bits are dropped, so each stored value rounds up or
 down with probability proportional to its distance, and updates smaller than one bfloat16
 ulp survive on average instead of vanishing (the expected stored value equals the float32
 value).  Parameters themselves are stored with round-to-nearest, as in the readable path.
@@ -81,17 +82,44 @@ _ENV_COMPILE = "HF_TO_COMPILE"
 # -- stochastic rounding -------------------------------------------------------------------
 
 
-def _round_bf16(x: Tensor) -> Tensor:
-    """float32 ``x`` rounded stochastically to bfloat16 (unbiased: E[result] = x)."""
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (int64 arithmetic, no overflow); vectorises where RNG calls do not."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def _seed(step: Tensor, salt: int) -> Tensor:
+    """Rounding seed of one state tensor at one step (``salt`` tells the state tensors apart)."""
+    return (step.to(torch.int64) * 0x9E3779B1 + salt * 0x7F4A7C15) & _M32
+
+
+def _round_bf16(x: Tensor, seed: Tensor) -> Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16 (unbiased: E[result] = x).
+
+    The 16 random bits of each element come from a hash of its index and ``seed`` (the
+    step and the state tensor): cheap, vectorised, and reproducible without an RNG state.
+    """
     bits = x.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    noise = (_hash32((idx + seed) & _M32) & 0xFFFF).to(torch.int32)
     # Adding to the bit pattern moves away from zero for either sign; the mask truncates.
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def stochastic_round_(dst: Tensor, x: Tensor) -> Tensor:
-    """Copy float32 ``x`` into bfloat16 ``dst`` with stochastic rounding; return ``dst``."""
-    _store(dst, x)
+def stochastic_round_(dst: Tensor, x: Tensor, seed: int | None = None) -> Tensor:
+    """Copy float32 ``x`` into bfloat16 ``dst`` with stochastic rounding; return ``dst``.
+
+    ``seed`` (default: drawn from torch's generator) selects the rounding pattern.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**31, ()))
+    _store(dst, x, None, torch.tensor(seed, dtype=torch.int64, device=x.device))
     return dst
 
 
@@ -152,11 +180,11 @@ def _keep_if(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     return new if ok is None else torch.where(ok, new, old.to(new.dtype))
 
 
-def _store(dst: Tensor, x: Tensor, ok: Tensor | None = None) -> None:
+def _store(dst: Tensor, x: Tensor, ok: Tensor | None, seed: Tensor) -> None:
     """Write ``x`` (float32/float64) into the tensor ``dst`` of any float dtype."""
     x = _keep_if(ok, x, dst)
     if dst.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
-        dst.copy_(_round_bf16(x.float()))
+        dst.copy_(_round_bf16(x.float(), seed))
     else:
         dst.copy_(x)
 
@@ -180,7 +208,7 @@ def _finish(
         v2 = exp_avg_sq.to(w.dtype) * beta2 + (1 - beta2) * gf * gf
         bias_correction2 = (1 - hp[BETA2] ** (step.to(torch.float64) + 1)).to(w.dtype)
         d = g_hat / ((v2 / bias_correction2).sqrt() + hp[EPS].to(w.dtype))
-        _store(exp_avg_sq, v2, ok)
+        _store(exp_avg_sq, v2, ok, _seed(step, 5))
     # Parameters are stored with round-to-nearest, as in the readable path.
     p.copy_(_keep_if(ok, w * hp[DECAY].to(w.dtype) - hp[LR].to(w.dtype) * d, w))
     if not diagnostics:
@@ -209,7 +237,7 @@ def _update_diagonal(
     r = None
     if seed_intercept:  # b_0 = g_0: r_0 = 0, the slope stays at A_0 = 0
         g_hat = gf
-        _store(b, gf, ok)
+        _store(b, gf, ok, _seed(step, 1))
     else:
         af, bf = a.to(cd), b.to(cd)
         alpha = hp[ALPHA].to(cd)
@@ -220,8 +248,8 @@ def _update_diagonal(
             af = af - alpha * (r * w)
         bf = bf - _beta(hp, step, cd) * r
         g_hat = af * w + bf
-        _store(a, af, ok)
-        _store(b, bf, ok)
+        _store(a, af, ok, _seed(step, 2))
+        _store(b, bf, ok, _seed(step, 1))
     return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
 
@@ -248,7 +276,7 @@ def _update_none(
         bf = b.to(cd)
         r = bf - gf
         g_hat = bf - _beta(hp, step, cd) * r
-    _store(b, g_hat, ok)
+    _store(b, g_hat, ok, _seed(step, 1))
     return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
 
@@ -282,8 +310,8 @@ def _update_rank_one(
     r = None
     if seed_intercept:
         g_hat = gf
-        _store(b, gf, ok)
-        _store(v, vf, ok)
+        _store(b, gf, ok, _seed(step, 1))
+        _store(v, vf, ok, _seed(step, 4))
     else:
         uf, bf = u.to(cd), b.to(cd)
         alpha = hp[ALPHA].to(cd)
@@ -295,9 +323,9 @@ def _update_rank_one(
         vw_new = vw - rate * ur * ww
         bf = bf - _beta(hp, step, cd) * r
         g_hat = bf + uf * vw_new
-        _store(u, uf, ok)
-        _store(v, vf, ok)
-        _store(b, bf, ok)
+        _store(u, uf, ok, _seed(step, 3))
+        _store(v, vf, ok, _seed(step, 4))
+        _store(b, bf, ok, _seed(step, 1))
     return _finish(p, w, gf, g_hat, exp_avg_sq, r, hp, step, diagnostics, ok)
 
 
