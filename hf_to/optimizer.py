@@ -505,33 +505,8 @@ def trainable_to(
     Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
     use_kernels, compile = use_fused(fused, estimator, params, states)
-    if use_kernels:
-        return fused_trainable_to(
-            params,
-            grads,
-            states,
-            lr=float(lr),
-            estimator=estimator,
-            alpha=alpha,
-            beta=beta,
-            adam=preconditioner == "adam",
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            normalize=alpha_scaling == "normalized",
-            floor=norm_floor,
-            intercept_from_gradient=intercept_init == "gradient",
-            beta_warmup=beta_warmup,
-            diagnostics=diagnostics,
-            reduce_stats=reduce_stats,
-            compile=compile,
-        )
-    return _single_tensor_trainable_to(
-        params,
-        grads,
-        states,
+    common = dict(
         lr=float(lr),
-        estimator=get_estimator(estimator),
         alpha=alpha,
         beta=beta,
         adam=preconditioner == "adam",
@@ -545,6 +520,9 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
+    if use_kernels:
+        return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)
+    return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
 
 
 def _single_tensor_trainable_to(
