@@ -49,7 +49,9 @@ class TrainableOptimizer(Optimizer):
         &\textbf{for}\ t = 0, 1, \dots \\
         &\quad r_t = A_t w_t + b_t - g_t                         && \text{residual} \\
         &\quad A_{t+1} = A_t - \alpha\, \partial_A \tfrac12\lVert r_t\rVert^2,\quad
-               b_{t+1} = b_t - \beta\, r_t                       && \text{estimator step} \\
+               b_{t+1} = b_t - \beta_t\, r_t                     && \text{estimator step} \\
+        &\quad \beta_t = \max(\beta, 1/(t+1)) \ \text{(warm-up, default) or } \beta
+               \ \text{(paper)}                                 && \text{intercept rate} \\
         &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
         &\quad d_t = \hat G_t \ \text{(paper)}\quad\text{or}\quad
                d_t = \hat G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
@@ -60,13 +62,16 @@ class TrainableOptimizer(Optimizer):
     The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.estimators`):
     ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
     ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
-    with ``preconditioner="none"`` it is ``SGD(momentum=1-β, dampening=1-β)``).
+    with ``preconditioner="none", beta_warmup=False`` it is
+    ``SGD(momentum=1-β, dampening=1-β)``).  With the normalised slope rate (default) the
+    :math:`\alpha` above is divided per structure by the squared norm of the estimator's input
+    Jacobian plus a floor (see :mod:`hf_to.estimators`).
 
     The default ``preconditioner="adam"`` makes the step size independent of the gradient
     scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
     paper-literal update is ``preconditioner="none", alpha_scaling="none",
-    intercept_init="zero", beta_warmup=False`` (registered as ``"to_paper_<estimator>"``).  The measurements
-    behind each default are in ``docs/design-decisions.md``.
+    intercept_init="zero", beta_warmup=False`` (registered as ``"to_paper_<estimator>"``).
+    The measurements behind each default are in ``docs/design-decisions.md``.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
