@@ -38,8 +38,10 @@ __all__ = [
     "METHODS",
     "PAPER_ALPHA_GRID",
     "Method",
+    "add_reuse_arguments",
     "estimate_from_state",
     "load_json",
+    "load_reused",
     "provenance",
     "save_json",
     "steps_to_target",
@@ -220,3 +222,24 @@ def save_json(path: Path, data: Any) -> None:
 
 def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def add_reuse_arguments(ap: Any, prefix: str) -> None:
+    """``--reuse DIR`` (earlier ``<prefix>_<name>.json`` files) and ``--retune METHOD ...``."""
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help=f"directory of earlier {prefix}_<name>.json: reuse their tuning (same steps), rerun the seeds",
+    )
+    ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
+
+
+def load_reused(directory: Path | None, names: Iterable[str], prefix: str, key: str) -> dict[str, Any]:
+    """The ``key``/``name`` sections of the earlier ``<prefix>_<name>.json`` in ``directory``."""
+    reused: dict[str, Any] = {}
+    for name in names if directory else []:
+        path = directory / f"{prefix}_{name}.json"
+        if path.exists():
+            reused[name] = load_json(path)[key][name]
+    return reused

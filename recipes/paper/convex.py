@@ -35,7 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import METHODS, estimate_from_state, load_json, provenance, save_json, steps_to_target, tune
+from common import (
+    METHODS,
+    add_reuse_arguments,
+    estimate_from_state,
+    load_reused,
+    provenance,
+    save_json,
+    steps_to_target,
+    tune,
+)
 
 __all__ = ["CONVEX_METHODS", "Problem", "fit_rate", "load_problem", "main", "run"]
 
@@ -254,20 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="+", default=list(CONVEX_METHODS))
     ap.add_argument("--schedules", nargs="+", default=["constant", "diminishing"])
     ap.add_argument("--smoke", action="store_true", help="60 steps, one seed, learning rates 0.01 and 0.1 only")
-    ap.add_argument(
-        "--reuse",
-        type=Path,
-        default=None,
-        help="directory of earlier convex_<problem>.json: reuse their tuning (same steps), rerun the seeds",
-    )
-    ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
+    add_reuse_arguments(ap, "convex")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    reused: dict[str, Any] = {}
-    for pname in args.problems if args.reuse else []:
-        path = args.reuse / f"convex_{pname}.json"
-        if path.exists():
-            reused[pname] = load_json(path)["problems"][pname]
+    reused = load_reused(args.reuse, args.problems, "convex", "problems")
     steps = 60 if args.smoke else args.steps
     seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
     lr_grid = (1e-2, 1e-1) if args.smoke else None

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import METHODS, load_json, provenance, save_json, steps_to_target, tune
+from common import METHODS, add_reuse_arguments, load_reused, provenance, save_json, steps_to_target, tune
 from torch import nn
 
 __all__ = ["NONCONVEX_METHODS", "build_model", "load_digits_split", "main", "run"]
@@ -144,20 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     ap.add_argument("--methods", nargs="+", default=list(NONCONVEX_METHODS))
     ap.add_argument("--smoke", action="store_true", help="20 steps, one seed, learning rates 0.01 and 0.1 only")
-    ap.add_argument(
-        "--reuse",
-        type=Path,
-        default=None,
-        help="directory of earlier nonconvex_<model>.json: reuse their tuning (same steps), rerun the seeds",
-    )
-    ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
+    add_reuse_arguments(ap, "nonconvex")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    reused: dict[str, Any] = {}
-    for mname in args.models if args.reuse else []:
-        path = args.reuse / f"nonconvex_{mname}.json"
-        if path.exists():
-            reused[mname] = load_json(path)["models"][mname]
+    reused = load_reused(args.reuse, args.models, "nonconvex", "models")
     steps = 20 if args.smoke else args.steps
     seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
     lr_grid = (1e-2, 1e-1) if args.smoke else None
