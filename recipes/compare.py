@@ -42,6 +42,7 @@ from recipe_lib import (
     load_tokenizer,
     parse_recipe_args,
     prepare_datasets,
+    run_cli,
     run_training,
 )
 from transformers import TrainingArguments
@@ -348,12 +349,7 @@ def main(
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    try:
-        main(*parse_args(argv))
-    except RecipeError as exc:
-        print(f"compare.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("compare.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

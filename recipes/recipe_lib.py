@@ -49,6 +49,7 @@ __all__ = [
     "parse_recipe_args",
     "prepare_datasets",
     "read_config",
+    "run_cli",
     "run_training",
 ]
 
@@ -65,6 +66,16 @@ _LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".par
 
 class RecipeError(ValueError):
     """A problem with the user's input, reported before any training starts."""
+
+
+def run_cli(name: str, main: Any, parse_args: Any, argv: Any = None) -> int:
+    """Run ``main(*parse_args(argv))``; a :class:`RecipeError` is one line on stderr and exit 2."""
+    try:
+        main(*parse_args(argv))
+    except RecipeError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # --------------------------------------------------------------------------------------------

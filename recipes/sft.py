@@ -29,7 +29,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from recipe_lib import CONFIG_DIR, ModelArguments, RecipeError, ScriptArguments, parse_recipe_args, run_training
+from recipe_lib import (
+    CONFIG_DIR,
+    ModelArguments,
+    ScriptArguments,
+    parse_recipe_args,
+    run_cli,
+    run_training,
+)
 from transformers import TrainingArguments
 
 import hf_to  # noqa: F401  (registers --optim trainable_to with transformers)
@@ -58,12 +65,7 @@ def main(script_args: ScriptArguments, training_args: TrainingArguments, model_a
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    try:
-        main(*parse_args(argv))
-    except RecipeError as exc:
-        print(f"sft.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("sft.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ __all__ = [
     "load_json",
     "load_reused",
     "provenance",
+    "run_plan",
     "save_json",
     "steps_to_target",
     "to_defaults",
@@ -233,6 +234,13 @@ def add_reuse_arguments(ap: Any, prefix: str) -> None:
         help=f"directory of earlier {prefix}_<name>.json: reuse their tuning (same steps), rerun the seeds",
     )
     ap.add_argument("--retune", nargs="*", default=[], help="with --reuse: methods to tune afresh")
+
+
+def run_plan(args: Any, smoke_steps: int) -> tuple[int, list[int], tuple[float, ...] | None]:
+    """``(steps, evaluation seeds, learning-rate grid or None for LR_GRID)`` of a run or a smoke run."""
+    if args.smoke:
+        return smoke_steps, [1], (1e-2, 1e-1)
+    return args.steps, list(range(1, args.seeds + 1)), None
 
 
 def load_reused(directory: Path | None, names: Iterable[str], prefix: str, key: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from common import (
     estimate_from_state,
     load_reused,
     provenance,
+    run_plan,
     save_json,
     steps_to_target,
     tune,
@@ -267,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     reused = load_reused(args.reuse, args.problems, "convex", "problems")
-    steps = 60 if args.smoke else args.steps
-    seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
-    lr_grid = (1e-2, 1e-1) if args.smoke else None
+    steps, seeds, lr_grid = run_plan(args, smoke_steps=60)
     result: dict[str, Any] = {
         "steps": steps,
         "seeds": seeds,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import METHODS, add_reuse_arguments, load_reused, provenance, save_json, steps_to_target, tune
+from common import METHODS, add_reuse_arguments, load_reused, provenance, run_plan, save_json, steps_to_target, tune
 from torch import nn
 
 __all__ = ["NONCONVEX_METHODS", "build_model", "load_digits_split", "main", "run"]
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     reused = load_reused(args.reuse, args.models, "nonconvex", "models")
-    steps = 20 if args.smoke else args.steps
-    seeds = [1] if args.smoke else list(range(1, args.seeds + 1))
-    lr_grid = (1e-2, 1e-1) if args.smoke else None
+    steps, seeds, lr_grid = run_plan(args, smoke_steps=20)
     data = load_digits_split()
     result: dict[str, Any] = {
         "steps": steps,
