@@ -1,0 +1,408 @@
+/* One-pass CPU kernels of the Trainable Optimizer (hf_to.native builds and loads this file).
+ *
+ * A step over a param group is ONE call: OpenMP threads share fixed-size blocks of all the
+ * group's tensors, and every block streams each array through memory once (read w, g and the
+ * k state tensors, write w and the k states: the 2k + 3 streams of an in-place elementwise
+ * step).  The math is that of hf_to.optimizer._single_tensor_trainable_to (the readable path),
+ * which the tests pin to the paper-literal reference hf_to.reference:
+ *
+ *   r  = A w + b - g                       (residual of the estimator G(w) = A w + b)
+ *   A <- A - alpha_t * dA(r, w)            (diagonal: a -= alpha r w / (w^2 + mean(w^2) + floor))
+ *   b <- b - beta_t r                      (beta_t = max(beta, 1/t) with the warm-up)
+ *   G  = A w + b                           (the estimate, after the estimator step)
+ *   v2 <- beta2 v2 + (1 - beta2) g^2       (Adam preconditioner, optional)
+ *   w <- (1 - lr wd) w - lr G / (sqrt(v2 / (1 - beta2^t)) + eps)
+ *
+ * Whole-tensor sums that the step needs *before* it writes (w'w for the normalised rate;
+ * v'w, u'u, u'b for rank-one) are sums of values the previous step wrote, so the previous
+ * pass computes them from the values it stores and the caller carries them to the next step
+ * (hf_to.native checks they are still current and calls to_sums otherwise).  Every sum is
+ * formed per block of BLOCK elements by block_sum() and the block sums are added in block
+ * order in double: the result does not depend on the thread count, and to_sums() reproduces
+ * the carried value bit for bit (so a resumed run continues exactly).  Only rank-one needs
+ * a sum of the new gradient (u'g), which costs it a pre-pass over u and g.
+ *
+ * Non-finite gradients: the diagonal and none estimators leave an entry whose gradient is
+ * inf/nan untouched (weight and state keep their bits) in the same pass; rank-one skips the
+ * tensor (its pre-pass counts the non-finite entries).
+ *
+ * Storage types: parameters/gradients float32, bfloat16 (round-to-nearest-even) or float16;
+ * state float32 or bfloat16 with stochastic rounding (the hash of hf_to.kernels._round_bf16,
+ * so both paths draw the same rounding noise).  All arithmetic is float32.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 2048
+#define CHUNK (1 << 20)
+#define TINY 1e-30
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { EST_DIAGONAL = 0, EST_RANK_ONE = 1, EST_NONE = 2 };
+/* Per-block partial sums: carried sums first, then the counts and diagnostics. */
+enum { S_WW = 0, S_VW, S_UU, S_UB, S_BAD, S_RR, S_GG, S_HH, NSUMS };
+
+typedef struct {
+    void *w;             /* parameter, flat and contiguous (pdtype) */
+    const void *g;       /* gradient (pdtype) */
+    void *b;             /* intercept (sdtype) */
+    void *s1;            /* a (diagonal) or u (rank-one) */
+    void *s2;            /* v (rank-one) */
+    void *v2;            /* exp_avg_sq (Adam) */
+    int64_t n;           /* elements */
+    double step;         /* steps taken before this one */
+    double ww, vw, uu, ub; /* in: sums of the current values; out: of the new values */
+    double ug;           /* out (rank-one pre-pass) */
+    double nbad;         /* out: non-finite gradient entries */
+    double rr, gg, hh;   /* out: diagnostics over the finite entries */
+} to_tensor;
+
+typedef struct {
+    double lr, decay, alpha, beta, beta2, eps, floor;
+    int32_t warmup, adam, normalize, diagnostics;
+    int32_t pdtype, sdtype, estimator, nthreads;
+} to_config;
+
+/* -- storage conversions ------------------------------------------------------------- */
+
+typedef union { uint32_t u; float f; } bits32;
+
+static inline float from_bf16(uint16_t h) { bits32 x; x.u = (uint32_t)h << 16; return x.f; }
+
+static inline uint16_t to_bf16_rne(float f) {
+    bits32 x; x.f = f;
+    uint32_t u = x.u + 0x7fffu + ((x.u >> 16) & 1u);
+    return (x.u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((x.u >> 16) | 0x40u) : (uint16_t)(u >> 16);
+}
+
+static inline uint32_t hash32(uint32_t x) {
+    x ^= x >> 16; x *= 0x45D9F3Bu; x ^= x >> 16; x *= 0x45D9F3Bu; return x ^ (x >> 16);
+}
+
+static inline uint32_t seed_of(double step, uint32_t salt) {
+    return (uint32_t)((uint64_t)step * 0x9E3779B1ull + (uint64_t)salt * 0x7F4A7C15ull);
+}
+
+/* Stochastic rounding: add 16 random bits to the pattern, truncate (E[result] = f). */
+static inline uint16_t to_bf16_sr(float f, uint32_t i, uint32_t seed) {
+    bits32 x; x.f = f;
+    return (uint16_t)((x.u + (hash32(i + seed) & 0xffffu)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, const int dt) {
+    if (dt == BF16) return from_bf16(((const uint16_t *)p)[i]);
+    if (dt == F16) return (float)((const _Float16 *)p)[i];
+    return ((const float *)p)[i];
+}
+
+/* Parameters: round-to-nearest-even; returns the value as stored (for the carried sums).
+ * Where !ok the old bits stay. */
+static inline float store_param(void *p, int64_t i, float x, int ok, const int dt) {
+    if (dt == BF16) {
+        uint16_t *q = (uint16_t *)p; uint16_t old = q[i], nw = to_bf16_rne(x);
+        uint16_t s = ok ? nw : old; q[i] = s; return from_bf16(s);
+    }
+    if (dt == F16) {
+        _Float16 *q = (_Float16 *)p; _Float16 s = ok ? (_Float16)x : q[i]; q[i] = s; return (float)s;
+    }
+    float *q = (float *)p; float s = ok ? x : q[i]; q[i] = s; return s;
+}
+
+/* State: float32, or bfloat16 with stochastic rounding (salt tells the state tensors apart). */
+static inline float store_state(void *p, int64_t i, float x, int ok, const int dt, uint32_t seed) {
+    if (dt == BF16) {
+        uint16_t *q = (uint16_t *)p; uint16_t s = ok ? to_bf16_sr(x, (uint32_t)i, seed) : q[i];
+        q[i] = s; return from_bf16(s);
+    }
+    float *q = (float *)p; float s = ok ? x : q[i]; q[i] = s; return s;
+}
+
+/* The one reduction every carried sum goes through: fixed order, so the same values give
+ * the same bits in to_step and to_sums whatever the thread count. */
+__attribute__((noinline)) static double block_sum(const float *x, int64_t len) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) s += (double)x[i];
+    return s;
+}
+
+static inline int is_finite(float g) { return fabsf(g) <= FLT_MAX; }
+
+/* -- blocks of a group ------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t *first;   /* first block of each tensor, and the total at [k] */
+    double *part;     /* NSUMS partial sums per block */
+} layout;
+
+static int layout_init(layout *L, const to_tensor *ts, int64_t k) {
+    L->first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
+    if (!L->first) return -1;
+    L->first[0] = 0;
+    for (int64_t t = 0; t < k; ++t) L->first[t + 1] = L->first[t] + (ts[t].n + BLOCK - 1) / BLOCK;
+    L->part = (double *)calloc((size_t)(L->first[k] ? L->first[k] : 1) * NSUMS, sizeof(double));
+    if (!L->part) { free(L->first); return -1; }
+    return 0;
+}
+
+static void layout_free(layout *L) { free(L->first); free(L->part); }
+
+static inline int64_t tensor_of(const layout *L, int64_t k, int64_t blk) {
+    int64_t lo = 0, hi = k - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (L->first[mid] <= blk) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static double total(const layout *L, int64_t t, int s) {
+    double acc = 0.0;
+    for (int64_t j = L->first[t]; j < L->first[t + 1]; ++j) acc += L->part[j * NSUMS + s];
+    return acc;
+}
+
+/* -- carried sums from the current values ----------------------------------------------- */
+
+__attribute__((always_inline)) static inline void sums_block(const to_tensor *T, int64_t lo, int64_t hi, double *out, const int pt,
+                              const int st, const int est) {
+    float x[BLOCK];
+    int64_t len = hi - lo;
+    const void *const W = T->w, *const B = T->b, *const S1 = T->s1, *const S2 = T->s2;
+    for (int64_t i = lo; i < hi; ++i) { float w = load(W, i, pt); x[i - lo] = w * w; }
+    out[S_WW] = block_sum(x, len);
+    if (est != EST_RANK_ONE) return;
+    for (int64_t i = lo; i < hi; ++i) x[i - lo] = load(S2, i, st) * load(W, i, pt);
+    out[S_VW] = block_sum(x, len);
+    for (int64_t i = lo; i < hi; ++i) { float u = load(S1, i, st); x[i - lo] = u * u; }
+    out[S_UU] = block_sum(x, len);
+    for (int64_t i = lo; i < hi; ++i) x[i - lo] = load(S1, i, st) * load(B, i, st);
+    out[S_UB] = block_sum(x, len);
+}
+
+#define DISPATCH_TYPES(CALL)                                                                  \
+    switch (cfg->pdtype * 2 + cfg->sdtype) {                                                  \
+    case F32 * 2 + F32: CALL(F32, F32); break;                                                \
+    case F32 * 2 + BF16: CALL(F32, BF16); break;                                              \
+    case BF16 * 2 + F32: CALL(BF16, F32); break;                                              \
+    case BF16 * 2 + BF16: CALL(BF16, BF16); break;                                            \
+    case F16 * 2 + F32: CALL(F16, F32); break;                                                \
+    case F16 * 2 + BF16: CALL(F16, BF16); break;                                              \
+    default: rc = -2;                                                                         \
+    }
+
+/* Recompute the carried sums (w'w; rank-one also v'w, u'u, u'b) of every tensor. */
+int to_sums(to_tensor *ts, int64_t k, const to_config *cfg) {
+    layout L;
+    int rc = 0;
+    if (k <= 0) return 0;
+    if (layout_init(&L, ts, k)) return -1;
+    int64_t nblocks = L.first[k];
+#define SUMS(PT, ST)                                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
+    for (int64_t j = 0; j < nblocks; ++j) {                                                   \
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
+        sums_block(&ts[t], lo, hi, &L.part[j * NSUMS], PT, ST, cfg->estimator);               \
+    }
+    DISPATCH_TYPES(SUMS)
+#undef SUMS
+    for (int64_t t = 0; t < k && rc == 0; ++t) {
+        ts[t].ww = total(&L, t, S_WW);
+        ts[t].vw = total(&L, t, S_VW);
+        ts[t].uu = total(&L, t, S_UU);
+        ts[t].ub = total(&L, t, S_UB);
+    }
+    layout_free(&L);
+    return rc;
+}
+
+/* -- the step ------------------------------------------------------------------------------ */
+
+typedef struct {  /* per-tensor scalars of one step, float32 as in the readable path */
+    float beta, bc2, c, cu, cv, vw, vwn;
+    uint32_t seed_b, seed_1, seed_2, seed_v2;
+} scalars;
+
+__attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
+                              int64_t hi, double *out, const int pt, const int st, const int est,
+                              const int adam) {
+    float x_ww[BLOCK], x_vw[BLOCK], x_uu[BLOCK], x_ub[BLOCK];
+    const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
+    const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
+    const int norm = cfg->normalize, diag = cfg->diagnostics;
+    /* float block sums: double accumulators in a 16-lane loop halve its speed. */
+    float bad = 0.0f, rr = 0.0f, gg = 0.0f, hh = 0.0f;
+    /* Local copies: stores through the data pointers cannot then alias the descriptor. */
+    void *const W = T->w, *const B = T->b, *const S1 = T->s1, *const S2 = T->s2, *const V2 = T->v2;
+    const void *const G = T->g;
+    const float c = S->c, cu = S->cu, cv = S->cv, vw = S->vw, vwn = S->vwn;
+    const uint32_t seed_b = S->seed_b, seed_1 = S->seed_1, seed_2 = S->seed_2, seed_v2 = S->seed_v2;
+#pragma omp simd reduction(+ : bad, rr, gg, hh)
+    for (int64_t i = lo; i < hi; ++i) {
+        float w = load(W, i, pt), g0 = load(G, i, pt);
+        int ok = is_finite(g0);
+        float g = ok ? g0 : 0.0f, b = load(B, i, st), r, gh, bn;
+        if (est == EST_DIAGONAL) {
+            float a = load(S1, i, st);
+            r = (b - g) + a * w;
+            float an = norm ? a - alpha * r * w / (w * w + c) : a - alpha * (r * w);
+            bn = b - beta * r;
+            store_state(S1, i, an, ok, st, seed_1);
+            gh = bn + an * w;
+        } else if (est == EST_RANK_ONE) {
+            float u = load(S1, i, st), v = load(S2, i, st);
+            r = (b - g) + u * vw;
+            float un = u - r * cu;
+            float us = store_state(S1, i, un, ok, st, seed_1);
+            float vs = store_state(S2, i, v - w * cv, ok, st, seed_2);
+            bn = b - beta * r;
+            gh = bn + un * vwn;
+            x_uu[i - lo] = us * us;
+            x_vw[i - lo] = vs;  /* times the stored w below */
+            x_ub[i - lo] = us;  /* times the stored b below */
+        } else {
+            r = b - g;
+            bn = b - beta * r;
+            gh = bn;
+        }
+        float bs = store_state(B, i, bn, ok, st, seed_b);
+        float d = gh;
+        if (adam) {
+            float v2 = load(V2, i, st);
+            float v2n = v2 * beta2 + (1.0f - beta2) * (g * g);
+            store_state(V2, i, v2n, ok, st, seed_v2);
+            d = gh / (sqrtf(v2n / bc2) + eps);
+        }
+        float ws = store_param(W, i, w * decay - lr * d, ok, pt);
+        x_ww[i - lo] = ws * ws;
+        if (est == EST_RANK_ONE) { x_vw[i - lo] *= ws; x_ub[i - lo] *= bs; }
+        bad += ok ? 0.0f : 1.0f;
+        if (diag) {
+            rr += ok ? r * r : 0.0f;
+            gg += g * g;
+            hh += ok ? gh * gh : 0.0f;
+        }
+    }
+    out[S_WW] = block_sum(x_ww, hi - lo);
+    if (est == EST_RANK_ONE) {
+        out[S_VW] = block_sum(x_vw, hi - lo);
+        out[S_UU] = block_sum(x_uu, hi - lo);
+        out[S_UB] = block_sum(x_ub, hi - lo);
+    }
+    out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
+}
+
+/* Rank-one pre-pass: u'g and the non-finite count of the new gradient. */
+__attribute__((always_inline)) static inline void pre_block(const to_tensor *T, int64_t lo, int64_t hi, double *out, const int pt,
+                             const int st) {
+    float ug = 0.0f, bad = 0.0f;
+    const void *const G = T->g, *const U = T->s1;
+#pragma omp simd reduction(+ : ug, bad)
+    for (int64_t i = lo; i < hi; ++i) {
+        float g = load(G, i, pt);
+        int ok = is_finite(g);
+        bad += ok ? 0.0f : 1.0f;
+        ug += ok ? load(U, i, st) * g : 0.0f;
+    }
+    out[S_UU] = ug; out[S_BAD] = bad;
+}
+
+static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
+    double t = T->step + 1.0, n = (double)T->n;
+    double beta = cfg->warmup ? fmax(cfg->beta, 1.0 / t) : cfg->beta;
+    S->beta = (float)beta;
+    S->bc2 = (float)(1.0 - pow(cfg->beta2, t));
+    S->c = (float)(T->ww / n + cfg->floor + TINY);
+    if (cfg->estimator == EST_RANK_ONE) {
+        float vw = (float)T->vw, uu = (float)T->uu, ww = (float)T->ww;
+        float ur = uu * vw + (float)T->ub - (float)T->ug;
+        float rate = cfg->normalize ? (float)cfg->alpha / (vw * vw + uu * ww + (float)(n * cfg->floor + TINY))
+                                    : (float)cfg->alpha;
+        S->vw = vw; S->cu = rate * vw; S->cv = rate * ur; S->vwn = vw - rate * ur * ww;
+    }
+    S->seed_b = seed_of(T->step, 1);
+    S->seed_1 = seed_of(T->step, cfg->estimator == EST_RANK_ONE ? 3 : 2);
+    S->seed_2 = seed_of(T->step, 4);
+    S->seed_v2 = seed_of(T->step, 5);
+}
+
+/* One step of every tensor (none is on its first step).  A rank-one tensor with a
+ * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
+int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
+    layout L;
+    int rc = 0;
+    const int est = cfg->estimator;
+    if (k <= 0) return 0;
+    if (layout_init(&L, ts, k)) return -1;
+    scalars *S = (scalars *)calloc((size_t)k, sizeof(scalars));
+    char *run = (char *)malloc((size_t)k);
+    if (!S || !run) { free(S); free(run); layout_free(&L); return -1; }
+    memset(run, 1, (size_t)k);
+    /* Rank-one reads u and g twice (the pre-pass for u'g, then the step): chunks of about
+     * CHUNK elements keep them in cache between the two.  The other estimators: one chunk. */
+    for (int64_t t0 = 0, t1; t0 < k && rc == 0; t0 = t1) {
+        t1 = t0 + 1;
+        if (est != EST_RANK_ONE) t1 = k;
+        else while (t1 < k && (L.first[t1 + 1] - L.first[t0]) * BLOCK <= CHUNK) ++t1;
+        const int64_t jlo = L.first[t0], jhi = L.first[t1];
+        if (est == EST_RANK_ONE) {
+#define PRE(PT, ST)                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
+    for (int64_t j = jlo; j < jhi; ++j) {                                                     \
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
+        pre_block(&ts[t], lo, hi, &L.part[j * NSUMS], PT, ST);                                \
+    }
+            DISPATCH_TYPES(PRE)
+#undef PRE
+            for (int64_t t = t0; t < t1; ++t) {
+                ts[t].ug = total(&L, t, S_UU);
+                ts[t].nbad = total(&L, t, S_BAD);
+                run[t] = ts[t].nbad == 0.0;
+            }
+        }
+        for (int64_t t = t0; t < t1; ++t) prepare(&ts[t], cfg, &S[t]);
+#define STEP(PT, ST)                                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
+    for (int64_t j = jlo; j < jhi; ++j) {                                                     \
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
+        if (!run[t]) continue;                                                                \
+        double *out = &L.part[j * NSUMS];                                                     \
+        if (est == EST_DIAGONAL) {                                                            \
+            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_DIAGONAL, 1); \
+            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_DIAGONAL, 0);        \
+        } else if (est == EST_RANK_ONE) {                                                     \
+            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_RANK_ONE, 1); \
+            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_RANK_ONE, 0);        \
+        } else {                                                                              \
+            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_NONE, 1);  \
+            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_NONE, 0);            \
+        }                                                                                     \
+    }
+        DISPATCH_TYPES(STEP)
+#undef STEP
+    }
+    for (int64_t t = 0; t < k && rc == 0; ++t) {
+        if (!run[t]) continue;
+        ts[t].ww = total(&L, t, S_WW);
+        if (est == EST_RANK_ONE) {
+            ts[t].vw = total(&L, t, S_VW);
+            ts[t].uu = total(&L, t, S_UU);
+            ts[t].ub = total(&L, t, S_UB);
+        } else {
+            ts[t].nbad = total(&L, t, S_BAD);
+        }
+        ts[t].rr = total(&L, t, S_RR);
+        ts[t].gg = total(&L, t, S_GG);
+        ts[t].hh = total(&L, t, S_HH);
+    }
+    free(S); free(run); layout_free(&L);
+    return rc;
+}
+
+int to_abi_version(void) { return 1; }

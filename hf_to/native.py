@@ -1,0 +1,311 @@
+r"""The one-pass CPU step: a small C kernel (``native.c``) built on first use, called via ctypes.
+
+Why C and not ``torch.compile`` on the CPU: a diagonal TO step moves as many bytes as fused
+AdamW, so fused AdamW's time is the bar, and two things kept the compiled kernels of
+:mod:`hf_to.kernels` above it (``docs/speed.md``): every tensor needed a whole-tensor sum
+(``wᵀw``, and the non-finite check) *before* its first write, i.e. a second pass over memory,
+and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  Here
+
+* a param group is **one call**; OpenMP threads share fixed-size blocks of all its tensors;
+* the sums a step needs before it writes are sums of what the *previous* step wrote, so that
+  pass computes them from the values it stores and they are *carried* to the next step.  They
+  are trusted only while the parameter and its state tensors are the same storage at the same
+  version counter (any in-place write by PyTorch bumps it); otherwise :func:`to_sums` recomputes
+  them, with the same blockwise summation, so a resumed run continues bit for bit;
+* the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
+  same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
+
+The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
+-fopenmp``, about 2 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
+feature flags.  OpenMP resolves to the ``libgomp`` that PyTorch has already loaded, so the two
+share one thread pool; the kernel uses ``torch.get_num_threads()`` threads.  If no compiler is
+found or the build fails, a warning is logged once and the optimizer uses its other paths.
+``HF_TO_NATIVE=0`` turns this path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["available", "eligible", "library_path", "native_step"]
+
+logger = logging.getLogger(__name__)
+
+_ENV = "HF_TO_NATIVE"
+_SOURCE = Path(__file__).with_name("native.c")
+_ABI = 1
+_PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
+_SLOPE_KEYS = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("g", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("s1", ctypes.c_void_p),
+        ("s2", ctypes.c_void_p),
+        ("v2", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("step", ctypes.c_double),
+        ("ww", ctypes.c_double),
+        ("vw", ctypes.c_double),
+        ("uu", ctypes.c_double),
+        ("ub", ctypes.c_double),
+        ("ug", ctypes.c_double),
+        ("nbad", ctypes.c_double),
+        ("rr", ctypes.c_double),
+        ("gg", ctypes.c_double),
+        ("hh", ctypes.c_double),
+    ]
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_double) for name in ("lr", "decay", "alpha", "beta", "beta2", "eps", "floor")),
+        *(
+            (name, ctypes.c_int32)
+            for name in ("warmup", "adam", "normalize", "diagnostics", "pdtype", "sdtype", "estimator", "nthreads")
+        ),
+    ]
+
+
+# -- build and load ------------------------------------------------------------------------
+
+_lib: ctypes.CDLL | None = None
+_failed = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HF_TO_CACHE", Path.home() / ".cache" / "hf_to")) / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name.split()[0]):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
+)
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join(x.encode() for x in (version, _cpu_flags(), *flags)) + source).hexdigest()
+        path = _cache_dir() / f"hf_to_native_{key[:20]}.so"
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build under a unique name, then rename: concurrent ranks never see a partial file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, path)
+            return path
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}:\n{done.stderr.strip()[-2000:]}")
+    raise RuntimeError("building the native kernel failed:\n" + "\n".join(errors))
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _failed
+    if _lib is not None or _failed:
+        return _lib
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        if lib.to_abi_version() != _ABI:
+            raise RuntimeError(f"native kernel ABI {lib.to_abi_version()} != {_ABI}")
+        for fn in (lib.to_step, lib.to_sums):
+            fn.argtypes = [ctypes.POINTER(_Tensor), ctypes.c_int64, ctypes.POINTER(_Config)]
+            fn.restype = ctypes.c_int
+        _lib = lib
+    except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
+        _failed = True
+        logger.warning("hf_to: the native CPU kernel is unavailable (%s); using the PyTorch paths", err)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernel can be used (builds it on the first call; ``HF_TO_NATIVE=0``: never)."""
+    return os.environ.get(_ENV, "1") != "0" and _load() is not None
+
+
+def library_path() -> Path | None:
+    """Where the built library lies (``None`` when unavailable)."""
+    return Path(_lib._name) if available() and _lib is not None else None
+
+
+def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+    """Whether a group can take the native step: CPU, plain contiguous tensors, supported dtypes."""
+    if estimator not in _ESTIMATORS or not params:
+        return False
+    pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
+    if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
+        return False
+    for p, g, state in zip(params, grads, states):
+        if (
+            type(p) not in (torch.Tensor, torch.nn.Parameter)
+            or p.device.type != "cpu"
+            or p.dtype != pdtype
+            or g.dtype != pdtype
+            or g.layout != torch.strided
+            or not (p.is_contiguous() and g.is_contiguous())
+            or state["b"].dtype != sdtype
+        ):
+            return False
+    return True
+
+
+# -- the step ------------------------------------------------------------------------------
+
+# Sums carried from one step to the next, per parameter: (fingerprint, (ww, vw, uu, ub)).
+_carried: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _fingerprint(tensors: tuple[Tensor, ...]) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def native_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float,
+    estimator: str,
+    alpha: float,
+    beta: float,
+    adam: bool,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    normalize: bool,
+    floor: float,
+    beta_warmup: bool,
+    diagnostics: bool,
+) -> dict[str, Tensor] | None:
+    """One TO step of tensors past their first step (same math and result as the readable path)."""
+    lib = _load()
+    assert lib is not None, "native_step called without the native kernel"
+    k = len(params)
+    keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
+    ts = (_Tensor * k)()
+    stale = []
+    prints = []
+    for i, (p, g, state) in enumerate(zip(params, grads, states)):
+        held = tuple(state[key] for key in keys)
+        fp = _fingerprint((p, *held))
+        prints.append(fp)
+        t = ts[i]
+        t.w, t.g, t.n, t.step = p.data_ptr(), g.data_ptr(), p.numel(), state["step"].item()
+        t.b = held[0].data_ptr()
+        if estimator != "none":
+            t.s1 = held[1].data_ptr()
+        if estimator == "rank_one":
+            t.s2 = held[2].data_ptr()
+        if adam:
+            t.v2 = held[-1].data_ptr()
+        known = _carried.get(p)
+        if known is not None and known[0] == fp:
+            t.ww, t.vw, t.uu, t.ub = known[1]
+        else:
+            stale.append(i)
+    cfg = _Config(
+        lr=lr,
+        decay=1 - lr * weight_decay,
+        alpha=alpha,
+        beta=beta,
+        beta2=beta2,
+        eps=eps,
+        floor=floor,
+        warmup=int(beta_warmup),
+        adam=int(adam),
+        normalize=int(normalize),
+        diagnostics=int(diagnostics),
+        pdtype=_PDTYPES[params[0].dtype],
+        sdtype=_SDTYPES[states[0]["b"].dtype],
+        estimator=_ESTIMATORS[estimator],
+        nthreads=torch.get_num_threads(),
+    )
+    if stale:
+        sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
+        _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg)))
+        for j, i in enumerate(stale):
+            ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
+    _check(lib.to_step(ts, k, ctypes.byref(cfg)))
+
+    stepped = []
+    out = None
+    if diagnostics:
+        out = {key: torch.zeros((), dtype=torch.float64) for key in ("steps", "residual_sq", "grad_sq", "estimate_sq")}
+        out["skipped"] = torch.zeros((), dtype=torch.float64)
+    rr = gg = hh = 0.0
+    skipped = 0
+    for p, state, fp, t in zip(params, states, prints, ts):
+        # Nothing moved where rank-one saw a non-finite entry or every entry was non-finite.
+        whole = t.nbad > 0 and (estimator == "rank_one" or t.nbad == t.n)
+        skipped += t.nbad > 0
+        _carried[p] = (fp, (t.ww, t.vw, t.uu, t.ub))
+        if whole:
+            continue
+        stepped.append(state["step"])
+        rr, gg, hh = rr + t.rr, gg + t.gg, hh + t.hh
+    if stepped:
+        torch._foreach_add_(stepped, 1.0)
+    if out is not None:
+        out["residual_sq"] += rr
+        out["grad_sq"] += gg
+        out["estimate_sq"] += hh
+        out["skipped"] += skipped
+        if stepped:
+            out["steps"] += 1
+    return out
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"hf_to native kernel failed with code {rc}")
+
+
+def forget(params: list[Tensor]) -> None:
+    """Drop the carried sums of ``params`` (e.g. after their state was replaced)."""
+    for p in params:
+        _carried.pop(p, None)

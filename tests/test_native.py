@@ -1,0 +1,233 @@
+"""The one-pass CPU kernel (hf_to.native) against the reference and the readable path.
+
+These tests build the kernel with the system C compiler (once; it is cached).  Where no
+compiler exists they are skipped with that reason; the optimizer then takes its other paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from test_fast_paths import FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
+
+from hf_to import TrainableOptimizer, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
+
+ESTIMATORS = ["diagonal", "rank_one", "none"]
+# Sizes around the kernel's block (2048 elements) and chunk (2**20) boundaries.
+BLOCK_SHAPES = [(2048,), (2048 * 3 + 5,), (4099, 3), (1, 2049), ((1 << 20) + 3,)]
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch):
+    monkeypatch.delenv("HF_TO_NATIVE", raising=False)
+
+
+def _calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = native.native_step
+
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(native, "native_step", counting)
+    return calls
+
+
+def _train(params, steps, *, start=0, **kwargs) -> TrainableOptimizer:
+    opt = TrainableOptimizer(params, lr=0.01, **kwargs)
+    _steps(opt, params, start, steps)
+    return opt
+
+
+def _steps(opt, params, start, stop) -> None:
+    for t in range(start, stop):
+        _grads(params, t)
+        opt.step()
+
+
+def _clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _params(shapes, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_native_kernel_equals_reference_over_50_steps(estimator, form, dtype, monkeypatch):
+    calls = _calls(monkeypatch)
+    fast, ref, opt_fast, opt_ref = _run_pair(
+        dtype, {"estimator": estimator, **FORMS[form]}, fast_kwargs={"fused": None}
+    )
+    assert len(calls) == 49  # every step but the first (which seeds the intercept)
+    for pf, pr in zip(fast, ref):
+        assert pf.dtype == dtype
+        torch.testing.assert_close(pf.detach().float(), pr.detach().float(), **TOLERANCE[dtype])
+    if dtype == torch.float32:
+        for pf, pr in zip(fast, ref):
+            for key, value in opt_fast.state[pf].items():
+                torch.testing.assert_close(value.float(), opt_ref.state[pr][key].float(), **TOLERANCE[dtype], msg=key)
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "none"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_native_kernel_equals_readable_path_across_block_boundaries(estimator, preconditioner):
+    kwargs = dict(estimator=estimator, preconditioner=preconditioner, weight_decay=0.01, diagnostics=True)
+    fast, slow = _params(BLOCK_SHAPES), _params(BLOCK_SHAPES)
+    opt_fast = _train(fast, 30, **kwargs)
+    opt_slow = _train(slow, 30, fused=False, **kwargs)
+    for pf, ps in zip(fast, slow):
+        torch.testing.assert_close(pf, ps, **TOLERANCE[torch.float32])
+        for key, value in opt_fast.state[pf].items():
+            torch.testing.assert_close(value, opt_slow.state[ps][key], rtol=1e-4, atol=1e-6, msg=key)
+    (got,), (want,) = opt_fast.diagnostics(), opt_slow.diagnostics()
+    for key in ("steps", "skipped"):
+        assert got[key] == want[key]
+    for key in ("residual_sq", "grad_sq", "estimate_sq", "relative_residual"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
+def test_native_path_is_the_cpu_default_and_can_be_switched_off(monkeypatch):
+    calls = _calls(monkeypatch)
+    _train(_params(ODD_SHAPES), 3)
+    assert calls == [len(ODD_SHAPES)] * 2
+    _train(_params(ODD_SHAPES), 3, fused=False)
+    monkeypatch.setenv("HF_TO_NATIVE", "0")
+    _train(_params(ODD_SHAPES), 3)
+    assert calls == [len(ODD_SHAPES)] * 2
+    # Not eligible: float64 parameters, the full estimator.
+    monkeypatch.delenv("HF_TO_NATIVE")
+    _train(_params(ODD_SHAPES, torch.float64), 3)
+    _train(_params(ODD_SHAPES), 3, estimator="full")
+    assert calls == [len(ODD_SHAPES)] * 2
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_carried_sums_equal_recomputed_sums_bit_for_bit(estimator):
+    """Forgetting the carried sums (as a resumed process does) changes no bit."""
+    carried, fresh = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
+    opt_c = _train(carried, 8, estimator=estimator)
+    opt_f = _train(fresh, 4, estimator=estimator)
+    for t in range(4, 8):
+        native.forget(fresh)
+        _steps(opt_f, fresh, t, t + 1)
+    for a, b in zip(carried, fresh):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt_c.state[a][k], opt_f.state[b][k]) for k in opt_c.state[a])
+
+
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+def test_result_does_not_depend_on_the_thread_count(estimator):
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(1)  # the first step is PyTorch's (its sums depend on threads)
+            params = _params(BLOCK_SHAPES[:3])
+            opt = _train(params, 1, estimator=estimator)
+            torch.set_num_threads(n)
+            _steps(opt, params, 1, 6)
+            results.append(params)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    params = _params(BLOCK_SHAPES[:3])
+    opt = _train(params, 5)
+    saved_params, saved_state = _clone(params), copy.deepcopy(opt.state_dict())
+    _steps(opt, params, 5, 10)
+    resumed = saved_params
+    opt2 = TrainableOptimizer(resumed, lr=0.01)
+    opt2.load_state_dict(saved_state)
+    _steps(opt2, resumed, 5, 10)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed))
+
+
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+def test_in_place_change_of_the_weights_between_steps_is_noticed(estimator):
+    """Carried sums are dropped when PyTorch writes a parameter (its version counter moves)."""
+    fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
+    opt_fast = _train(fast, 4, estimator=estimator)
+    opt_slow = _train(slow, 4, estimator=estimator, fused=False)
+    with torch.no_grad():
+        for p in (*fast, *slow):
+            p.mul_(10.0)
+    _steps(opt_fast, fast, 4, 8)
+    _steps(opt_slow, slow, 4, 8)
+    for pf, ps in zip(fast, slow):
+        torch.testing.assert_close(pf, ps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_nonfinite_entries(estimator):
+    """diagonal/none keep the bits of the entries whose gradient is inf/nan; rank-one skips the tensor."""
+    params = _params([(3000,), (50,)])
+    opt = _train(params, 3, estimator=estimator, diagnostics=True)
+    opt.diagnostics(reset=True)
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    _grads(params, 3)
+    params[0].grad[[0, 2047, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    opt.step()
+    p0, s0 = params[0].detach(), opt.state[params[0]]
+    assert not torch.equal(params[1], before[1])  # the other tensor stepped
+    assert opt.diagnostics()[0]["skipped"] == 1
+    if estimator == "rank_one":
+        assert torch.equal(p0, before[0])
+        assert all(torch.equal(s0[k], state_before[k]) for k in s0)
+        return
+    bad = torch.zeros(3000, dtype=torch.bool)
+    bad[[0, 2047, 2999]] = True
+    assert torch.equal(p0[bad], before[0][bad]) and not torch.equal(p0[~bad], before[0][~bad])
+    for k in s0:
+        if k != "step":
+            assert torch.equal(s0[k][bad], state_before[k][bad]), k
+    assert s0["step"] == state_before["step"] + 1
+    # Every entry non-finite: nothing moves, not even the step count.
+    params[0].grad.fill_(float("nan"))
+    params[1].grad = None
+    opt.step()
+    assert torch.equal(params[0].detach(), p0) and s0["step"] == state_before["step"] + 1
+
+
+def test_bf16_state_matches_the_eager_kernels(monkeypatch):
+    """Both paths draw the same stochastic-rounding noise; the results agree to bf16 precision."""
+    fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
+    opt_fast = _train(fast, 20, state_dtype=torch.bfloat16)
+    monkeypatch.setenv("HF_TO_NATIVE", "0")
+    monkeypatch.setenv("HF_TO_COMPILE", "0")
+    opt_slow = _train(slow, 20, state_dtype=torch.bfloat16)
+    for pf, ps in zip(fast, slow):
+        assert opt_fast.state[pf]["b"].dtype == torch.bfloat16
+        torch.testing.assert_close(pf, ps, rtol=1e-3, atol=1e-4)
+        for key in ("b", "a", "exp_avg_sq"):
+            torch.testing.assert_close(
+                opt_fast.state[pf][key].float(), opt_slow.state[ps][key].float(), rtol=2**-6, atol=1e-5
+            )
+
+
+def test_a_failed_build_falls_back_to_the_readable_path_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+
+    def no_compiler():
+        raise RuntimeError("no C compiler found (set $CC)")
+
+    monkeypatch.setattr(native, "_build", no_compiler)
+    fast, slow = _params(ODD_SHAPES), _params(ODD_SHAPES)
+    with caplog.at_level(logging.WARNING, logger="hf_to.native"):
+        _train(fast, 5)
+    assert sum("native CPU kernel is unavailable" in r.getMessage() for r in caplog.records) == 1
+    _train(slow, 5, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
