@@ -114,6 +114,28 @@ def _to(name: str, **overrides: Any) -> Callable[[list[Tensor]], torch.optim.Opt
     return lambda params: TrainableOptimizer(params, lr=1e-5, **{**VARIANTS[name], **overrides})
 
 
+class _NoNative:
+    """An optimizer whose steps run with ``HF_TO_NATIVE=0`` (the torch.compile kernels on a CPU)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.state = opt, opt.state
+
+    def step(self) -> None:
+        old = os.environ.get("HF_TO_NATIVE")
+        os.environ["HF_TO_NATIVE"] = "0"
+        try:
+            self.opt.step()
+        finally:
+            if old is None:
+                del os.environ["HF_TO_NATIVE"]
+            else:
+                os.environ["HF_TO_NATIVE"] = old
+
+
+def _without_native(factory: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Callable[[list[Tensor]], Any]:
+    return lambda params: _NoNative(factory(params))
+
+
 #: Variant name -> constructor.  ``[readable]`` is the per-tensor reference-style path.
 VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
     "adamw_fused": lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True),
@@ -125,6 +147,8 @@ VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = 
     "trainable_to[bf16 state]": _to("trainable_to", fused=True, state_dtype=torch.bfloat16),
     "to_rank_one": _to("to_rank_one", fused=True),
     "trainable_to[readable]": _to("trainable_to", fused=False),
+    "trainable_to[compiled]": _without_native(_to("trainable_to", fused=True)),
+    "to_paper_diagonal[compiled]": _without_native(_to("to_paper_diagonal", fused=True)),
 }
 DEFAULT_VARIANTS = (
     "adamw_fused",

@@ -53,7 +53,7 @@ typedef struct {
     void *s2;            /* v (rank-one) */
     void *v2;            /* exp_avg_sq (Adam) */
     int64_t n;           /* elements */
-    double step;         /* steps taken before this one */
+    float *step;         /* the tensor's step count (0-d float32), incremented when it moves */
     double ww, vw, uu, ub; /* in: sums of the current values; out: of the new values */
     double ug;           /* out (rank-one pre-pass) */
     double nbad;         /* out: non-finite gradient entries */
@@ -167,6 +167,17 @@ static double total(const layout *L, int64_t t, int s) {
 
 /* -- carried sums from the current values ----------------------------------------------- */
 
+#define DISPATCH_TYPES(CALL)                                                                  \
+    switch (cfg->pdtype * 2 + cfg->sdtype) {                                                  \
+    case F32 * 2 + F32: CALL(F32, F32); break;                                                \
+    case F32 * 2 + BF16: CALL(F32, BF16); break;                                              \
+    case BF16 * 2 + F32: CALL(BF16, F32); break;                                              \
+    case BF16 * 2 + BF16: CALL(BF16, BF16); break;                                            \
+    case F16 * 2 + F32: CALL(F16, F32); break;                                                \
+    case F16 * 2 + BF16: CALL(F16, BF16); break;                                              \
+    default: rc = -2;                                                                         \
+    }
+
 __attribute__((always_inline)) static inline void sums_block(const to_tensor *T, int64_t lo, int64_t hi, double *out, const int pt,
                               const int st, const int est) {
     float x[BLOCK];
@@ -183,16 +194,16 @@ __attribute__((always_inline)) static inline void sums_block(const to_tensor *T,
     out[S_UB] = block_sum(x, len);
 }
 
-#define DISPATCH_TYPES(CALL)                                                                  \
-    switch (cfg->pdtype * 2 + cfg->sdtype) {                                                  \
-    case F32 * 2 + F32: CALL(F32, F32); break;                                                \
-    case F32 * 2 + BF16: CALL(F32, BF16); break;                                              \
-    case BF16 * 2 + F32: CALL(BF16, F32); break;                                              \
-    case BF16 * 2 + BF16: CALL(BF16, BF16); break;                                            \
-    case F16 * 2 + F32: CALL(F16, F32); break;                                                \
-    case F16 * 2 + BF16: CALL(F16, BF16); break;                                              \
-    default: rc = -2;                                                                         \
-    }
+/* One compiled copy of the block sums for both callers, to_step and to_sums (and kept out
+ * of the step loop's function: inlined there, it slowed the step down threefold). */
+__attribute__((noinline)) static int block_sums(const to_tensor *T, int64_t lo, int64_t hi, double *out,
+                                                const to_config *cfg) {
+    int rc = 0;
+#define SB(PT, ST) sums_block(T, lo, hi, out, PT, ST, cfg->estimator)
+    DISPATCH_TYPES(SB)
+#undef SB
+    return rc;
+}
 
 /* Recompute the carried sums (w'w; rank-one also v'w, u'u, u'b) of every tensor. */
 int to_sums(to_tensor *ts, int64_t k, const to_config *cfg) {
@@ -201,15 +212,12 @@ int to_sums(to_tensor *ts, int64_t k, const to_config *cfg) {
     if (k <= 0) return 0;
     if (layout_init(&L, ts, k)) return -1;
     int64_t nblocks = L.first[k];
-#define SUMS(PT, ST)                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
-    for (int64_t j = 0; j < nblocks; ++j) {                                                   \
-        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
-        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
-        sums_block(&ts[t], lo, hi, &L.part[j * NSUMS], PT, ST, cfg->estimator);               \
+#pragma omp parallel for schedule(static) num_threads(cfg->nthreads) reduction(| : rc)
+    for (int64_t j = 0; j < nblocks; ++j) {
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;
+        rc |= block_sums(&ts[t], lo, hi, &L.part[j * NSUMS], cfg);
     }
-    DISPATCH_TYPES(SUMS)
-#undef SUMS
     for (int64_t t = 0; t < k && rc == 0; ++t) {
         ts[t].ww = total(&L, t, S_WW);
         ts[t].vw = total(&L, t, S_VW);
@@ -230,7 +238,6 @@ typedef struct {  /* per-tensor scalars of one step, float32 as in the readable 
 __attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
                               int64_t hi, double *out, const int pt, const int st, const int est,
                               const int adam) {
-    float x_ww[BLOCK], x_vw[BLOCK], x_uu[BLOCK], x_ub[BLOCK];
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
     const int norm = cfg->normalize, diag = cfg->diagnostics;
@@ -257,19 +264,16 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             float u = load(S1, i, st), v = load(S2, i, st);
             r = (b - g) + u * vw;
             float un = u - r * cu;
-            float us = store_state(S1, i, un, ok, st, seed_1);
-            float vs = store_state(S2, i, v - w * cv, ok, st, seed_2);
+            store_state(S1, i, un, ok, st, seed_1);
+            store_state(S2, i, v - w * cv, ok, st, seed_2);
             bn = b - beta * r;
             gh = bn + un * vwn;
-            x_uu[i - lo] = us * us;
-            x_vw[i - lo] = vs;  /* times the stored w below */
-            x_ub[i - lo] = us;  /* times the stored b below */
         } else {
             r = b - g;
             bn = b - beta * r;
             gh = bn;
         }
-        float bs = store_state(B, i, bn, ok, st, seed_b);
+        store_state(B, i, bn, ok, st, seed_b);
         float d = gh;
         if (adam) {
             float v2 = load(V2, i, st);
@@ -277,9 +281,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             store_state(V2, i, v2n, ok, st, seed_v2);
             d = gh / (sqrtf(v2n / bc2) + eps);
         }
-        float ws = store_param(W, i, w * decay - lr * d, ok, pt);
-        x_ww[i - lo] = ws * ws;
-        if (est == EST_RANK_ONE) { x_vw[i - lo] *= ws; x_ub[i - lo] *= bs; }
+        store_param(W, i, w * decay - lr * d, ok, pt);
         bad += ok ? 0.0f : 1.0f;
         if (diag) {
             rr += ok ? r * r : 0.0f;
@@ -287,12 +289,9 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             hh += ok ? gh * gh : 0.0f;
         }
     }
-    out[S_WW] = block_sum(x_ww, hi - lo);
-    if (est == EST_RANK_ONE) {
-        out[S_VW] = block_sum(x_vw, hi - lo);
-        out[S_UU] = block_sum(x_uu, hi - lo);
-        out[S_UB] = block_sum(x_ub, hi - lo);
-    }
+    /* The sums the next step needs, from the values just stored (still in cache), by the
+     * code to_sums() runs: the same values give the same bits. */
+    block_sums(T, lo, hi, out, cfg);
     out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
 }
 
@@ -312,7 +311,7 @@ __attribute__((always_inline)) static inline void pre_block(const to_tensor *T, 
 }
 
 static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
-    double t = T->step + 1.0, n = (double)T->n;
+    double t = (double)*T->step + 1.0, n = (double)T->n;
     double beta = cfg->warmup ? fmax(cfg->beta, 1.0 / t) : cfg->beta;
     S->beta = (float)beta;
     S->bc2 = (float)(1.0 - pow(cfg->beta2, t));
@@ -324,10 +323,10 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
                                     : (float)cfg->alpha;
         S->vw = vw; S->cu = rate * vw; S->cv = rate * ur; S->vwn = vw - rate * ur * ww;
     }
-    S->seed_b = seed_of(T->step, 1);
-    S->seed_1 = seed_of(T->step, cfg->estimator == EST_RANK_ONE ? 3 : 2);
-    S->seed_2 = seed_of(T->step, 4);
-    S->seed_v2 = seed_of(T->step, 5);
+    S->seed_b = seed_of(*T->step, 1);
+    S->seed_1 = seed_of(*T->step, cfg->estimator == EST_RANK_ONE ? 3 : 2);
+    S->seed_2 = seed_of(*T->step, 4);
+    S->seed_v2 = seed_of(*T->step, 5);
 }
 
 /* One step of every tensor (none is on its first step).  A rank-one tensor with a
@@ -397,6 +396,8 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
         } else {
             ts[t].nbad = total(&L, t, S_BAD);
         }
+        /* Every entry non-finite: nothing moved, the step count stays. */
+        if (ts[t].nbad < (double)ts[t].n) *ts[t].step += 1.0f;
         ts[t].rr = total(&L, t, S_RR);
         ts[t].gg = total(&L, t, S_GG);
         ts[t].hh = total(&L, t, S_HH);
@@ -405,4 +406,4 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
     return rc;
 }
 
-int to_abi_version(void) { return 1; }
+int to_abi_version(void) { return 2; }

@@ -34,19 +34,19 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["available", "eligible", "library_path", "native_step"]
+__all__ = ["available", "eligible", "forget", "library_path", "native_step"]
 
 logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 1
+_ABI = 2
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -62,7 +62,7 @@ class _Tensor(ctypes.Structure):
         ("s2", ctypes.c_void_p),
         ("v2", ctypes.c_void_p),
         ("n", ctypes.c_int64),
-        ("step", ctypes.c_double),
+        ("step", ctypes.POINTER(ctypes.c_float)),
         ("ww", ctypes.c_double),
         ("vw", ctypes.c_double),
         ("uu", ctypes.c_double),
@@ -180,28 +180,72 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
-    for p, g, state in zip(params, grads, states):
-        if (
-            type(p) not in (torch.Tensor, torch.nn.Parameter)
-            or p.device.type != "cpu"
-            or p.dtype != pdtype
-            or g.dtype != pdtype
-            or g.layout != torch.strided
-            or not (p.is_contiguous() and g.is_contiguous())
-            or state["b"].dtype != sdtype
-        ):
-            return False
-    return True
+    return all(
+        type(p) in _PLAIN
+        and p.device.type == "cpu"
+        and p.dtype == pdtype
+        and g.dtype == pdtype
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and state["b"].dtype == sdtype
+        and state["step"].dtype == torch.float32
+        for p, g, state in zip(params, grads, states)
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # -- the step ------------------------------------------------------------------------------
 
-# Sums carried from one step to the next, per parameter: (fingerprint, (ww, vw, uu, ub)).
-_carried: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+def _fingerprint(p: Tensor, held: tuple[Tensor, ...]) -> tuple:
+    """Storage and version counters of a parameter and its state: any PyTorch write changes it."""
+    return (p.data_ptr(), p._version, *(t._version for t in held))
 
 
-def _fingerprint(tensors: tuple[Tensor, ...]) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+class _Plan:
+    """The descriptors of one param group, kept between steps with the carried sums.
+
+    The sums in ``ts[i]`` are valid while tensor ``i`` has the same state tensors (``held``,
+    by identity) and the same fingerprint.  Parameters are held by weak reference: a plan
+    never keeps a model alive, and a recycled ``id`` cannot revive a dead plan.
+    """
+
+    def __init__(self, params: list[Tensor], keys: tuple[str, ...]) -> None:
+        self.refs = [weakref.ref(p) for p in params]
+        self.keys = keys
+        self.ts = (_Tensor * len(params))()
+        self.held: list[tuple[Tensor, ...]] = [()] * len(params)
+        self.prints: list[tuple | None] = [None] * len(params)
+
+    def alive(self, params: list[Tensor]) -> bool:
+        return all(ref() is p for ref, p in zip(self.refs, params))
+
+
+# Plans by the ids of a group's tensors (checked by weak reference); a process has few groups.
+_plans: dict[tuple[int, ...], _Plan] = {}
+_MAX_PLANS = 64
+
+
+def _plan(params: list[Tensor], keys: tuple[str, ...]) -> _Plan:
+    key = tuple(map(id, params))
+    plan = _plans.get(key)
+    if plan is None or plan.keys != keys or not plan.alive(params):
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = _Plan(params, keys)
+    return plan
+
+
+def forget(params: list[Tensor] | None = None) -> None:
+    """Drop the carried sums of the groups holding any of ``params`` (all groups when ``None``)."""
+    if params is None:
+        _plans.clear()
+        return
+    ids = {id(p) for p in params}
+    for key in [key for key in _plans if ids.intersection(key)]:
+        del _plans[key]
 
 
 def native_step(
@@ -227,27 +271,26 @@ def native_step(
     assert lib is not None, "native_step called without the native kernel"
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
-    ts = (_Tensor * k)()
+    plan = _plan(params, keys)
+    ts = plan.ts
     stale = []
-    prints = []
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         held = tuple(state[key] for key in keys)
-        fp = _fingerprint((p, *held))
-        prints.append(fp)
+        fp = _fingerprint(p, held)
         t = ts[i]
-        t.w, t.g, t.n, t.step = p.data_ptr(), g.data_ptr(), p.numel(), state["step"].item()
-        t.b = held[0].data_ptr()
-        if estimator != "none":
-            t.s1 = held[1].data_ptr()
-        if estimator == "rank_one":
-            t.s2 = held[2].data_ptr()
-        if adam:
-            t.v2 = held[-1].data_ptr()
-        known = _carried.get(p)
-        if known is not None and known[0] == fp:
-            t.ww, t.vw, t.uu, t.ub = known[1]
-        else:
+        t.g = g.data_ptr()
+        if fp != plan.prints[i] or any(a is not b for a, b in zip(held, plan.held[i])):
+            step = state["step"]
+            t.step = ctypes.cast(step.data_ptr(), ctypes.POINTER(ctypes.c_float))
+            t.w, t.n, t.b = p.data_ptr(), p.numel(), held[0].data_ptr()
+            t.s1 = held[1].data_ptr() if estimator != "none" else None
+            t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
+            t.v2 = held[-1].data_ptr() if adam else None
+            plan.prints[i], plan.held[i] = fp, (*held, step)
             stale.append(i)
+        elif state["step"] is not plan.held[i][-1]:
+            plan.held[i] = (*held, state["step"])
+            t.step = ctypes.cast(state["step"].data_ptr(), ctypes.POINTER(ctypes.c_float))
     cfg = _Config(
         lr=lr,
         decay=1 - lr * weight_decay,
@@ -265,47 +308,28 @@ def native_step(
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
     )
-    if stale:
+    if stale:  # first native step, or PyTorch wrote to the tensors: recompute the carried sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
         _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg)))
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
     _check(lib.to_step(ts, k, ctypes.byref(cfg)))
 
-    stepped = []
-    out = None
-    if diagnostics:
-        out = {key: torch.zeros((), dtype=torch.float64) for key in ("steps", "residual_sq", "grad_sq", "estimate_sq")}
-        out["skipped"] = torch.zeros((), dtype=torch.float64)
-    rr = gg = hh = 0.0
-    skipped = 0
-    for p, state, fp, t in zip(params, states, prints, ts):
-        # Nothing moved where rank-one saw a non-finite entry or every entry was non-finite.
-        whole = t.nbad > 0 and (estimator == "rank_one" or t.nbad == t.n)
-        skipped += t.nbad > 0
-        _carried[p] = (fp, (t.ww, t.vw, t.uu, t.ub))
-        if whole:
-            continue
-        stepped.append(state["step"])
-        rr, gg, hh = rr + t.rr, gg + t.gg, hh + t.hh
-    if stepped:
-        torch._foreach_add_(stepped, 1.0)
-    if out is not None:
-        out["residual_sq"] += rr
-        out["grad_sq"] += gg
-        out["estimate_sq"] += hh
-        out["skipped"] += skipped
-        if stepped:
-            out["steps"] += 1
-    return out
+    # Nothing moved (and the kernel kept the step count) where rank-one saw a non-finite
+    # entry or where every entry was non-finite.
+    if not diagnostics:
+        return None
+    bad = [t for t in ts if t.nbad > 0]
+    moved = [t for t in ts if not (t.nbad > 0 and (estimator == "rank_one" or t.nbad == t.n))]
+    return {
+        "steps": torch.tensor(float(bool(moved)), dtype=torch.float64),
+        "residual_sq": torch.tensor(sum(t.rr for t in moved), dtype=torch.float64),
+        "grad_sq": torch.tensor(sum(t.gg for t in moved), dtype=torch.float64),
+        "estimate_sq": torch.tensor(sum(t.hh for t in moved), dtype=torch.float64),
+        "skipped": torch.tensor(float(len(bad)), dtype=torch.float64),
+    }
 
 
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"hf_to native kernel failed with code {rc}")
-
-
-def forget(params: list[Tensor]) -> None:
-    """Drop the carried sums of ``params`` (e.g. after their state was replaced)."""
-    for p in params:
-        _carried.pop(p, None)
