@@ -15,11 +15,12 @@
  *
  * Whole-tensor sums that the step needs *before* it writes (w'w for the normalised rate;
  * v'w, u'u, u'b for rank-one) are sums of values the previous step wrote, so the previous
- * pass computes them from the values it stores and the caller carries them to the next step
- * (hf_to.native checks they are still current and calls to_sums otherwise).  Every sum is
- * formed per block of BLOCK elements by block_sum() and the block sums are added in block
- * order in double: the result does not depend on the thread count, and to_sums() reproduces
- * the carried value bit for bit (so a resumed run continues exactly).  Only rank-one needs
+ * pass forms them right after it writes each block (re-reading it from cache) and the caller
+ * carries them to the next step (hf_to.native checks they are still current and calls
+ * to_sums otherwise).  Every such sum is formed per block of BLOCK elements by the one
+ * compiled copy of block_sums() and the block sums are added in block order in double: the
+ * result does not depend on the thread count, and to_sums() reproduces the carried value bit
+ * for bit (so a resumed run continues exactly).  Only rank-one needs
  * a sum of the new gradient (u'g), which costs it a pre-pass over u and g.
  *
  * Non-finite gradients: the diagonal and none estimators leave an entry whose gradient is
@@ -120,15 +121,6 @@ static inline float store_state(void *p, int64_t i, float x, int ok, const int d
     float *q = (float *)p; float s = ok ? x : q[i]; q[i] = s; return s;
 }
 
-/* The one reduction every carried sum goes through: fixed order, so the same values give
- * the same bits in to_step and to_sums whatever the thread count. */
-__attribute__((noinline)) static double block_sum(const float *x, int64_t len) {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < len; ++i) s += (double)x[i];
-    return s;
-}
-
 static inline int is_finite(float g) { return fabsf(g) <= FLT_MAX; }
 
 /* -- blocks of a group ------------------------------------------------------------------ */
@@ -136,19 +128,26 @@ static inline int is_finite(float g) { return fabsf(g) <= FLT_MAX; }
 typedef struct {
     int64_t *first;   /* first block of each tensor, and the total at [k] */
     double *part;     /* NSUMS partial sums per block */
+    int own;          /* part was allocated here */
 } layout;
 
-static int layout_init(layout *L, const to_tensor *ts, int64_t k) {
+/* part: the caller's scratch of cap doubles when large enough (a buffer kept between calls
+ * saves page faults), else allocated here. */
+static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratch, int64_t cap) {
     L->first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
     if (!L->first) return -1;
     L->first[0] = 0;
     for (int64_t t = 0; t < k; ++t) L->first[t + 1] = L->first[t] + (ts[t].n + BLOCK - 1) / BLOCK;
-    L->part = (double *)calloc((size_t)(L->first[k] ? L->first[k] : 1) * NSUMS, sizeof(double));
+    L->own = L->first[k] * NSUMS > cap;
+    L->part = L->own ? (double *)malloc(sizeof(double) * (size_t)(L->first[k] * NSUMS + 1)) : scratch;
     if (!L->part) { free(L->first); return -1; }
     return 0;
 }
 
-static void layout_free(layout *L) { free(L->first); free(L->part); }
+static void layout_free(layout *L) {
+    free(L->first);
+    if (L->own) free(L->part);
+}
 
 static inline int64_t tensor_of(const layout *L, int64_t k, int64_t blk) {
     int64_t lo = 0, hi = k - 1;
@@ -178,20 +177,24 @@ static double total(const layout *L, int64_t t, int s) {
     default: rc = -2;                                                                         \
     }
 
-__attribute__((always_inline)) static inline void sums_block(const to_tensor *T, int64_t lo, int64_t hi, double *out, const int pt,
-                              const int st, const int est) {
-    float x[BLOCK];
-    int64_t len = hi - lo;
-    const void *const W = T->w, *const B = T->b, *const S1 = T->s1, *const S2 = T->s2;
-    for (int64_t i = lo; i < hi; ++i) { float w = load(W, i, pt); x[i - lo] = w * w; }
-    out[S_WW] = block_sum(x, len);
-    if (est != EST_RANK_ONE) return;
-    for (int64_t i = lo; i < hi; ++i) x[i - lo] = load(S2, i, st) * load(W, i, pt);
-    out[S_VW] = block_sum(x, len);
-    for (int64_t i = lo; i < hi; ++i) { float u = load(S1, i, st); x[i - lo] = u * u; }
-    out[S_UU] = block_sum(x, len);
-    for (int64_t i = lo; i < hi; ++i) x[i - lo] = load(S1, i, st) * load(B, i, st);
-    out[S_UB] = block_sum(x, len);
+__attribute__((always_inline)) static inline void sums_block(const to_tensor *T, int64_t lo, int64_t hi, double *out,
+                                                             const int pt, const int st, const int est) {
+    const void *const W = T->w, *const B = T->b, *const U = T->s1, *const V = T->s2;
+    float ww = 0.0f, vw = 0.0f, uu = 0.0f, ub = 0.0f;
+    if (est != EST_RANK_ONE) {
+#pragma omp simd reduction(+ : ww)
+        for (int64_t i = lo; i < hi; ++i) { float w = load(W, i, pt); ww += w * w; }
+    } else {
+#pragma omp simd reduction(+ : ww, vw, uu, ub)
+        for (int64_t i = lo; i < hi; ++i) {
+            float w = load(W, i, pt), u = load(U, i, st);
+            ww += w * w;
+            vw += load(V, i, st) * w;
+            uu += u * u;
+            ub += u * load(B, i, st);
+        }
+    }
+    out[S_WW] = ww; out[S_VW] = vw; out[S_UU] = uu; out[S_UB] = ub;
 }
 
 /* One compiled copy of the block sums for both callers, to_step and to_sums (and kept out
@@ -206,11 +209,11 @@ __attribute__((noinline)) static int block_sums(const to_tensor *T, int64_t lo, 
 }
 
 /* Recompute the carried sums (w'w; rank-one also v'w, u'u, u'b) of every tensor. */
-int to_sums(to_tensor *ts, int64_t k, const to_config *cfg) {
+int to_sums(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap) {
     layout L;
     int rc = 0;
     if (k <= 0) return 0;
-    if (layout_init(&L, ts, k)) return -1;
+    if (layout_init(&L, ts, k, scratch, cap)) return -1;
     int64_t nblocks = L.first[k];
 #pragma omp parallel for schedule(static) num_threads(cfg->nthreads) reduction(| : rc)
     for (int64_t j = 0; j < nblocks; ++j) {
@@ -237,10 +240,12 @@ typedef struct {  /* per-tensor scalars of one step, float32 as in the readable 
 
 __attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
                               int64_t hi, double *out, const int pt, const int st, const int est,
-                              const int adam) {
+                              const int adam, const int norm) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
-    const int norm = cfg->normalize, diag = cfg->diagnostics;
+    /* Every flag the loop tests is a compile-time constant (est, adam, norm, the storage
+     * types): with a run-time flag inside, GCC kept a scalar copy of the loop and ran it.
+     * The diagnostic sums are always formed (three FMAs on values in registers). */
     /* float block sums: double accumulators in a 16-lane loop halve its speed. */
     float bad = 0.0f, rr = 0.0f, gg = 0.0f, hh = 0.0f;
     /* Local copies: stores through the data pointers cannot then alias the descriptor. */
@@ -251,7 +256,8 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
 #pragma omp simd reduction(+ : bad, rr, gg, hh)
     for (int64_t i = lo; i < hi; ++i) {
         float w = load(W, i, pt), g0 = load(G, i, pt);
-        int ok = is_finite(g0);
+        /* rank-one runs only on all-finite gradients (its pre-pass counted them) */
+        int ok = est == EST_RANK_ONE ? 1 : is_finite(g0);
         float g = ok ? g0 : 0.0f, b = load(B, i, st), r, gh, bn;
         if (est == EST_DIAGONAL) {
             float a = load(S1, i, st);
@@ -283,11 +289,9 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
         }
         store_param(W, i, w * decay - lr * d, ok, pt);
         bad += ok ? 0.0f : 1.0f;
-        if (diag) {
-            rr += ok ? r * r : 0.0f;
-            gg += g * g;
-            hh += ok ? gh * gh : 0.0f;
-        }
+        rr += ok ? r * r : 0.0f;
+        gg += g * g;
+        hh += ok ? gh * gh : 0.0f;
     }
     /* The sums the next step needs, from the values just stored (still in cache), by the
      * code to_sums() runs: the same values give the same bits. */
@@ -295,19 +299,18 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
     out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
 }
 
-/* Rank-one pre-pass: u'g and the non-finite count of the new gradient. */
-__attribute__((always_inline)) static inline void pre_block(const to_tensor *T, int64_t lo, int64_t hi, double *out, const int pt,
-                             const int st) {
-    float ug = 0.0f, bad = 0.0f;
+/* Rank-one pre-pass: u'g of the new gradient, and whether it is finite: u*g is inf or NaN
+ * wherever g is (0*inf is NaN), so the sum is non-finite exactly when an entry is (barring
+ * an overflow of u'g itself, which would skip the tensor).  No masks in the loop: with them
+ * GCC kept the accumulator on the stack or gave up vectorising. */
+__attribute__((always_inline)) static inline void pre_block(const to_tensor *T, int64_t lo, int64_t hi, double *out,
+                                                            const int pt, const int st) {
+    float ug = 0.0f;
     const void *const G = T->g, *const U = T->s1;
-#pragma omp simd reduction(+ : ug, bad)
-    for (int64_t i = lo; i < hi; ++i) {
-        float g = load(G, i, pt);
-        int ok = is_finite(g);
-        bad += ok ? 0.0f : 1.0f;
-        ug += ok ? load(U, i, st) * g : 0.0f;
-    }
-    out[S_UU] = ug; out[S_BAD] = bad;
+#pragma omp simd reduction(+ : ug)
+    for (int64_t i = lo; i < hi; ++i) ug += load(U, i, st) * load(G, i, pt);
+    out[S_UU] = ug;
+    out[S_BAD] = isfinite(ug) ? 0.0 : 1.0;
 }
 
 static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
@@ -329,14 +332,22 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     S->seed_v2 = seed_of(*T->step, 5);
 }
 
+#define STEP_CASE(PT, ST, EST, ADAM, NORM)                                                    \
+    case EST * 4 + ADAM * 2 + NORM:                                                           \
+        step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST, ADAM, NORM);                 \
+        break;
+#define STEP_CASES(PT, ST, EST)                                                               \
+    STEP_CASE(PT, ST, EST, 0, 0) STEP_CASE(PT, ST, EST, 0, 1)                                  \
+    STEP_CASE(PT, ST, EST, 1, 0) STEP_CASE(PT, ST, EST, 1, 1)
+
 /* One step of every tensor (none is on its first step).  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
-int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
+int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap) {
     layout L;
     int rc = 0;
     const int est = cfg->estimator;
     if (k <= 0) return 0;
-    if (layout_init(&L, ts, k)) return -1;
+    if (layout_init(&L, ts, k, scratch, cap)) return -1;
     scalars *S = (scalars *)calloc((size_t)k, sizeof(scalars));
     char *run = (char *)malloc((size_t)k);
     if (!S || !run) { free(S); free(run); layout_free(&L); return -1; }
@@ -372,15 +383,10 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
         int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
         if (!run[t]) continue;                                                                \
         double *out = &L.part[j * NSUMS];                                                     \
-        if (est == EST_DIAGONAL) {                                                            \
-            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_DIAGONAL, 1); \
-            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_DIAGONAL, 0);        \
-        } else if (est == EST_RANK_ONE) {                                                     \
-            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_RANK_ONE, 1); \
-            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_RANK_ONE, 0);        \
-        } else {                                                                              \
-            if (cfg->adam) step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_NONE, 1);  \
-            else step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST_NONE, 0);            \
+        switch (est * 4 + cfg->adam * 2 + cfg->normalize) {                                    \
+        STEP_CASES(PT, ST, EST_DIAGONAL)                                                      \
+        STEP_CASES(PT, ST, EST_RANK_ONE)                                                      \
+        STEP_CASES(PT, ST, EST_NONE)                                                          \
         }                                                                                     \
     }
         DISPATCH_TYPES(STEP)
@@ -406,4 +412,4 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg) {
     return rc;
 }
 
-int to_abi_version(void) { return 2; }
+int to_abi_version(void) { return 3; }

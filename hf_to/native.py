@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 2
+_ABI = 3
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -154,7 +154,13 @@ def _load() -> ctypes.CDLL | None:
         if lib.to_abi_version() != _ABI:
             raise RuntimeError(f"native kernel ABI {lib.to_abi_version()} != {_ABI}")
         for fn in (lib.to_step, lib.to_sums):
-            fn.argtypes = [ctypes.POINTER(_Tensor), ctypes.c_int64, ctypes.POINTER(_Config)]
+            fn.argtypes = [
+                ctypes.POINTER(_Tensor),
+                ctypes.c_int64,
+                ctypes.POINTER(_Config),
+                ctypes.POINTER(ctypes.c_double),
+                ctypes.c_int64,
+            ]
             fn.restype = ctypes.c_int
         _lib = lib
     except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
@@ -218,6 +224,9 @@ class _Plan:
         self.ts = (_Tensor * len(params))()
         self.held: list[tuple[Tensor, ...]] = [()] * len(params)
         self.prints: list[tuple | None] = [None] * len(params)
+        # Scratch for the kernel's per-block sums (8 per block of 2048 elements).
+        self.cap = 8 * sum(-(-p.numel() // 2048) for p in params)
+        self.scratch = (ctypes.c_double * max(self.cap, 1))()
 
     def alive(self, params: list[Tensor]) -> bool:
         return all(ref() is p for ref, p in zip(self.refs, params))
@@ -310,10 +319,10 @@ def native_step(
     )
     if stale:  # first native step, or PyTorch wrote to the tensors: recompute the carried sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
-        _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg)))
+        _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg), plan.scratch, plan.cap))
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
-    _check(lib.to_step(ts, k, ctypes.byref(cfg)))
+    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap))
 
     # Nothing moved (and the kernel kept the step count) where rank-one saw a non-finite
     # entry or where every entry was non-finite.
