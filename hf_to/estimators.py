@@ -52,17 +52,67 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "COORDINATEWISE_ESTIMATORS",
     "ESTIMATORS",
     "DiagonalEstimator",
     "Estimator",
     "FullEstimator",
     "NoSlopeEstimator",
     "RankOneEstimator",
+    "count_nonfinite",
+    "finite_mask_and_count",
     "get_estimator",
+    "nonfinite_action",
 ]
 
 # Keeps a normalised step finite when w == 0 (e.g. a LoRA B matrix at initialisation).
 TINY = 1e-30
+
+#: Structures whose update decouples per entry (but for the scalar wᵀw of the normalised
+#: rate): an entry with a non-finite gradient can be left alone while the others step.
+COORDINATEWISE_ESTIMATORS = ("diagonal", "none")
+
+
+def nonfinite_action(estimator: str, count: float, n: int, dtype: torch.dtype = torch.float32) -> str:
+    """What one tensor's step does given ``count`` non-finite gradient entries of its ``n``.
+
+    ``"step"`` (none), ``"masked"`` (a coordinate-wise estimator with some but not all
+    entries non-finite: those entries keep their weight and state, the others step) or
+    ``"skip"`` (nothing is written and ``step`` does not advance: every entry is non-finite,
+    or any entry for ``rank_one`` and ``full``, whose update couples all coordinates).
+
+    ``count`` is the sentinel of the per-tensor stats row, a sum in ``dtype`` (over shards for
+    a sharded tensor).  Above 2**24 (float32) the count is rounded, so ``n`` is rounded alike.
+    """
+    if count == 0:
+        return "step"
+    if estimator not in COORDINATEWISE_ESTIMATORS:
+        return "skip"
+    whole = float(n) if n <= 2**24 or dtype == torch.float64 else float(torch.tensor(float(n), dtype=dtype))
+    return "skip" if count >= whole else "masked"
+
+
+def count_nonfinite(g: Tensor) -> Tensor:
+    """The non-finite sentinel: the number of ``inf``/``nan`` entries of ``g``, in ``g``'s dtype.
+
+    Counted as an integer (exact), then cast, so that the rows of all tensors stack and sum
+    over shards like the other whole-tensor sums.
+    """
+    return finite_mask_and_count(g)[1]
+
+
+def finite_mask_and_count(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mask, count)``: True where ``g`` is finite, and the number of other entries (``g``'s dtype).
+
+    Eagerly ``z = g·0`` (0 where ``g`` is finite, nan where not) gives both several times
+    faster than ``isfinite`` and a boolean sum; under ``torch.compile`` (where Inductor folds
+    ``g·0`` to 0, and the loops fuse anyway) ``isfinite`` is used.
+    """
+    if torch.compiler.is_compiling():
+        mask = torch.isfinite(g)
+        return mask, mask.logical_not().sum().to(g.dtype)
+    z = g * 0
+    return z == 0, torch.count_nonzero(z).to(g.dtype)
 
 
 class Estimator:

@@ -4,12 +4,19 @@ r"""Fused step kernels: one pass over each tensor per phase, compiled when asked
 ``hf_to.optimizer._single_tensor_trainable_to``, with the same two phases:
 
 1. one *stats* kernel per tensor reads ``w`` and ``g`` (and the rank-one factors) once and
-   returns the row ``[Σg, *Estimator.stat_names]``;  the rows go through ``reduce_stats``
-   (one all-reduce for sharded parameters) and one host read of the finite flags;
+   returns the row ``[count, *Estimator.stat_names]``, ``count`` being the number of
+   non-finite gradient entries;  the rows go through ``reduce_stats`` (one all-reduce for
+   sharded parameters, so the count is the whole tensor's) and one host read of the counts;
 2. one *update* kernel per tensor does the residual, the estimator step, the estimate, the
    Adam preconditioner and the weight update in a single pass: it reads ``w``, ``g`` and the
    ``k`` state tensors once and writes ``w`` and the ``k`` states once — the ``2k + 3``
    streams of an in-place elementwise step, with no parameter-sized temporary when compiled.
+
+*Non-finite gradients* (see :func:`hf_to.estimators.nonfinite_action`).  ``diagonal`` and
+``none`` are coordinate-wise: an entry whose gradient is ``inf``/``nan`` keeps its weight
+and state (the kernel steps with ``g = 0`` there and selects the old values on store), so
+the check costs no pass of its own; only a tensor non-finite in every entry is skipped
+whole.  ``rank_one`` couples all coordinates and skips a tensor with any non-finite entry.
 
 The kernels are plain PyTorch functions.  ``torch.compile`` (Inductor, ``dynamic=True`` so
 that one kernel serves every tensor size) fuses each into one loop; where compilation is
@@ -21,7 +28,9 @@ it happens once, and compiling its variant would double the compile time.
 
 On a CPU without sharded parameters (no ``reduce_stats``) the two phases run tensor by
 tensor, so that phase 2 re-reads ``w`` and ``g`` from the cache rather than from memory;
-elsewhere all rows are reduced and read back together, as in the readable path.
+elsewhere all rows are reduced and read back together, as in the readable path.  In the
+one-pass kernel the coordinate-wise estimators mask each entry on its own gradient, so
+the sums and the step need no whole-tensor verdict in between.
 
 *Low-memory state.*  With ``bfloat16`` state tensors the kernels compute in float32 and
 store with **stochastic rounding**: a uniform pseudo-random integer in ``[0, 2**16)`` (a
@@ -48,7 +57,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local_view
-from .estimators import TINY
+from .estimators import TINY, finite_mask_and_count, nonfinite_action
 
 __all__ = [
     "AUTO_MIN_NUMEL",
@@ -130,21 +139,27 @@ def _compute_dtype(b: Tensor) -> torch.dtype:
 # -- phase 1: partial sums -----------------------------------------------------------------
 
 
+# Row[0] of every stats row is the non-finite sentinel: the number of entries of g (in the
+# compute dtype) that are inf or nan, counted as an integer and cast to the row's dtype
+# (``finite_mask_and_count``).
+
+
 def _stats_diagonal(w: Tensor, g: Tensor, b: Tensor) -> Tensor:
     cd = _compute_dtype(b)
     wf = w.to(cd)
-    return torch.stack([g.to(cd).sum(), (wf * wf).sum()])
+    return torch.stack([finite_mask_and_count(g.to(cd))[1], (wf * wf).sum()])
 
 
 def _stats_none(w: Tensor, g: Tensor, b: Tensor) -> Tensor:
-    return g.to(_compute_dtype(b)).sum().reshape(1)
+    return finite_mask_and_count(g.to(_compute_dtype(b)))[1].reshape(1)
 
 
 def _stats_rank_one(w: Tensor, g: Tensor, b: Tensor, u: Tensor, v: Tensor) -> Tensor:
     cd = _compute_dtype(b)
     wf, gf, bf, uf, vf = w.to(cd), g.to(cd), b.to(cd), u.to(cd), v.to(cd)
+    count = finite_mask_and_count(gf)[1]
     # Same order as RankOneEstimator.stat_names: ww, vw, uu, ub, ug.
-    return torch.stack([gf.sum(), (wf * wf).sum(), (vf * wf).sum(), (uf * uf).sum(), (uf * bf).sum(), (uf * gf).sum()])
+    return torch.stack([count, (wf * wf).sum(), (vf * wf).sum(), (uf * uf).sum(), (uf * bf).sum(), (uf * gf).sum()])
 
 
 # -- phase 2: the elementwise step ---------------------------------------------------------
@@ -175,18 +190,39 @@ def _beta(hp: Tensor, step: Tensor, cd: torch.dtype) -> Tensor:
     return torch.maximum(hp[BETA], hp[WARMUP] / (step.to(hp.device, torch.float64) + 1)).to(cd)
 
 
+# ``ok`` says where the step is taken: ``None`` (everywhere), a 0-d flag (the whole tensor:
+# rank-one in the one-pass kernel) or a mask shaped like the tensor (the coordinate-wise
+# estimators: False at the entries whose gradient is not finite).
+
+
 def _keep_if(ok: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
-    """``new`` where the step is taken; ``old`` (cast) where it is skipped (one-pass kernels)."""
+    """``new`` where the step is taken; ``old`` (cast) where it is not."""
     return new if ok is None else torch.where(ok, new, old.to(new.dtype))
 
 
+def _grad(g: Tensor, cd: torch.dtype, ok: Tensor | None) -> Tensor:
+    """``g`` in the compute dtype, 0 at the masked entries (so no inf/nan enters their arithmetic).
+
+    With a 0-d flag nothing of a skipped tensor is kept, so ``g`` goes in as it is.
+    """
+    gf = g.to(cd)
+    return gf if ok is None or ok.dim() == 0 else torch.where(ok, gf, 0.0)
+
+
+def _finite_part(ok: Tensor | None, x: Tensor) -> Tensor:
+    """``x`` with 0 where the step is not taken (for the diagnostic sums)."""
+    return x if ok is None else torch.where(ok, x, 0.0)
+
+
 def _store(dst: Tensor, x: Tensor, ok: Tensor | None, seed: Tensor) -> None:
-    """Write ``x`` (float32/float64) into the tensor ``dst`` of any float dtype."""
-    x = _keep_if(ok, x, dst)
+    """Write ``x`` (float32/float64) into the tensor ``dst`` of any float dtype.
+
+    Where ``ok`` is False the old raw value of ``dst`` is written back, bit for bit (also
+    in bfloat16: the old value is selected after the rounding).
+    """
     if dst.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
-        dst.copy_(_round_bf16(x.float(), seed))
-    else:
-        dst.copy_(x)
+        x = _round_bf16(x.float(), seed)
+    dst.copy_(_keep_if(ok, x, dst))
 
 
 def _finish(
@@ -213,7 +249,13 @@ def _finish(
     p.copy_(_keep_if(ok, w * hp[DECAY].to(w.dtype) - hp[LR].to(w.dtype) * d, w))
     if not diagnostics:
         return None
-    rr = (r * r).sum() if r is not None else torch.zeros((), dtype=w.dtype, device=w.device)
+    # Sums over the entries that step (gf is already 0 elsewhere).
+    if r is None:
+        rr = torch.zeros((), dtype=w.dtype, device=w.device)
+    else:
+        r = _finite_part(ok, r)
+        rr = (r * r).sum()
+    g_hat = _finite_part(ok, g_hat)
     return torch.stack([rr, (gf * gf).sum(), (g_hat * g_hat).sum()])
 
 
@@ -233,7 +275,7 @@ def _update_diagonal(
     ok: Tensor | None = None,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
-    w, gf = p.to(cd), g.to(cd)
+    w, gf = p.to(cd), _grad(g, cd, ok)
     r = None
     if seed_intercept:  # b_0 = g_0: r_0 = 0, the slope stays at A_0 = 0
         g_hat = gf
@@ -268,7 +310,7 @@ def _update_none(
     ok: Tensor | None = None,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
-    w, gf = p.to(cd), g.to(cd)
+    w, gf = p.to(cd), _grad(g, cd, ok)
     r = None
     if seed_intercept:
         g_hat = gf
@@ -298,7 +340,7 @@ def _update_rank_one(
     first: bool = False,
 ) -> Tensor | None:
     cd = _compute_dtype(b)
-    w, gf = p.to(cd), g.to(cd)
+    w, gf = p.to(cd), _grad(g, cd, ok)
     row = row.to(cd)
     ww, vw, uu, ub, ug = row[1], row[2], row[3], row[4], row[5]
     if first:  # v_0 = w_0/‖w_0‖ (1/√n when w_0 = 0), so v_0ᵀw_0 = ‖w_0‖
@@ -332,7 +374,10 @@ def _update_rank_one(
 def _one_pass(stats: Callable[..., Tensor], update: Callable[..., Tensor | None]) -> Callable[..., Tensor]:
     """Both phases in one kernel for an unsharded tensor: the sums, then the step where finite.
 
-    Returns ``[Σg, *diagnostic sums]``; nothing is written where ``Σg`` is not finite.
+    Returns ``[count, *diagnostic sums]`` (``count``: non-finite gradient entries).  The
+    coordinate-wise estimators step every entry whose gradient is finite and write back the
+    old values elsewhere (so a tensor that is non-finite everywhere is left as it was);
+    rank-one writes nothing when ``count > 0``.
     """
 
     def kernel(
@@ -348,17 +393,17 @@ def _one_pass(stats: Callable[..., Tensor], update: Callable[..., Tensor | None]
         diagnostics: bool,
         first: bool,
     ) -> Tensor:
+        cd = _compute_dtype(b)
         if update is _update_rank_one:
             row = stats(p, g, b, *slope)
-        elif update is _update_diagonal and normalize:
-            # One reduction for both the sentinel and wᵀw: g·0 is 0 where g is finite, NaN where not.
-            cd = _compute_dtype(b)
-            w = p.to(cd)
-            check = (w * w + g.to(cd) * 0).sum()
-            row = torch.stack([check, check])
-        else:  # the sentinel only (wᵀw is not used)
-            row = _stats_none(p, g, b)
-        ok = torch.isfinite(row[0])
+            ok = row[0] == 0  # the update couples all coordinates: all or nothing
+        else:
+            ok, count = finite_mask_and_count(g.to(cd))  # coordinate-wise: entry by entry
+            if update is _update_diagonal and normalize:
+                w = p.to(cd)
+                row = torch.stack([count, (w * w).sum()])  # wᵀw over all entries
+            else:  # the sentinel only (wᵀw is not used)
+                row = count.reshape(1)
         extra = {"first": first} if update is _update_rank_one else {}
         sums = update(
             p, g, b, *slope, exp_avg_sq, row, hp, step, p.numel(), normalize, seed_intercept, diagnostics, ok, **extra
@@ -540,23 +585,24 @@ def fused_trainable_to(
             out["grad_sq"] += gg
             out["estimate_sq"] += hh
 
-    any_finite = False
+    any_step = False
     if reduce_stats is None and device.type == "cpu":
         # Unsharded on a CPU: both phases in one kernel per tensor, so the sums and the step
-        # read w and g once from memory, and the finite flag is read without a device sync.
-        for p, g, state in zip(params, grads, states):
+        # read w and g once from memory, and the count is read without a device sync.
+        for p, n, g, state in zip(params, numels, grads, states):
             first, w, (w, gf, b, slope, v2), key = kernel_args(p, g, state)
             args = (w, gf, b, slope, v2, hp, state["step"], normalize, first and intercept_from_gradient)
             args += (diagnostics, first and estimator == "rank_one")
             res = _call(estimator, _ONE_PASS, compile and not first, ("one_pass", estimator, *key, diagnostics), *args)
-            if not torch.isfinite(res[0]).item():
-                if out is not None:
-                    out["skipped"] += 1
+            action = nonfinite_action(estimator, res[0].item(), n, res.dtype)
+            if action != "step" and out is not None:
+                out["skipped"] += 1
+            if action == "skip":  # the kernel wrote nothing
                 continue
-            any_finite = True
+            any_step = True
             finish(p, w, state, res[1:] if diagnostics else None)
     else:
-        # Phase 1: per-tensor partial sums, one reduction, one host read of the finite flags.
+        # Phase 1: per-tensor partial sums, one reduction, one host read of the counts.
         rows = []
         for p, g, state in zip(params, grads, states):
             b = state["b"].view(-1)
@@ -566,22 +612,26 @@ def fused_trainable_to(
         sums = torch.stack(rows)
         if reduce_stats is not None:
             sums = reduce_stats(sums)
-        finite = torch.isfinite(sums[:, 0]).tolist()
+        counts = sums[:, 0].tolist()
         # Phase 2: the elementwise step given the summed rows.
-        for p, n, g, state, row, ok in zip(params, numels, grads, states, sums, finite):
-            if not ok:
-                if out is not None:
-                    out["skipped"] += 1
+        for p, n, g, state, row, count in zip(params, numels, grads, states, sums, counts):
+            action = nonfinite_action(estimator, count, n, sums.dtype)
+            if action != "step" and out is not None:
+                out["skipped"] += 1
+            if action == "skip":
                 continue
-            any_finite = True
+            any_step = True
             first, w, (w, gf, b, slope, v2), key = kernel_args(p, g, state)
+            # Some entries non-finite (rare): mask them; this shard may hold none of them.
+            ok = finite_mask_and_count(gf.to(_compute_dtype(b)))[0] if action == "masked" else None
             args = (w, gf, b, *slope, v2, row.to(b.device), hp, state["step"], n, normalize)
-            args += (first and intercept_from_gradient, diagnostics, None)
+            args += (first and intercept_from_gradient, diagnostics, ok)
             if estimator == "rank_one":
                 args += (first,)
-            sums_i = _call(estimator, _UPDATES, compile and not first, ("update", estimator, *key, diagnostics), *args)
+            key = ("update", estimator, *key, diagnostics, ok is not None)
+            sums_i = _call(estimator, _UPDATES, compile and not first, key, *args)
             finish(p, w, state, sums_i)
-    if out is not None and any_finite:
+    if out is not None and any_step:
         out["steps"] += 1
     return out
 

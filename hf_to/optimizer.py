@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
-from .estimators import ESTIMATORS, Estimator, get_estimator
+from .estimators import ESTIMATORS, Estimator, count_nonfinite, get_estimator, nonfinite_action
 from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
 
 __all__ = ["ALPHA_SCALINGS", "INTERCEPT_INITS", "PRECONDITIONERS", "TrainableOptimizer", "trainable_to"]
@@ -115,8 +115,14 @@ class TrainableOptimizer(Optimizer):
     parameters and float64 for float64 parameters, and keeps that dtype through
     ``load_state_dict``.
 
-    Non-finite gradients: a tensor whose gradient holds ``inf``/``nan`` is skipped for that
-    step (weights, state and its ``step`` untouched) and counted in :meth:`diagnostics`.
+    Non-finite gradients: with the coordinate-wise estimators ``"diagonal"`` and ``"none"``
+    the entries whose gradient is ``inf``/``nan`` keep their weight and every state entry
+    for that step while the other entries step as usual (the tensor's ``step`` advances; the
+    normalised rate's :math:`w^\top w` still sums all entries); a tensor whose gradient is
+    non-finite in *every* entry is skipped (weights, state and its ``step`` untouched).
+    ``"rank_one"`` and ``"full"`` couple all coordinates, so they skip a tensor with any
+    non-finite gradient entry.  Partly and wholly skipped tensors are counted in
+    :meth:`diagnostics`.
     """
 
     def __init__(
@@ -320,8 +326,9 @@ class TrainableOptimizer(Optimizer):
         before the estimator step), ``grad_sq`` (:math:`\sum_p\lVert g_t\rVert^2`),
         ``estimate_sq`` (:math:`\sum_p\lVert \hat G_t\rVert^2`), ``relative_residual``
         (``residual_sq / grad_sq``; near 1 means the estimator explains little of the
-        gradient, near 0 that it tracks it) and ``skipped`` (tensor updates skipped for
-        non-finite gradients).  Empty list when ``diagnostics=False``.
+        gradient, near 0 that it tracks it) and ``skipped`` (tensor updates skipped wholly
+        or partly for non-finite gradients; the sums above cover the finite entries only).
+        Empty list when ``diagnostics=False``.
 
         With sharded (FSDP2) parameters each rank accumulates the sums over its local shards;
         ``all_reduce=True`` sums them over the shard group (one collective per sharded param
@@ -498,11 +505,12 @@ def trainable_to(
     """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
 
     The step runs in two phases.  Phase 1 computes, per tensor, partial sums over the
-    elements at hand: a non-finite sentinel (the sum of the gradient) and the whole-tensor
-    sums the estimator needs (``Estimator.stat_names``).  They are stacked into one
-    ``(tensors, sums)`` matrix, passed through ``reduce_stats`` (the identity on one process;
-    one all-reduce for all tensors when parameters are sharded) and read back once to find
-    the tensors to skip.  Phase 2 is elementwise given those sums.
+    elements at hand: a non-finite sentinel (the number of non-finite gradient entries) and
+    the whole-tensor sums the estimator needs (``Estimator.stat_names``).  They are stacked
+    into one ``(tensors, sums)`` matrix, passed through ``reduce_stats`` (the identity on one
+    process; one all-reduce for all tensors when parameters are sharded, so the count is the
+    whole tensor's) and read back once to find the tensors to skip or mask (see
+    :func:`hf_to.estimators.nonfinite_action`).  Phase 2 is elementwise given those sums.
 
     ``fused`` selects the fused kernels of :mod:`hf_to.kernels` (``True``: compiled, eager
     fallback; ``False``: this readable path; ``None``: see :func:`hf_to.kernels.use_fused`).
@@ -563,22 +571,38 @@ def _single_tensor_trainable_to(
         w = p.view(-1) if in_place else p.detach().reshape(-1).to(b.dtype)
         views.append((w, local_view(g).reshape(-1).to(b.dtype), b.view(-1), in_place))
 
-    # Phase 1: partial sums, one row per tensor: [Σg (non-finite sentinel), *stat_names].
+    # Phase 1: partial sums, one row per tensor: [non-finite count (sentinel), *stat_names].
+    # Unsharded, the count is needed only where Σg is not finite (some entry is inf/nan, or
+    # the sum overflowed): Σg stands in for it, a few times cheaper, and is replaced below.
+    count = count_nonfinite if reduce_stats is not None else torch.sum
     rows = [
-        torch.stack([gf.sum(), *estimator.local_stats(state, w, gf, bf)]).to(device)
+        torch.stack([count(gf), *estimator.local_stats(state, w, gf, bf)]).to(device)
         for (w, gf, bf, _), state in zip(views, states)
     ]
     sums = torch.stack(rows)
     if reduce_stats is not None:
         sums = reduce_stats(sums)
-    finite = torch.isfinite(sums[:, 0]).tolist()
+    counts = sums[:, 0].tolist()
+    if reduce_stats is None:
+        counts = [0.0 if math.isfinite(c) else count_nonfinite(v[1]).item() for c, v in zip(counts, views)]
+    actions = [nonfinite_action(estimator.name, c, n, sums.dtype) for c, n in zip(counts, numels)]
 
     stats = _empty_stats(device) if diagnostics else None
-    for p, n, state, (w, gf, bf, in_place), row, ok in zip(params, numels, states, views, sums, finite):
-        if not ok:
-            if stats is not None:
-                stats["skipped"] += 1
+    for p, n, state, (w, gf, bf, in_place), row, action in zip(params, numels, states, views, sums, actions):
+        if action != "step" and stats is not None:
+            stats["skipped"] += 1
+        if action == "skip":
             continue
+        bad = kept = None
+        if action == "masked":
+            # Some entries of a coordinate-wise estimator's gradient are non-finite: step the
+            # others with g = 0 there, then put back those entries' weight and state (rare).
+            bad = ~torch.isfinite(gf)
+            slots = [w, bf, *(state[k].view(-1) for k in estimator.state_keys)]
+            if adam:
+                slots.append(state["exp_avg_sq"].view(-1))
+            kept = [(t, t[bad]) for t in slots]
+            gf = gf.masked_fill(bad, 0)
         first = state["step"].item() == 0
         state["step"] += 1
         named = {k: v.to(bf.device) for k, v in zip(estimator.stat_names, row[1:])}
@@ -598,10 +622,13 @@ def _single_tensor_trainable_to(
             intercept_from_gradient=intercept_from_gradient,
         )
         if stats is not None:
+            # Sums over the finite entries (the masked ones contribute 0).
             if r is not None:
+                r = r if bad is None else r.masked_fill(bad, 0)
                 stats["residual_sq"] += torch.dot(r, r).to(device)
             stats["grad_sq"] += torch.dot(gf, gf).to(device)
-            stats["estimate_sq"] += torch.dot(g_hat, g_hat).to(device)
+            h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
+            stats["estimate_sq"] += torch.dot(h, h).to(device)
 
         if adam:
             v = state["exp_avg_sq"].view(-1)
@@ -612,9 +639,12 @@ def _single_tensor_trainable_to(
         if weight_decay != 0:
             w.mul_(1 - lr * weight_decay)
         w.add_(g_hat, alpha=-lr)
+        if kept is not None:
+            for t, old in kept:
+                t[bad] = old
         if not in_place:
             p.copy_(w.view_as(p))
 
-    if stats is not None and any(finite):
+    if stats is not None and any(a != "skip" for a in actions):
         stats["steps"] += 1
     return stats

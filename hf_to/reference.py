@@ -41,13 +41,35 @@ def reference_step(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[s
     """Apply one TO step to parameter ``p`` with gradient ``g``; return False if skipped.
 
     ``state`` must have been created by :class:`~hf_to.TrainableOptimizer` (same keys).
+
+    Non-finite gradient entries: ``rank_one`` and ``full`` skip the tensor if there is any;
+    ``diagonal`` and ``none`` skip it only if every entry is non-finite, and otherwise step
+    with ``g = 0`` at those entries and then restore their weight and state.
     """
-    if not torch.isfinite(g).all():
-        return False
+    est = group["estimator"]
+    dtype = state["b"].dtype
+    gv = g.reshape(-1).to(dtype)
+    bad = ~torch.isfinite(gv)
+    if bad.any():
+        if est in ("rank_one", "full") or bad.all():
+            return False
+        old = {k: v.clone() for k, v in state.items() if k != "step"}
+        p_old = p.detach().clone()
+        _step(p, gv.masked_fill(bad, 0), state, group)
+        mask = bad.reshape(p.shape)
+        for key, value in old.items():
+            state[key] = torch.where(mask, value, state[key])
+        p.copy_(torch.where(mask, p_old, p.detach()))
+        return True
+    _step(p, gv, state, group)
+    return True
+
+
+def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+    """One step of the update equations with the flat gradient ``gv`` (finite, state dtype)."""
     est = group["estimator"]
     dtype = state["b"].dtype
     w = p.detach().reshape(-1).to(dtype)
-    gv = g.reshape(-1).to(dtype)
     n = w.numel()
     b = state["b"].reshape(-1).clone()
     if est == "rank_one" and int(state["step"]) == 0:
@@ -94,7 +116,6 @@ def reference_step(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[s
     lr, wd = group["lr"], group["weight_decay"]
     w_new = (1 - lr * wd) * w - lr * g_hat
     p.copy_(w_new.reshape(p.shape))
-    return True
 
 
 class ReferenceTrainableOptimizer(TrainableOptimizer):

@@ -303,7 +303,8 @@ def test_full_estimator_refuses_a_large_tensor_naming_shape_and_memory():
     TrainableOptimizer([big], estimator="full", max_full_numel=8192)  # allowed when raised
 
 
-def test_non_finite_gradient_skips_that_tensor_and_is_counted(estimator):
+def test_non_finite_gradient_entries_are_masked_or_skip_the_tensor_and_are_counted(estimator):
+    """diagonal/none keep only the bad entries; rank_one/full skip the whole tensor."""
     a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
     opt = TrainableOptimizer([a, b], estimator=estimator, diagnostics=True, weight_decay=0.1)
     a.grad, b.grad = torch.randn(4), torch.randn(4)
@@ -313,10 +314,39 @@ def test_non_finite_gradient_skips_that_tensor_and_is_counted(estimator):
     a.grad = torch.tensor([1.0, float("nan"), 0.0, float("inf")])
     b.grad = torch.randn(4)
     opt.step()
+    assert not torch.equal(b.detach(), b_before)
+    bad = torch.tensor([False, True, False, True])
+    if estimator in ("diagonal", "none"):
+        assert torch.equal(a.detach()[bad], a_before[bad])
+        assert (a.detach()[~bad] != a_before[~bad]).all()
+        assert opt.state[a]["step"].item() == 2
+        for key, value in opt.state[a].items():
+            if key != "step":
+                assert torch.equal(value[bad], state_before[key][bad]), key
+                assert not torch.equal(value, state_before[key]), key
+    else:
+        assert torch.equal(a.detach(), a_before)
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, state_before[key]), key
+    diag = opt.diagnostics()[0]
+    assert diag["skipped"] == 1 and diag["steps"] == 2
+    assert math.isfinite(diag["residual_sq"]) and math.isfinite(diag["estimate_sq"])
+
+
+def test_gradient_non_finite_in_every_entry_skips_the_tensor(estimator):
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = TrainableOptimizer([a, b], estimator=estimator, diagnostics=True, weight_decay=0.1)
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    opt.step()
+    state_before = {k: v.clone() for k, v in opt.state[a].items()}
+    a_before = a.detach().clone()
+    a.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    b.grad = torch.randn(4)
+    opt.step()
     assert torch.equal(a.detach(), a_before)
     for key, value in opt.state[a].items():
         assert torch.equal(value, state_before[key]), key
-    assert not torch.equal(b.detach(), b_before)
+    assert opt.state[a]["step"].item() == 1 and opt.state[b]["step"].item() == 2
     diag = opt.diagnostics()[0]
     assert diag["skipped"] == 1 and diag["steps"] == 2
 

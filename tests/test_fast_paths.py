@@ -7,6 +7,7 @@ functions, and compiling each variant would cost tens of seconds.  One test comp
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -42,12 +43,16 @@ def _params(dtype: torch.dtype, shapes=ODD_SHAPES, seed: int = 0) -> list[torch.
 
 
 def _grads(params, step: int, *, nonfinite_at: int | None = None):
-    """Noisy quadratic gradients, the same for every optimizer at a given step."""
+    """Noisy quadratic gradients, the same for every optimizer at a given step.
+
+    At step ``nonfinite_at`` two entries of the first tensor's gradient are inf and nan.
+    """
     gen = torch.Generator().manual_seed(1000 + step)
     for i, p in enumerate(params):
         g = 0.5 * p.detach().float() + torch.randn(p.shape, generator=gen)
         if step == nonfinite_at and i == 0:
             g.view(-1)[0] = float("inf")
+            g.view(-1)[g.numel() // 2] = float("nan")
         p.grad = g.to(p.dtype)
 
 
@@ -105,9 +110,10 @@ def test_two_phase_fused_path_with_a_stats_reducer_equals_reference(estimator, m
 
 
 @pytest.mark.parametrize("estimator", FUSED)
-def test_fused_step_skips_only_the_tensor_with_a_nonfinite_gradient(estimator):
+def test_fused_step_masks_or_skips_only_the_tensor_with_a_nonfinite_gradient(estimator):
     fast, ref, opt_fast, _ = _run_pair(torch.float32, {"estimator": estimator}, steps=6, nonfinite_at=2)
-    assert opt_fast.state[fast[0]]["step"].item() == 5
+    # diagonal/none step the finite entries (the step advances); rank_one skips the tensor.
+    assert opt_fast.state[fast[0]]["step"].item() == (5 if estimator == "rank_one" else 6)
     assert opt_fast.state[fast[1]]["step"].item() == 6
     for pf, pr in zip(fast, ref):
         assert torch.isfinite(pf).all()
@@ -166,6 +172,209 @@ def test_fused_diagnostics_equal_the_readable_path():
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
     assert got["skipped"] == 1
+
+
+# -- non-finite gradient entries -------------------------------------------------------------
+
+MASKED = ["diagonal", "none"]  # the coordinate-wise estimators
+PATHS = ["readable", "readable_reduced", "one_pass", "two_phase"]
+
+
+def _identity_reducer(self, params):
+    return lambda sums: sums
+
+
+def _optimizer(params, path, monkeypatch, **kwargs):
+    """TrainableOptimizer on ``path``: the readable path, or the fused kernels' one-pass or
+    two-phase branch; ``*_reduced`` and ``two_phase`` pass the rows through a stats reducer
+    (the identity), as for sharded parameters."""
+    if path in ("readable_reduced", "two_phase"):
+        monkeypatch.setattr(TrainableOptimizer, "_stats_reducer", _identity_reducer)
+    return TrainableOptimizer(params, lr=0.01, fused=path in ("one_pass", "two_phase"), **kwargs)
+
+
+def _snapshot(opt, p):
+    return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+
+
+def _bad_gradient(p, gen, positions):
+    """A finite gradient with inf, nan and -inf at ``positions`` (flat indices)."""
+    g = (0.5 * p.detach().float() + torch.randn(p.shape, generator=gen)).reshape(-1)
+    for i, pos in enumerate(positions):
+        g[pos] = (float("inf"), float("nan"), -float("inf"))[i % 3]
+    return g.reshape(p.shape).to(p.dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("estimator", MASKED)
+def test_nonfinite_entries_keep_weight_and_state_bitwise_and_the_rest_steps_like_the_reference(
+    estimator, form, path, monkeypatch
+):
+    _check_masked_steps_against_reference(estimator, form, path, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["one_pass", "two_phase"])
+def test_compiled_kernels_mask_nonfinite_entries_bitwise(path, monkeypatch):
+    """The masked step compiled (Inductor): no nan leaks through the selects, old bits kept."""
+    monkeypatch.delenv("HF_TO_COMPILE")
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    before = kernels.compile_seconds()
+    if not kernels.compile_available():
+        pytest.skip("torch.compile is not available in this torch build")
+    _check_masked_steps_against_reference("diagonal", "default", path, monkeypatch)
+    assert kernels.compile_available(), "compilation failed and fell back to eager"
+    assert kernels.compile_seconds() > before
+
+
+def _check_masked_steps_against_reference(estimator, form, path, monkeypatch):
+    shapes = [(33, 5), (7,)]
+    w0 = _params(torch.float32, shapes)
+    fast = [torch.nn.Parameter(w.clone()) for w in w0]
+    ref = [torch.nn.Parameter(w.clone()) for w in w0]
+    kwargs = {"estimator": estimator, **FORMS[form]}
+    opt_fast = _optimizer(fast, path, monkeypatch, **kwargs, diagnostics=True)
+    opt_ref = ReferenceTrainableOptimizer(ref, lr=0.01, **kwargs)
+    bad_steps = {0: [3, 40, 100], 3: [0, 1, 2, 164]}  # the first step (b_0 = g_0) and a later one
+    for t in range(8):
+        gen = torch.Generator().manual_seed(t)
+        grads = [_bad_gradient(p, gen, bad_steps.get(t, []) if i == 0 else []) for i, p in enumerate(fast)]
+        w_before = fast[0].detach().clone()
+        state_before = {k: v.clone() for k, v in opt_fast.state[fast[0]].items()}  # empty before step 0
+        for opt, ps in ((opt_fast, fast), (opt_ref, ref)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        assert opt_fast.state[fast[0]]["step"].item() == t + 1
+        if t in bad_steps:
+            bad = ~torch.isfinite(grads[0])
+            assert torch.equal(fast[0].detach()[bad], w_before[bad])
+            assert (fast[0].detach()[~bad] != w_before[~bad]).all()
+            for key, value in opt_fast.state[fast[0]].items():
+                if key != "step":
+                    old = state_before.get(key, torch.zeros_like(value))  # the state starts at 0
+                    assert torch.equal(value[bad], old[bad]), key
+        for pf, pr in zip(fast, ref):
+            assert torch.isfinite(pf).all()
+            torch.testing.assert_close(pf.detach(), pr.detach(), **TOLERANCE[torch.float32])
+        _assert_states_close(opt_fast, opt_ref, fast, ref, TOLERANCE[torch.float32])
+    diag = opt_fast.diagnostics()[0]
+    assert diag["skipped"] == len(bad_steps) and diag["steps"] == 8
+    assert all(math.isfinite(v) for v in diag.values()), diag
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "state_dtype"),
+    [(torch.bfloat16, None), (torch.float16, None), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+    ids=["bf16_params", "fp16_params", "bf16_state", "bf16_both"],
+)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("estimator", MASKED)
+def test_nonfinite_entries_stay_bitwise_with_low_precision_params_and_state(
+    estimator, path, param_dtype, state_dtype, monkeypatch
+):
+    if state_dtype == torch.bfloat16 and path.startswith("readable"):
+        pytest.skip("bfloat16 state always takes the kernels")
+    p = torch.nn.Parameter(_params(param_dtype, [(16, 9)])[0])
+    opt = _optimizer([p], path, monkeypatch, estimator=estimator, state_dtype=state_dtype, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(4):
+        positions = [5, 77, 143] if t == 2 else []
+        p.grad = _bad_gradient(p, gen, positions)
+        bad = ~torch.isfinite(p.grad)
+        w_before, state_before = _snapshot(opt, p)
+        opt.step()
+        assert opt.state[p]["step"].item() == t + 1
+        assert torch.isfinite(p).all()
+        if positions:
+            assert torch.equal(p.detach()[bad], w_before[bad])
+            assert not torch.equal(p.detach()[~bad], w_before[~bad])
+            for key, value in opt.state[p].items():
+                if key != "step":
+                    assert value.dtype == (state_dtype or torch.float32)
+                    assert torch.equal(value[bad], state_before[key][bad]), key
+                    assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("estimator", FUSED)
+def test_gradient_non_finite_everywhere_changes_nothing(estimator, path, monkeypatch):
+    a, b = _params(torch.float32, [(6, 5), (4,)])
+    a, b = torch.nn.Parameter(a), torch.nn.Parameter(b)
+    opt = _optimizer([a, b], path, monkeypatch, estimator=estimator, diagnostics=True, weight_decay=0.1)
+    _grads([a, b], 0)
+    opt.step()
+    before = _snapshot(opt, a)
+    a.grad = torch.full_like(a, float("nan"))
+    a.grad[::2] = float("inf")
+    _grads([b], 1)
+    opt.step()
+    assert torch.equal(a.detach(), before[0])
+    for key, value in opt.state[a].items():
+        assert torch.equal(value, before[1][key]), key
+    assert opt.state[a]["step"].item() == 1 and opt.state[b]["step"].item() == 2
+    diag = opt.diagnostics()[0]
+    assert diag["skipped"] == 1 and diag["steps"] == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rank_one_skips_the_whole_tensor_for_one_nonfinite_entry(path, monkeypatch):
+    a = torch.nn.Parameter(_params(torch.float32, [(6, 5)])[0])
+    opt = _optimizer([a], path, monkeypatch, estimator="rank_one", diagnostics=True)
+    for t in range(2):
+        _grads([a], t)
+        opt.step()
+    before = _snapshot(opt, a)
+    _grads([a], 2)
+    a.grad[4, 2] = float("inf")
+    opt.step()
+    assert torch.equal(a.detach(), before[0])
+    for key, value in opt.state[a].items():
+        assert torch.equal(value, before[1][key]), key
+    diag = opt.diagnostics()[0]
+    assert diag["skipped"] == 1 and diag["steps"] == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("estimator", FUSED)
+def test_finite_gradient_whose_sum_overflows_takes_the_step(estimator, path, monkeypatch):
+    """The sentinel counts non-finite entries; an overflowing Σg of finite entries is no reason to skip."""
+    a = torch.nn.Parameter(torch.zeros(6))
+    opt = _optimizer([a], path, monkeypatch, estimator=estimator, preconditioner="none", diagnostics=True)
+    a.grad = torch.full((6,), 3e38)
+    assert not torch.isfinite(a.grad.sum())
+    opt.step()
+    assert opt.state[a]["step"].item() == 1
+    torch.testing.assert_close(a.detach(), torch.full((6,), -0.01 * 3e38))
+    assert opt.diagnostics()[0]["skipped"] == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_diagnostics_count_masked_tensors_and_sum_finite_entries_only(path, monkeypatch):
+    """estimator='none', plain step: after b_1 = g_0 the second step has r = g_0 - g_1 and
+    Ĝ = (g_0 + g_1)/2 (β_2 = 1/2), so the sums are known in closed form."""
+    params = [torch.nn.Parameter(w) for w in _params(torch.float32, [(8, 3), (5,), (6,)])]
+    opt = _optimizer(params, path, monkeypatch, estimator="none", preconditioner="none", diagnostics=True)
+    gen = torch.Generator().manual_seed(0)
+    g0 = [torch.randn(p.shape, generator=gen) for p in params]
+    g1 = [torch.randn(p.shape, generator=gen) for p in params]
+    g1[0].view(-1)[[2, 7, 20]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    g1[1].fill_(float("nan"))  # every entry: skipped
+    for p, g in zip(params, g0):
+        p.grad = g.clone()
+    opt.step()
+    opt.diagnostics()  # reset
+    for p, g in zip(params, g1):
+        p.grad = g.clone()
+    opt.step()
+    diag = opt.diagnostics()[0]
+    finite = [torch.isfinite(g) for g in g1]
+    pairs = [(a[m].double(), b[m].double()) for a, b, m in zip(g0, g1, finite)]
+    assert diag["steps"] == 1 and diag["skipped"] == 2
+    assert diag["grad_sq"] == pytest.approx(sum((b * b).sum().item() for _, b in pairs), rel=1e-6)
+    assert diag["residual_sq"] == pytest.approx(sum(((a - b) ** 2).sum().item() for a, b in pairs), rel=1e-6)
+    assert diag["estimate_sq"] == pytest.approx(sum((0.25 * (a + b) ** 2).sum().item() for a, b in pairs), rel=1e-6)
 
 
 def test_fallback_runs_eagerly_and_correctly_when_torch_compile_raises(monkeypatch, caplog):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -199,6 +200,72 @@ def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counte
     return res
 
 
+# Non-finite gradient entries at step NONFINITE_STEP (global indices): two in the last rows
+# of fc1.weight, held by the last rank's shard alone; every entry of the (1, d) start token,
+# held by rank 0 alone; every entry of the head bias, split over ranks.
+NONFINITE_STEP, NONFINITE_STEPS = 2, 5
+FC1_BAD = ((30, 1, float("inf")), (31, 2, float("nan")))
+
+
+def _local_rows(p: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """The local gradient of ``p`` and the global row of its first row (``Shard(0)``, chunked)."""
+    g = p.grad
+    if isinstance(g, DTensor):
+        return g.to_local(), rank * math.ceil(p.shape[0] / world)
+    return g, 0
+
+
+def inject_nonfinite(model, rank: int, world: int) -> None:
+    fc1, offset = _local_rows(model.block.fc1.weight, rank, world)
+    for i, j, value in FC1_BAD:
+        if offset <= i < offset + fc1.shape[0]:
+            fc1[i - offset, j] = value
+    _local_rows(model.start, rank, world)[0].fill_(float("inf"))
+    _local_rows(model.head.bias, rank, world)[0].fill_(float("nan"))
+
+
+def run_nonfinite(estimator: str, mesh, rank: int, world: int) -> dict:
+    """A gradient non-finite in a few entries of one rank's shard, or in every entry of a tensor.
+
+    The global count decides: diagonal and none keep the bad entries of fc1.weight and step
+    the rest on every rank; rank_one skips fc1.weight on every rank, also where the local
+    shard is finite; the all-non-finite tensors are skipped everywhere (no rank sees them whole).
+    """
+    name, _, variant = estimator.partition("+")
+    kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
+    ref = make_model(0)
+    ref_opt = TrainableOptimizer(param_groups(ref, kw["weight_decay"]), **kw)
+    model = shard(make_model(0), mesh)
+    opt = TrainableOptimizer(param_groups(model, kw["weight_decay"]), **kw)
+    per = BATCH // world
+    kept = True
+    for t in range(NONFINITE_STEPS):
+        x, y = batch(t, BATCH)
+        loss_fn(ref, x, y).backward()
+        loss_fn(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+        if t == NONFINITE_STEP:
+            inject_nonfinite(ref, 0, 1)
+            inject_nonfinite(model, rank, world)
+            before = model.block.fc1.weight.full_tensor().clone()
+        ref_opt.step()
+        opt.step()
+        if t == NONFINITE_STEP:
+            after = model.block.fc1.weight.full_tensor()
+            kept = all(bool(after[i, j] == before[i, j]) for i, j, _ in FC1_BAD)
+            changed = bool((after != before).any())
+        ref_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+    ref_steps = {k: ref_opt.state[p]["step"].item() for k, p in ref.named_parameters()}
+    steps = {k: opt.state[p]["step"].item() for k, p in model.named_parameters()}
+    return {
+        "max_rel_diff_vs_one_process": max_rel_diff(full_params(model), dict(ref.named_parameters())),
+        "steps": steps,
+        "steps_equal_one_process": steps == ref_steps,
+        "bad_entries_kept": kept,
+        "fc1_changed_at_the_bad_step": changed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -214,6 +281,10 @@ def main() -> None:
     results = {"world": world}
     for estimator in args.estimators:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
+    results["nonfinite"] = {
+        est: run_nonfinite(est, mesh, rank, world)
+        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
+    }
 
     # Diagnostics: local shard sums, summed over the shard group on request.
     ref = make_model(0)

@@ -100,3 +100,24 @@ def test_parameters_swapped_in_by_accelerate_fsdp2_are_not_flat_partitions(run):
     _, ranks = run
     for r in ranks:
         assert r["accelerate_swap_max_abs_diff"] == 0.0
+
+
+NONFINITE = ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
+
+
+@pytest.mark.parametrize("estimator", NONFINITE)
+def test_nonfinite_entries_on_one_rank_are_decided_by_the_global_count(run, estimator):
+    """Bad entries of fc1.weight live on the last rank only; start and head.bias are bad everywhere."""
+    _, ranks = run
+    coordinatewise = not estimator.startswith("rank_one")
+    for r in ranks:
+        res = r["nonfinite"][estimator]
+        assert res["max_rel_diff_vs_one_process"] <= TOLERANCE
+        assert res["steps_equal_one_process"]
+        steps = res["steps"]
+        # 5 steps; fc1.weight steps its finite entries (diagonal, none) or is skipped (rank_one)
+        assert steps["block.fc1.weight"] == (5 if coordinatewise else 4)
+        assert steps["block.fc1.bias"] == 5
+        assert steps["start"] == 4 and steps["head.bias"] == 4  # non-finite everywhere: skipped
+        assert res["bad_entries_kept"]
+        assert res["fc1_changed_at_the_bad_step"] == coordinatewise
