@@ -205,7 +205,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # -- the step ------------------------------------------------------------------------------
 
 
-def _fingerprint(p: Tensor, held: tuple[Tensor, ...]) -> tuple:
+def _stamp(p: Tensor, held: tuple[Tensor, ...]) -> tuple:
     """Storage and version counters of a parameter and its state: any PyTorch write changes it."""
     return (p.data_ptr(), p._version, *(t._version for t in held))
 
@@ -214,7 +214,7 @@ class _Plan:
     """The descriptors of one param group, kept between steps with the carried sums.
 
     The sums in ``ts[i]`` are valid while tensor ``i`` has the same state tensors (``held``,
-    by identity) and the same fingerprint.  Parameters are held by weak reference: a plan
+    by identity) and the same stamp.  Parameters are held by weak reference: a plan
     never keeps a model alive, and a recycled ``id`` cannot revive a dead plan.
     """
 
@@ -285,7 +285,7 @@ def native_step(
     stale = []
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         held = tuple(state[key] for key in keys)
-        fp = _fingerprint(p, held)
+        fp = _stamp(p, held)
         t = ts[i]
         t.g = g.data_ptr()
         if fp != plan.prints[i] or any(a is not b for a, b in zip(held, plan.held[i])):

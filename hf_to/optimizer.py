@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import native
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
 from .estimators import ESTIMATORS, Estimator, count_nonfinite, get_estimator, nonfinite_action
 from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
@@ -101,10 +102,15 @@ class TrainableOptimizer(Optimizer):
             state holds ``n**2`` values (default: 4096, i.e. 64 MiB in fp32).
         diagnostics: accumulate the estimator's health on the device (see
             :meth:`diagnostics`); off by default, and then no step reads anything back.
-        fused: ``True``: the fused kernels of :mod:`hf_to.kernels`, compiled with
-            ``torch.compile`` (eager fallback where it is unavailable); ``False``: the readable
-            per-tensor path; ``None`` (default): fused and compiled on CUDA and for large CPU
-            groups, readable otherwise (see :func:`hf_to.kernels.use_fused`).
+        fused: ``None`` (default) or ``True``: the fastest step available.  On a CPU that is the
+            one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
+            use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for unsharded
+            float32/bfloat16/float16 parameters and the diagonal, rank-one and none
+            estimators.  Elsewhere (CUDA, sharded parameters, no compiler) ``True`` takes the
+            ``torch.compile`` kernels of :mod:`hf_to.kernels` (eager fallback) and ``None``
+            takes them on CUDA and for CPU groups of at least 16 M elements, the readable path
+            otherwise (see :func:`hf_to.kernels.use_fused`).  ``False``: the readable
+            per-tensor path.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
             memory, stored with stochastic rounding; not for ``estimator="full"``).
@@ -512,8 +518,9 @@ def trainable_to(
     whole tensor's) and read back once to find the tensors to skip or mask (see
     :func:`hf_to.estimators.nonfinite_action`).  Phase 2 is elementwise given those sums.
 
-    ``fused`` selects the fused kernels of :mod:`hf_to.kernels` (``True``: compiled, eager
-    fallback; ``False``: this readable path; ``None``: see :func:`hf_to.kernels.use_fused`).
+    ``fused`` selects the path (see :class:`TrainableOptimizer`): the one-pass C kernel of
+    :mod:`hf_to.native` for unsharded CPU groups unless ``fused=False``, else the fused
+    kernels of :mod:`hf_to.kernels` or this readable path (:func:`hf_to.kernels.use_fused`).
 
     Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
@@ -533,9 +540,51 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
+    if fused is not False and reduce_stats is None and native.eligible(estimator, params, grads, states):
+        if native.available():
+            return _native_trainable_to(params, grads, states, estimator=estimator, **common)
     if use_kernels:
         return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)
     return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
+
+
+def _native_trainable_to(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], *, estimator: str, **common: Any
+) -> dict[str, Tensor] | None:
+    """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
+    intercept) takes the readable path (the fused eager kernels for bfloat16 state)."""
+    first = [s["step"].item() == 0 for s in states]
+    out = None
+    if any(first):
+        pick = [i for i, f in enumerate(first) if f]
+        out = trainable_to(
+            [params[i] for i in pick],
+            [grads[i] for i in pick],
+            [states[i] for i in pick],
+            estimator=estimator,
+            preconditioner="adam" if common["adam"] else "none",
+            alpha_scaling="normalized" if common["normalize"] else "none",
+            norm_floor=common["floor"],
+            intercept_init="gradient" if common["intercept_from_gradient"] else "zero",
+            fused=False,
+            **{k: common[k] for k in ("lr", "alpha", "beta", "beta2", "eps", "weight_decay", "beta_warmup")},
+            diagnostics=common["diagnostics"],
+        )
+    if not all(first):
+        pick = [i for i, f in enumerate(first) if not f]
+        more = native.native_step(
+            [params[i] for i in pick],
+            [grads[i] for i in pick],
+            [states[i] for i in pick],
+            estimator=estimator,
+            **{k: common[k] for k in ("lr", "alpha", "beta", "adam", "beta2", "eps", "weight_decay")},
+            **{k: common[k] for k in ("normalize", "floor", "beta_warmup", "diagnostics")},
+        )
+        if out is None or more is None:
+            out = more if out is None else out
+        else:
+            out = {k: torch.maximum(out[k], more[k]) if k == "steps" else out[k] + more[k] for k in out}
+    return out
 
 
 def _single_tensor_trainable_to(

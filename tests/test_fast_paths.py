@@ -2,6 +2,7 @@
 
 All tests but one run the kernels eagerly (``HF_TO_COMPILE=0``): the kernels are the same
 functions, and compiling each variant would cost tens of seconds.  One test compiles.
+``HF_TO_NATIVE=0`` keeps the CPU's C kernel (tested in tests/test_native.py) out of the way.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ ODD_SHAPES = [(33, 5), (7,), (1,), (3, 1, 2)]
 @pytest.fixture(autouse=True)
 def _eager_kernels(monkeypatch):
     monkeypatch.setenv("HF_TO_COMPILE", "0")
+    # On a CPU ``fused=True`` takes the C kernel of hf_to.native (tests/test_native.py);
+    # these tests are about the torch kernels, the path of CUDA and sharded parameters.
+    monkeypatch.setenv("HF_TO_NATIVE", "0")
 
 
 def _params(dtype: torch.dtype, shapes=ODD_SHAPES, seed: int = 0) -> list[torch.Tensor]:
