@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, native
 from .optimizer import TrainableOptimizer
 from .registry import VARIANTS
 
@@ -142,7 +142,10 @@ VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = 
     "adamw_foreach": lambda params: torch.optim.AdamW(params, lr=1e-5, foreach=True),
     "to_paper_none": _to("to_paper_none", fused=True),
     "to_paper_diagonal": _to("to_paper_diagonal", fused=True),
-    "to_paper_rank_one": _to("to_paper_rank_one", fused=True),
+    # The raw slope rate of the paper-literal rank-one form diverges on the embedding
+    # (alpha * |w|^2 >> 1 at alpha = 0.1); a NaN would skip its tensors and fake a fast step.
+    # The arithmetic does not depend on alpha, so the bench runs it with a stable one.
+    "to_paper_rank_one": _to("to_paper_rank_one", fused=True, alpha=1e-6),
     "trainable_to": _to("trainable_to", fused=True),
     "trainable_to[bf16 state]": _to("trainable_to", fused=True, state_dtype=torch.bfloat16),
     "to_rank_one": _to("to_rank_one", fused=True),
@@ -268,6 +271,9 @@ def bench_set(
                 results[name].times_ms.append((time.perf_counter() - start) * 1e3)
     for name in variants:  # after the timed steps: nothing is compiled or created any more
         results[name].peak_bytes = peak.measure(opts[name].step)
+    bad = sum(not bool(torch.isfinite(p).all()) for p in params)
+    if bad:  # a diverged variant makes the others step NaN weights: the times would be wrong
+        raise RuntimeError(f"{bad} parameter tensors are not finite after the timed steps; a variant diverged")
     return [results[n] for n in variants], params, grads, opts
 
 
@@ -346,6 +352,8 @@ def step_command(args: argparse.Namespace) -> int:
             del results, params, grads, opts
             gc.collect()
     print(f"fused-kernel compile time in this process: {kernels.compile_seconds():.1f} s")
+    if native.library_path() is not None:
+        print(f"native CPU kernel: {native.library_path()} (built or loaded in {native.load_seconds():.1f} s)")
     return 0
 
 

@@ -295,7 +295,8 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
     }
     /* The sums the next step needs, from the values just stored (still in cache), by the
      * code to_sums() runs: the same values give the same bits. */
-    block_sums(T, lo, hi, out, cfg);
+    if (est == EST_RANK_ONE || (est == EST_DIAGONAL && norm)) block_sums(T, lo, hi, out, cfg);
+    else out[S_WW] = out[S_VW] = out[S_UU] = out[S_UB] = 0.0;  /* w'w is not used */
     out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
 }
 

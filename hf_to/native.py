@@ -34,13 +34,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eligible", "forget", "library_path", "native_step"]
+__all__ = ["available", "eligible", "forget", "library_path", "load_seconds", "native_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class _Config(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _failed = False
+_load_seconds = 0.0
 
 
 def _cache_dir() -> Path:
@@ -146,9 +148,10 @@ def _build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _failed
+    global _lib, _failed, _load_seconds
     if _lib is not None or _failed:
         return _lib
+    start = time.perf_counter()
     try:
         lib = ctypes.CDLL(str(_build()))
         if lib.to_abi_version() != _ABI:
@@ -163,6 +166,7 @@ def _load() -> ctypes.CDLL | None:
             ]
             fn.restype = ctypes.c_int
         _lib = lib
+        _load_seconds = time.perf_counter() - start
     except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
         _failed = True
         logger.warning("hf_to: the native CPU kernel is unavailable (%s); using the PyTorch paths", err)
@@ -172,6 +176,11 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernel can be used (builds it on the first call; ``HF_TO_NATIVE=0``: never)."""
     return os.environ.get(_ENV, "1") != "0" and _load() is not None
+
+
+def load_seconds() -> float:
+    """Seconds this process spent building (when not cached) and loading the kernel."""
+    return _load_seconds
 
 
 def library_path() -> Path | None:
@@ -218,7 +227,7 @@ class _Plan:
     never keeps a model alive, and a recycled ``id`` cannot revive a dead plan.
     """
 
-    def __init__(self, params: list[Tensor], keys: tuple[str, ...]) -> None:
+    def __init__(self, params: list[Tensor], keys: tuple) -> None:
         self.refs = [weakref.ref(p) for p in params]
         self.keys = keys
         self.ts = (_Tensor * len(params))()
@@ -237,7 +246,7 @@ _plans: dict[tuple[int, ...], _Plan] = {}
 _MAX_PLANS = 64
 
 
-def _plan(params: list[Tensor], keys: tuple[str, ...]) -> _Plan:
+def _plan(params: list[Tensor], keys: tuple) -> _Plan:
     key = tuple(map(id, params))
     plan = _plans.get(key)
     if plan is None or plan.keys != keys or not plan.alive(params):
@@ -280,7 +289,9 @@ def native_step(
     assert lib is not None, "native_step called without the native kernel"
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
-    plan = _plan(params, keys)
+    # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
+    sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
+    plan = _plan(params, (*keys, sums))
     ts = plan.ts
     stale = []
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
@@ -317,7 +328,7 @@ def native_step(
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
     )
-    if stale:  # first native step, or PyTorch wrote to the tensors: recompute the carried sums
+    if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
         _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg), plan.scratch, plan.cap))
         for j, i in enumerate(stale):
