@@ -168,6 +168,14 @@ def summarize(runs: list[dict[str, Any]], baseline: str, window: int) -> list[di
             "steps_per_s": [r["global_step"] / r["train_runtime"] if r["train_runtime"] else None for r in mine],
             "peak_memory_mib": [r["peak_memory_bytes"] / 2**20 for r in mine],
             "optimizer_state_mib": [r["optimizer_state_bytes"] / 2**20 for r in mine],
+            # Median time of optimizer.step() and its share of the whole training step.
+            "optimizer_ms": [r.get("optimizer_step_ms_median") for r in mine],
+            "optimizer_share_pct": [
+                100 * r["optimizer_step_ms_median"] / r["train_step_ms_median"]
+                if r.get("optimizer_step_ms_median") is not None and r.get("train_step_ms_median")
+                else None
+                for r in mine
+            ],
         }
         reached = [_steps_to_reach(r, baseline_eval.get(r["seed"])) for r in mine]
         row: dict[str, Any] = {"label": label, "optim": mine[0]["optim"], "optim_args": mine[0]["optim_args"]}
@@ -199,6 +207,8 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str, n_seeds: int) -> s
         "steps/s",
         memory,
         "optimizer state (MiB)",
+        "optimizer step (ms)",
+        "share of train step (%)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -221,6 +231,8 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str, n_seeds: int) -> s
             _fmt(row["steps_per_s"], row["steps_per_s_std"], 3),
             _fmt(row["peak_memory_mib"], row["peak_memory_mib_std"], 0),
             _fmt(row["optimizer_state_mib"], row["optimizer_state_mib_std"], 2),
+            _fmt(row["optimizer_ms"], row["optimizer_ms_std"], 1),
+            _fmt(row["optimizer_share_pct"], row["optimizer_share_pct_std"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

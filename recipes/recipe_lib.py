@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -615,13 +616,30 @@ def _timing_callback() -> Any:
     from transformers import TrainerCallback
 
     class WallTimeCallback(TrainerCallback):
-        """Stamp every log entry with the seconds since training began."""
+        """Stamp every log entry with the seconds since training began, and time each
+        optimizer step (``on_pre_optimizer_step`` to ``on_optimizer_step``) and each whole
+        training step, so a run reports the optimizer's share of the step."""
 
         def __init__(self) -> None:
             self.start = time.perf_counter()
+            self.optimizer_seconds: list[float] = []
+            self.step_seconds: list[float] = []
+            self._opt = self._step = 0.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start = time.perf_counter()
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._step = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._opt = time.perf_counter()
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.optimizer_seconds.append(time.perf_counter() - self._opt)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step_seconds.append(time.perf_counter() - self._step)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if logs is not None and state.log_history:
@@ -724,6 +742,15 @@ def run_training(
         "eval_sequences": len(eval_dataset) if eval_dataset is not None else 0,
         "log_history": trainer.state.log_history,
     }
+    timer = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "optimizer_seconds")), None)
+    if timer is not None and timer.optimizer_seconds:
+        # Medians over the steps after the first (which creates the optimizer state).
+        opt_s, step_s = (
+            timer.optimizer_seconds[1:] or timer.optimizer_seconds,
+            timer.step_seconds[1:] or timer.step_seconds,
+        )
+        record["optimizer_step_ms_median"] = 1e3 * statistics.median(opt_s)
+        record["train_step_ms_median"] = 1e3 * statistics.median(step_s)
     if script_args.save_final_model and trainer.is_world_process_zero():
         trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero() and training_args.output_dir:

@@ -249,6 +249,17 @@ def test_compare_reports_optimizer_state_bytes_of_each_optimizer(comparison: tup
         assert run["optimizer_state_bytes"] >= 2 * 4 * run["trainable_parameters"]
 
 
+def test_compare_times_the_optimizer_step_inside_the_training_step(comparison: tuple[Path, dict]) -> None:
+    out, results = comparison
+    for run in results["runs"]:
+        assert 0 < run["optimizer_step_ms_median"] < run["train_step_ms_median"]
+    table = (out / "results.md").read_text()
+    assert "optimizer step (ms)" in table and "share of train step (%)" in table
+    for row in results["summary"]:
+        assert 0 < row["optimizer_share_pct"] < 100
+        assert f"{row['optimizer_ms']:.1f} ± {row['optimizer_ms_std']:.1f}" in table
+
+
 def test_compare_steps_to_baseline_is_reached_by_the_baseline_itself(comparison: tuple[Path, dict]) -> None:
     _, results = comparison
     baseline = next(row for row in results["summary"] if row["label"] == "adamw")
