@@ -34,13 +34,18 @@ OVERHEAD_METHODS = (
     "momentum",
     "adam",
     "adamw",
+    "adamw_fused",
     "to_diagonal",
     "to_diagonal_readable",
     "to_rank_one",
     "to_none",
     "to_paper_diagonal",
 )
-LABELS = {"adamw": "AdamW", "to_diagonal_readable": "TO-diag, fused=False (readable path)"}
+LABELS = {
+    "adamw": "AdamW",
+    "adamw_fused": "AdamW (fused)",
+    "to_diagonal_readable": "TO-diag, fused=False (readable path)",
+}
 #: Whether this hf_to has the ``fused`` switch (compiled kernels vs the readable path).
 HAS_FUSED = "fused" in inspect.signature(TrainableOptimizer.__init__).parameters
 
@@ -64,6 +69,8 @@ def decoder_params(hidden: int, layers: int, vocab: int) -> list[nn.Parameter]:
 def _build(key: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if key == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    if key == "adamw_fused":  # transformers' default optimizer, the bar users compare against
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
     if key == "to_diagonal_readable":
         return TrainableOptimizer(params, lr=1e-4, fused=False)
     return METHODS[key].build(params, lr=1e-4)
