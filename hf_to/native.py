@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import operator
 import os
 import platform
 import shutil
@@ -195,15 +196,16 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
+    f32 = torch.float32
     return all(
-        type(p) in _PLAIN
-        and p.device.type == "cpu"
-        and p.dtype == pdtype
-        and g.dtype == pdtype
+        p.is_cpu
+        and p.dtype is pdtype
+        and g.dtype is pdtype
+        and type(p) in _PLAIN
         and p.is_contiguous()
         and g.is_contiguous()
-        and state["b"].dtype == sdtype
-        and state["step"].dtype == torch.float32
+        and state["b"].dtype is sdtype
+        and state["step"].dtype is f32
         for p, g, state in zip(params, grads, states)
     )
 
@@ -214,16 +216,15 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # -- the step ------------------------------------------------------------------------------
 
 
-def _stamp(p: Tensor, held: tuple[Tensor, ...]) -> tuple:
-    """Storage and version counters of a parameter and its state: any PyTorch write changes it."""
-    return (p.data_ptr(), p._version, *(t._version for t in held))
+_VERSION = operator.attrgetter("_version")  # bumped by every in-place write PyTorch makes
 
 
 class _Plan:
     """The descriptors of one param group, kept between steps with the carried sums.
 
-    The sums in ``ts[i]`` are valid while tensor ``i`` has the same state tensors (``held``,
-    by identity) and the same stamp.  Parameters are held by weak reference: a plan
+    The sums in ``ts[i]`` are valid while tensor ``i`` has the same state tensors and step
+    count (``held``, by identity) and the same stamp: the parameter's storage and the
+    version counters of all of them.  Parameters are held by weak reference: a plan
     never keeps a model alive, and a recycled ``id`` cannot revive a dead plan.
     """
 
@@ -294,23 +295,20 @@ def native_step(
     plan = _plan(params, (*keys, sums))
     ts = plan.ts
     stale = []
+    pick = operator.itemgetter(*keys, "step")
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        held = tuple(state[key] for key in keys)
-        fp = _stamp(p, held)
+        held = pick(state)  # the state tensors, then the step count
+        stamp = (p.data_ptr(), p._version, *map(_VERSION, held))
         t = ts[i]
         t.g = g.data_ptr()
-        if fp != plan.prints[i] or any(a is not b for a, b in zip(held, plan.held[i])):
-            step = state["step"]
-            t.step = ctypes.cast(step.data_ptr(), ctypes.POINTER(ctypes.c_float))
+        if stamp != plan.prints[i] or not all(map(operator.is_, held, plan.held[i])):
+            t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
             t.w, t.n, t.b = p.data_ptr(), p.numel(), held[0].data_ptr()
             t.s1 = held[1].data_ptr() if estimator != "none" else None
             t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
-            t.v2 = held[-1].data_ptr() if adam else None
-            plan.prints[i], plan.held[i] = fp, (*held, step)
+            t.v2 = held[-2].data_ptr() if adam else None
+            plan.prints[i], plan.held[i] = stamp, held
             stale.append(i)
-        elif state["step"] is not plan.held[i][-1]:
-            plan.held[i] = (*held, state["step"])
-            t.step = ctypes.cast(state["step"].data_ptr(), ctypes.POINTER(ctypes.c_float))
     cfg = _Config(
         lr=lr,
         decay=1 - lr * weight_decay,

@@ -247,16 +247,18 @@ class TrainableOptimizer(Optimizer):
         """Collect the parameters with gradients; create their state on first use."""
         estimator = get_estimator(group["estimator"])
         params, grads, states = [], [], []
+        full = group["estimator"] == "full"
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("TrainableOptimizer does not support sparse gradients")
-            if torch.is_complex(p):
+            if p.is_complex():
                 raise RuntimeError(
                     "TrainableOptimizer does not support complex parameters; view them as real with torch.view_as_real"
                 )
-            if group["estimator"] == "full" and is_sharded(p):
+            if full and is_sharded(p):
                 raise ValueError(
                     f"estimator='full' cannot run on a sharded parameter of shape {tuple(p.shape)}: its "
                     "n x n matrix A couples all shards. Use estimator='diagonal' or 'rank_one' with FSDP"
@@ -272,7 +274,7 @@ class TrainableOptimizer(Optimizer):
                 )
                 _init_state(state, p, estimator, group)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             states.append(state)
         return params, grads, states
 
@@ -553,7 +555,7 @@ def _native_trainable_to(
 ) -> dict[str, Tensor] | None:
     """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
     intercept) takes the readable path (the fused eager kernels for bfloat16 state)."""
-    first = [s["step"].item() == 0 for s in states]
+    first = torch.stack([s["step"] for s in states]).eq(0).tolist()
     out = None
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
