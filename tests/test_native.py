@@ -169,16 +169,23 @@ def test_in_place_change_of_the_weights_between_steps_is_noticed(estimator):
         torch.testing.assert_close(pf, ps, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("param_dtype", "state_dtype"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16_params", "fp16_params", "bf16_state"],
+)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_nonfinite_entries(estimator):
+def test_nonfinite_entries(estimator, param_dtype, state_dtype, monkeypatch):
     """diagonal/none keep the bits of the entries whose gradient is inf/nan; rank-one skips the tensor."""
-    params = _params([(3000,), (50,)])
-    opt = _train(params, 3, estimator=estimator, diagnostics=True)
+    calls = _calls(monkeypatch)
+    params = _params([(3000,), (50,)], param_dtype)
+    opt = _train(params, 3, estimator=estimator, diagnostics=True, state_dtype=state_dtype)
+    assert len(calls) == 2
     opt.diagnostics(reset=True)
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
     _grads(params, 3)
-    params[0].grad[[0, 2047, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    params[0].grad[[0, 2047, 2999]] = torch.tensor([float("inf"), float("nan"), -float("inf")], dtype=param_dtype)
     opt.step()
     p0, s0 = params[0].detach(), opt.state[params[0]]
     assert not torch.equal(params[1], before[1])  # the other tensor stepped
