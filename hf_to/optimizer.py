@@ -554,33 +554,25 @@ def _native_trainable_to(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], *, estimator: str, **common: Any
 ) -> dict[str, Tensor] | None:
     """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
-    intercept) takes the readable path (the fused eager kernels for bfloat16 state)."""
+    intercept) takes the readable path (the eager fused kernels for bfloat16 state)."""
     first = torch.stack([s["step"] for s in states]).eq(0).tolist()
     out = None
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
-        out = trainable_to(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i] for i in pick],
-            estimator=estimator,
-            preconditioner="adam" if common["adam"] else "none",
-            alpha_scaling="normalized" if common["normalize"] else "none",
-            norm_floor=common["floor"],
-            intercept_init="gradient" if common["intercept_from_gradient"] else "zero",
-            fused=False,
-            **{k: common[k] for k in ("lr", "alpha", "beta", "beta2", "eps", "weight_decay", "beta_warmup")},
-            diagnostics=common["diagnostics"],
-        )
+        sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
+        if use_fused(False, estimator, sub[0], sub[2])[0]:
+            out = fused_trainable_to(*sub, estimator=estimator, compile=False, **common)
+        else:
+            out = _single_tensor_trainable_to(*sub, estimator=get_estimator(estimator), **common)
     if not all(first):
         pick = [i for i, f in enumerate(first) if not f]
+        skip = ("intercept_from_gradient", "reduce_stats")
         more = native.native_step(
             [params[i] for i in pick],
             [grads[i] for i in pick],
             [states[i] for i in pick],
             estimator=estimator,
-            **{k: common[k] for k in ("lr", "alpha", "beta", "adam", "beta2", "eps", "weight_decay")},
-            **{k: common[k] for k in ("normalize", "floor", "beta_warmup", "diagnostics")},
+            **{k: v for k, v in common.items() if k not in skip},
         )
         if out is None or more is None:
             out = more if out is None else out

@@ -238,3 +238,26 @@ def test_a_failed_build_falls_back_to_the_readable_path_with_one_warning(monkeyp
     assert sum("native CPU kernel is unavailable" in r.getMessage() for r in caplog.records) == 1
     _train(slow, 5, fused=False)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_a_tensor_joining_late_takes_its_first_step_beside_the_kernel(monkeypatch):
+    """A parameter without a gradient for two steps: its first step (readable path) and the
+    others' native steps run in one optimizer step, and the diagnostics add up."""
+    calls = _calls(monkeypatch)
+    results = []
+    for fused in (None, False):
+        params = _params(BLOCK_SHAPES[:3])
+        opt = TrainableOptimizer(params, lr=0.01, diagnostics=True, fused=fused)
+        for t in range(5):
+            _grads(params, t)
+            if t < 2:
+                params[1].grad = None
+            opt.step()
+        results.append((params, opt.diagnostics()[0]))
+    assert calls == [2, 2, 3, 3]  # step 2: two tensors here, the late one on the readable path
+    (fast, got), (slow, want) = results
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+    assert got["steps"] == want["steps"] == 5 and got["skipped"] == want["skipped"] == 0
+    for key in ("residual_sq", "grad_sq", "estimate_sq"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
