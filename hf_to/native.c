@@ -42,6 +42,17 @@
 #define TINY 1e-30
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* float16 parameters need the compiler's _Float16 (GCC >= 12, clang >= 15 on x86-64 and
+ * arm64); without it the kernel is built for float32/bfloat16 and float16 groups take the
+ * PyTorch paths (to_has_float16 tells hf_to.native). */
+#if defined(__FLT16_MAX__)
+#define HAS_F16 1
+typedef _Float16 f16_t;
+#else
+#define HAS_F16 0
+typedef uint16_t f16_t; /* placeholder: never loaded or stored */
+#endif
 enum { EST_DIAGONAL = 0, EST_RANK_ONE = 1, EST_NONE = 2 };
 /* Per-block partial sums: carried sums first, then the counts and diagnostics. */
 enum { S_WW = 0, S_VW, S_UU, S_UB, S_BAD, S_RR, S_GG, S_HH, NSUMS };
@@ -95,7 +106,9 @@ static inline uint16_t to_bf16_sr(float f, uint32_t i, uint32_t seed) {
 
 static inline float load(const void *p, int64_t i, const int dt) {
     if (dt == BF16) return from_bf16(((const uint16_t *)p)[i]);
-    if (dt == F16) return (float)((const _Float16 *)p)[i];
+#if HAS_F16
+    if (dt == F16) return (float)((const f16_t *)p)[i];
+#endif
     return ((const float *)p)[i];
 }
 
@@ -106,9 +119,11 @@ static inline float store_param(void *p, int64_t i, float x, int ok, const int d
         uint16_t *q = (uint16_t *)p; uint16_t old = q[i], nw = to_bf16_rne(x);
         uint16_t s = ok ? nw : old; q[i] = s; return from_bf16(s);
     }
+#if HAS_F16
     if (dt == F16) {
-        _Float16 *q = (_Float16 *)p; _Float16 s = ok ? (_Float16)x : q[i]; q[i] = s; return (float)s;
+        f16_t *q = (f16_t *)p; f16_t s = ok ? (f16_t)x : q[i]; q[i] = s; return (float)s;
     }
+#endif
     float *q = (float *)p; float s = ok ? x : q[i]; q[i] = s; return s;
 }
 
@@ -166,14 +181,20 @@ static double total(const layout *L, int64_t t, int s) {
 
 /* -- carried sums from the current values ----------------------------------------------- */
 
+#if HAS_F16
+#define F16_CASES(CALL)                                                                       \
+    case F16 * 2 + F32: CALL(F16, F32); break;                                                \
+    case F16 * 2 + BF16: CALL(F16, BF16); break;
+#else
+#define F16_CASES(CALL)
+#endif
 #define DISPATCH_TYPES(CALL)                                                                  \
     switch (cfg->pdtype * 2 + cfg->sdtype) {                                                  \
     case F32 * 2 + F32: CALL(F32, F32); break;                                                \
     case F32 * 2 + BF16: CALL(F32, BF16); break;                                              \
     case BF16 * 2 + F32: CALL(BF16, F32); break;                                              \
     case BF16 * 2 + BF16: CALL(BF16, BF16); break;                                            \
-    case F16 * 2 + F32: CALL(F16, F32); break;                                                \
-    case F16 * 2 + BF16: CALL(F16, BF16); break;                                              \
+    F16_CASES(CALL)                                                                           \
     default: rc = -2;                                                                         \
     }
 
@@ -414,3 +435,4 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
 }
 
 int to_abi_version(void) { return 3; }
+int to_has_float16(void) { return HAS_F16; }

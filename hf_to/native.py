@@ -196,6 +196,8 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
+    if pdtype is torch.float16 and not (_lib is not None and _lib.to_has_float16()):
+        return False  # built without _Float16 (an old compiler): the PyTorch paths
     f32 = torch.float32
     return all(
         p.is_cpu

@@ -261,3 +261,15 @@ def test_a_tensor_joining_late_takes_its_first_step_beside_the_kernel(monkeypatc
     assert got["steps"] == want["steps"] == 5 and got["skipped"] == want["skipped"] == 0
     for key in ("residual_sq", "grad_sq", "estimate_sq"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_float16_groups_take_the_pytorch_paths_when_the_compiler_lacks_float16(monkeypatch):
+    calls = _calls(monkeypatch)
+    monkeypatch.setattr(native._lib, "to_has_float16", lambda: 0)
+    fast, slow = _params(ODD_SHAPES, torch.float16), _params(ODD_SHAPES, torch.float16)
+    _train(fast, 3)
+    _train(slow, 3, fused=False)
+    assert calls == []
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    _train(_params(ODD_SHAPES, torch.bfloat16), 3)  # bfloat16 needs no compiler support
+    assert calls == [len(ODD_SHAPES)] * 2
