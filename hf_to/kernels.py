@@ -1,7 +1,10 @@
 r"""Fused step kernels: one pass over each tensor per phase, compiled when asked.
 
 :func:`fused_trainable_to` is the fast twin of the readable
-``hf_to.optimizer._single_tensor_trainable_to``, with the same two phases:
+``hf_to.optimizer._single_tensor_trainable_to``, with the same two phases.  It is the path of
+CUDA and of sharded (DTensor) parameters; unsharded CPU groups take the one-pass C kernel of
+:mod:`hf_to.native` instead (faster on a CPU: one call per group, no reduction pass), and come
+here only with ``HF_TO_NATIVE=0`` or without a C compiler.
 
 1. one *stats* kernel per tensor reads ``w`` and ``g`` (and the rank-one factors) once and
    returns the row ``[count, *Estimator.stat_names]``, ``count`` being the number of
