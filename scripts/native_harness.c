@@ -1,0 +1,51 @@
+/* Times hf_to/native.c's to_step on 8 x 2M float32 parameters, without Python (best of 9).
+ *
+ *   gcc -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math scripts/native_harness.c -o /tmp/harness -lm
+ *   /tmp/harness ESTIMATOR ADAM BF16_STATE     # ESTIMATOR: 0 diagonal, 1 rank-one, 2 none
+ *   /tmp/harness 0 1 0; /tmp/harness 0 1 1     # the default form, fp32 and bf16 state
+ *
+ * Add -DHF_TO_CONSTANT_ROUNDING_NOISE to replace the stochastic-rounding hash by a constant
+ * (what docs/speed.md uses to show that the hash is not what bf16 state costs).  One thread.
+ */
+#include <stdio.h>
+#include <time.h>
+
+#include "../hf_to/native.c"
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) { fprintf(stderr, "usage: %s ESTIMATOR ADAM BF16_STATE\n", argv[0]); return 2; }
+    int est = atoi(argv[1]), adam = atoi(argv[2]), bf16 = atoi(argv[3]);
+    enum { K = 8 };
+    const int64_t n = 2048 * 1024;
+    static double scratch[1 << 20];
+    static float steps[K];
+    to_tensor ts[K];
+    memset(ts, 0, sizeof ts);
+    size_t es = bf16 ? 2 : 4;
+    for (int t = 0; t < K; ++t) {
+        float *w = malloc(n * 4), *g = malloc(n * 4);
+        for (int64_t i = 0; i < n; ++i) { w[i] = (i % 97) * 0.001f; g[i] = (i % 13) * 0.0001f; }
+        steps[t] = 3;
+        ts[t] = (to_tensor){.w = w, .g = g, .b = calloc(n, es), .s1 = calloc(n, es), .s2 = calloc(n, es),
+                            .v2 = adam ? calloc(n, es) : NULL, .n = n, .step = &steps[t], .ww = 1.0};
+    }
+    to_config cfg = {.lr = 1e-3, .decay = 1.0, .alpha = 0.1, .beta = 0.1, .beta2 = 0.999, .eps = 1e-8,
+                     .floor = 1e-3, .warmup = 1, .adam = adam, .normalize = 1, .diagnostics = 0,
+                     .pdtype = F32, .sdtype = bf16 ? BF16 : F32, .estimator = est, .nthreads = 1};
+    for (int r = 0; r < 3; ++r) to_step(ts, K, &cfg, scratch, 1 << 20);
+    double best = 1e9;
+    for (int r = 0; r < 9; ++r) {
+        double t0 = now();
+        to_step(ts, K, &cfg, scratch, 1 << 20);
+        double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    printf("estimator %d adam %d bf16 state %d: %.2f ms\n", est, adam, bf16, best * 1e3);
+    return 0;
+}
