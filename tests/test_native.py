@@ -273,3 +273,20 @@ def test_float16_groups_take_the_pytorch_paths_when_the_compiler_lacks_float16(m
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
     _train(_params(ODD_SHAPES, torch.bfloat16), 3)  # bfloat16 needs no compiler support
     assert calls == [len(ODD_SHAPES)] * 2
+
+
+def test_the_c_harness_builds_and_times_a_step(tmp_path):
+    """scripts/native_harness.c (docs/speed.md quotes it) still compiles against native.c."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = native._compiler()
+    if cc is None or not shutil.which(cc.split()[0]):
+        pytest.skip("no C compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "harness"
+    flags = ["-O2", "-fopenmp", "-DHF_TO_CONSTANT_ROUNDING_NOISE"]
+    subprocess.run([*cc.split(), *flags, str(root / "scripts" / "native_harness.c"), "-o", str(exe), "-lm"], check=True)
+    out = subprocess.run([str(exe), "0", "1", "1"], check=True, capture_output=True, text=True).stdout
+    assert out.startswith("estimator 0 adam 1 bf16 state 1: ") and out.strip().endswith(" ms")
