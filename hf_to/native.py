@@ -249,24 +249,26 @@ _plans: dict[tuple[int, ...], _Plan] = {}
 _MAX_PLANS = 64
 
 
-def _plan(params: list[Tensor], keys: tuple) -> _Plan:
+def _plan(params: list[Tensor], keys: tuple, plans: dict) -> _Plan:
     key = tuple(map(id, params))
-    plan = _plans.get(key)
+    plan = plans.get(key)
     if plan is None or plan.keys != keys or not plan.alive(params):
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        plan = _plans[key] = _Plan(params, keys)
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = _Plan(params, keys)
     return plan
 
 
-def forget(params: list[Tensor] | None = None) -> None:
-    """Drop the carried sums of the groups holding any of ``params`` (all groups when ``None``)."""
+def forget(params: list[Tensor] | None = None, plans: dict | None = None) -> None:
+    """Drop the carried sums of the groups holding any of ``params`` (all groups when ``None``)
+    from ``plans`` (an optimizer's ``_native_plans``; default: the module-level cache)."""
+    plans = _plans if plans is None else plans
     if params is None:
-        _plans.clear()
+        plans.clear()
         return
     ids = {id(p) for p in params}
-    for key in [key for key in _plans if ids.intersection(key)]:
-        del _plans[key]
+    for key in [key for key in plans if ids.intersection(key)]:
+        del plans[key]
 
 
 def native_step(
@@ -286,15 +288,20 @@ def native_step(
     floor: float,
     beta_warmup: bool,
     diagnostics: bool,
+    plans: dict | None = None,
 ) -> dict[str, Tensor] | None:
-    """One TO step of tensors past their first step (same math and result as the readable path)."""
+    """One TO step of tensors past their first step (same math and result as the readable path).
+
+    ``plans`` caches the descriptors and carried sums between steps; an optimizer passes its
+    own dict so that they go with it (default: a small module-level cache).
+    """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
     sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
-    plan = _plan(params, (*keys, sums))
+    plan = _plan(params, (*keys, sums), _plans if plans is None else plans)
     ts = plan.ts
     stale = []
     pick = operator.itemgetter(*keys, "step")

@@ -174,6 +174,9 @@ class TrainableOptimizer(Optimizer):
         self.track_diagnostics = bool(diagnostics)
         super().__init__(params, defaults)
         self._diag: list[dict[str, Tensor]] = []
+        # The native kernel's per-group descriptors and carried sums (hf_to.native): owned
+        # here so that they, and the state tensors they reference, go with the optimizer.
+        self._native_plans: dict = {}
 
     # -- torch.optim plumbing -------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class TrainableOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("track_diagnostics", False)
         self.__dict__.setdefault("_diag", [])
+        self._native_plans = {}
         self._given_params = WeakIdKeyDictionary({p: True for g in self.param_groups for p in g["params"]})
         for group in self.param_groups:
             group.setdefault("alpha_scaling", "normalized")
@@ -232,6 +236,7 @@ class TrainableOptimizer(Optimizer):
                         f"param group {i}: the checkpoint was written with {key}={saved.get(key)!r}, "
                         f"this optimizer has {key}={group[key]!r}; their states are not interchangeable"
                     )
+        self._native_plans.clear()
         super().load_state_dict(state_dict)
         # The base class casts floating state to the parameter dtype; undo that from the source.
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
@@ -310,6 +315,7 @@ class TrainableOptimizer(Optimizer):
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
                 fused=group["fused"],
+                native_plans=self._native_plans,
             )
             if stats is not None:
                 acc = self._diag[i]
@@ -509,6 +515,7 @@ def trainable_to(
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,
+    native_plans: dict | None = None,
 ) -> dict[str, Tensor] | None:
     """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
 
@@ -544,14 +551,20 @@ def trainable_to(
     )
     if fused is not False and reduce_stats is None and native.eligible(estimator, params, grads, states):
         if native.available():
-            return _native_trainable_to(params, grads, states, estimator=estimator, **common)
+            return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
     if use_kernels:
         return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)
     return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
 
 
 def _native_trainable_to(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], *, estimator: str, **common: Any
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    estimator: str,
+    plans: dict | None,
+    **common: Any,
 ) -> dict[str, Tensor] | None:
     """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
     intercept) takes the readable path (the eager fused kernels for bfloat16 state)."""
@@ -572,6 +585,7 @@ def _native_trainable_to(
             [grads[i] for i in pick],
             [states[i] for i in pick],
             estimator=estimator,
+            plans=plans,
             **{k: v for k, v in common.items() if k not in skip},
         )
         if out is None or more is None:

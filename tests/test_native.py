@@ -112,14 +112,20 @@ def test_native_path_is_the_cpu_default_and_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_carried_sums_equal_recomputed_sums_bit_for_bit(estimator):
+def test_carried_sums_equal_recomputed_sums_bit_for_bit(estimator, monkeypatch):
     """Forgetting the carried sums (as a resumed process does) changes no bit."""
+    recomputed = []
+    real = native._lib.to_sums
+    monkeypatch.setattr(native._lib, "to_sums", lambda ts, k, *rest: recomputed.append(k) or real(ts, k, *rest))
     carried, fresh = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
     opt_c = _train(carried, 8, estimator=estimator)
     opt_f = _train(fresh, 4, estimator=estimator)
+    sums_used = estimator != "none"  # none needs no whole-tensor sum
+    assert recomputed == [3, 3] if sums_used else recomputed == []  # each optimizer's first native step
     for t in range(4, 8):
-        native.forget(fresh)
+        native.forget(fresh, opt_f._native_plans)
         _steps(opt_f, fresh, t, t + 1)
+    assert len(recomputed) == (6 if sums_used else 0)
     for a, b in zip(carried, fresh):
         assert torch.equal(a, b)
         assert all(torch.equal(opt_c.state[a][k], opt_f.state[b][k]) for k in opt_c.state[a])
@@ -290,3 +296,17 @@ def test_the_c_harness_builds_and_times_a_step(tmp_path):
     subprocess.run([*cc.split(), *flags, str(root / "scripts" / "native_harness.c"), "-o", str(exe), "-lm"], check=True)
     out = subprocess.run([str(exe), "0", "1", "1"], check=True, capture_output=True, text=True).stdout
     assert out.startswith("estimator 0 adam 1 bf16 state 1: ") and out.strip().endswith(" ms")
+
+
+def test_the_kernel_cache_goes_with_the_optimizer():
+    """Deleting the optimizer frees its state: the native cache holds nothing beyond it."""
+    import gc
+    import weakref
+
+    params = _params(ODD_SHAPES)
+    opt = _train(params, 3)
+    assert opt._native_plans
+    ref = weakref.ref(opt.state[params[0]]["b"])
+    del opt
+    gc.collect()
+    assert ref() is None
