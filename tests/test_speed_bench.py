@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
+import torch
 
-from hf_to import bench
+from hf_to import bench, native
 
 
 def test_smollm2_shapes_match_the_135m_architecture():
@@ -34,6 +36,26 @@ def test_step_benchmark_prints_a_table_with_ratios_and_memory(monkeypatch, capsy
     assert float(cells[2]) == pytest.approx(8.0, abs=0.1)  # paper diagonal: b and a in fp32
     assert float(cells[7]) == pytest.approx(1.0)  # same bytes moved as AdamW: limit = 1 x AdamW
     assert "compile time" in out
+
+
+def test_compiled_variant_keeps_the_native_kernel_off_and_restores_the_setting(monkeypatch):
+    monkeypatch.setenv("HF_TO_COMPILE", "0")
+    monkeypatch.delenv("HF_TO_NATIVE", raising=False)
+    calls = []
+    real = native.native_step
+    monkeypatch.setattr(native, "native_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bench.bench_set(
+        [(33, 5), (7,)],
+        torch.float32,
+        ["trainable_to[compiled]"],
+        device=torch.device("cpu"),
+        rounds=1,
+        repeats=2,
+    )
+    assert calls == []
+    bench.bench_set([(33, 5), (7,)], torch.float32, ["trainable_to"], device=torch.device("cpu"), rounds=1, repeats=2)
+    assert calls  # the plain variant takes the native kernel on a CPU
+    assert "HF_TO_NATIVE" not in os.environ
 
 
 def test_state_benchmark_runs_each_column(monkeypatch, capsys):
