@@ -430,7 +430,7 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
             ts[t].nbad = total(&L, t, S_BAD);
         }
         /* Every entry non-finite: nothing moved, the step count stays. */
-        if (ts[t].nbad < (double)ts[t].n) *ts[t].step += 1.0f;
+        if (ts[t].n == 0 || ts[t].nbad < (double)ts[t].n) *ts[t].step += 1.0f;
         ts[t].rr = total(&L, t, S_RR);
         ts[t].gg = total(&L, t, S_GG);
         ts[t].hh = total(&L, t, S_HH);

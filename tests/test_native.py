@@ -310,3 +310,12 @@ def test_the_kernel_cache_goes_with_the_optimizer():
     del opt
     gc.collect()
     assert ref() is None
+
+
+def test_empty_tensors_step_like_the_readable_path():
+    shapes = [(0,), (5,), (0, 3)]
+    fast, slow = _params(shapes), _params(shapes)
+    opt_fast, opt_slow = _train(fast, 3), _train(slow, 3, fused=False)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+        assert opt_fast.state[a]["step"] == opt_slow.state[b]["step"] == 3
