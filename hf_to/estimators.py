@@ -308,7 +308,7 @@ class RankOneEstimator(Estimator):
     def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, floor=1e-3, first, intercept_from_gradient):
         if first:
             norm = stats["ww"].sqrt()
-            state["v"].view(-1).copy_(torch.where(norm > 0, w / norm.clamp_min(TINY), n**-0.5))
+            state["v"].view(-1).copy_(torch.where(norm > 0, w / norm.clamp_min(TINY), max(n, 1) ** -0.5))
             stats = {**stats, "vw": norm}  # v_0ᵀw_0 = ‖w_0‖
         return super().step(
             state,

@@ -348,7 +348,7 @@ def _update_rank_one(
     ww, vw, uu, ub, ug = row[1], row[2], row[3], row[4], row[5]
     if first:  # v_0 = w_0/‖w_0‖ (1/√n when w_0 = 0), so v_0ᵀw_0 = ‖w_0‖
         norm = ww.sqrt()
-        vf = torch.where(norm > 0, w / norm.clamp_min(TINY), n**-0.5)
+        vf = torch.where(norm > 0, w / norm.clamp_min(TINY), max(n, 1) ** -0.5)
         vw = norm
     else:
         vf = v.to(cd)

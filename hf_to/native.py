@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = ["available", "eligible", "forget", "library_path", "load_seconds", "native_step"]
 
@@ -116,9 +117,9 @@ def _cpu_flags() -> str:
 
 
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-    ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-    ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
+    ["-std=gnu11", "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    ["-std=gnu11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    ["-std=gnu11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
 )
 
 
@@ -196,8 +197,10 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
-    if pdtype is torch.float16 and not (_lib is not None and _lib.to_has_float16()):
-        return False  # built without _Float16 (an old compiler): the PyTorch paths
+    if pdtype is torch.float16:
+        lib = _load() if os.environ.get(_ENV, "1") != "0" else None
+        if lib is None or not lib.to_has_float16():
+            return False  # built without _Float16 (an old compiler): the PyTorch paths
     f32 = torch.float32
     return all(
         p.is_cpu
@@ -218,7 +221,20 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # -- the step ------------------------------------------------------------------------------
 
 
-_VERSION = operator.attrgetter("_version")  # bumped by every in-place write PyTorch makes
+_VERSION = operator.attrgetter("_version")
+_PTR = operator.methodcaller("data_ptr")
+
+
+def _stamp(p: Tensor, held: tuple[Tensor, ...], steps: int) -> tuple:
+    """Storages of a parameter, its state and step count, and the sum of their version counters
+    less the bumps of this plan's own ``steps`` (one per tensor and step).
+
+    Every in-place write PyTorch makes raises a version counter (they never go down), and so
+    does every kernel step, so the sum moves exactly when someone else wrote; ``.data = ...``
+    changes a storage.  Writes through ``p.data`` bypass both (PyTorch gives ``p.data`` its
+    own counter): see :func:`native_step`.
+    """
+    return (p.data_ptr(), *map(_PTR, held), p._version + sum(map(_VERSION, held)) - steps * (1 + len(held)))
 
 
 class _Plan:
@@ -236,6 +252,8 @@ class _Plan:
         self.ts = (_Tensor * len(params))()
         self.held: list[tuple[Tensor, ...]] = [()] * len(params)
         self.prints: list[tuple | None] = [None] * len(params)
+        self.steps = 0  # kernel steps run through this plan (each bumps every version once)
+        self.written: list[Tensor] = []  # the tensors whose versions a step bumps
         # Scratch for the kernel's per-block sums (8 per block of 2048 elements).
         self.cap = 8 * sum(-(-p.numel() // 2048) for p in params)
         self.scratch = (ctypes.c_double * max(self.cap, 1))()
@@ -244,8 +262,8 @@ class _Plan:
         return all(ref() is p for ref, p in zip(self.refs, params))
 
 
-# Plans by the ids of a group's tensors (checked by weak reference); a process has few groups.
-_plans: dict[tuple[int, ...], _Plan] = {}
+# Plans of one owner (an optimizer's ``_native_plans``) are keyed by the ids of the tensors
+# that had gradients (checked by weak reference); a few subsets recur per group.
 _MAX_PLANS = 64
 
 
@@ -259,10 +277,8 @@ def _plan(params: list[Tensor], keys: tuple, plans: dict) -> _Plan:
     return plan
 
 
-def forget(params: list[Tensor] | None = None, plans: dict | None = None) -> None:
-    """Drop the carried sums of the groups holding any of ``params`` (all groups when ``None``)
-    from ``plans`` (an optimizer's ``_native_plans``; default: the module-level cache)."""
-    plans = _plans if plans is None else plans
+def forget(plans: dict, params: list[Tensor] | None = None) -> None:
+    """Drop the cached plans (carried sums) holding any of ``params`` (all when ``None``)."""
     if params is None:
         plans.clear()
         return
@@ -293,7 +309,14 @@ def native_step(
     """One TO step of tensors past their first step (same math and result as the readable path).
 
     ``plans`` caches the descriptors and carried sums between steps; an optimizer passes its
-    own dict so that they go with it (default: a small module-level cache).
+    own dict so that they go with it.  Without it nothing is cached and the sums the step
+    needs are recomputed (one more pass over the tensors).
+
+    The carried sums are trusted while the stamps match.  Writes through ``p.data`` (say
+    ``p.data.clamp_(...)`` between steps) change neither storage nor version counter, so the
+    next step would use the sums of the weights as this step left them (the normaliser
+    ``wᵀw/n``, and rank-one's ``vᵀw``); write on the parameter itself under
+    ``torch.no_grad()`` (``p.clamp_(...)``), or set ``HF_TO_NATIVE=0``.
     """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
@@ -301,23 +324,33 @@ def native_step(
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
     sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
-    plan = _plan(params, (*keys, sums), _plans if plans is None else plans)
+    # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.
+    plan = _Plan(params, (*keys, sums)) if plans is None else _plan(params, (*keys, sums), plans)
     ts = plan.ts
     stale = []
     pick = operator.itemgetter(*keys, "step")
-    for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        held = pick(state)  # the state tensors, then the step count
-        stamp = (p.data_ptr(), p._version, *map(_VERSION, held))
+    held_all = [pick(state) for state in states]  # each: the state tensors, then the step count
+    for i, (p, g, held) in enumerate(zip(params, grads, held_all)):
         t = ts[i]
         t.g = g.data_ptr()
+        stamp = _stamp(p, held, plan.steps)
         if stamp != plan.prints[i] or not all(map(operator.is_, held, plan.held[i])):
+            n = p.numel()
+            for x in held[:-1]:
+                if x.numel() != n or not x.is_contiguous() or not x.is_cpu:
+                    raise RuntimeError(
+                        f"optimizer state of shape {tuple(x.shape)} does not fit its parameter of shape "
+                        f"{tuple(p.shape)} (a state dict loaded into parameters in another order?)"
+                    )
             t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
-            t.w, t.n, t.b = p.data_ptr(), p.numel(), held[0].data_ptr()
+            t.w, t.n, t.b = p.data_ptr(), n, held[0].data_ptr()
             t.s1 = held[1].data_ptr() if estimator != "none" else None
             t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
             t.v2 = held[-2].data_ptr() if adam else None
-            plan.prints[i], plan.held[i] = stamp, held
+            plan.held[i], plan.prints[i] = held, stamp
             stale.append(i)
+    if stale:
+        plan.written = [x for p, held in zip(params, held_all) for x in (p, *held)]
     cfg = _Config(
         lr=lr,
         decay=1 - lr * weight_decay,
@@ -341,6 +374,11 @@ def native_step(
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
     _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap))
+    # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
+    # in-place ops do (autograd's checks see the writes, and any other plan holding these
+    # tensors finds its carried sums stale); this plan's stamps discount its own bumps.
+    increment_version(plan.written)
+    plan.steps += 1
 
     # Nothing moved (and the kernel kept the step count) where rank-one saw a non-finite
     # entry or where every entry was non-finite.

@@ -106,7 +106,11 @@ class TrainableOptimizer(Optimizer):
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
             use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for unsharded
             float32/bfloat16/float16 parameters and the diagonal, rank-one and none
-            estimators.  Elsewhere (CUDA, sharded parameters, no compiler) ``True`` takes the
+            estimators.  It carries whole-tensor sums from one step to the next and notices
+            any write PyTorch makes to the weights or state between steps (version counters);
+            writes through ``p.data`` bypass those counters, so write on the parameter itself
+            under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
+            Elsewhere (CUDA, sharded parameters, no compiler) ``True`` takes the
             ``torch.compile`` kernels of :mod:`hf_to.kernels` (eager fallback) and ``None``
             takes them on CUDA and for CPU groups of at least 16 M elements, the readable path
             otherwise (see :func:`hf_to.kernels.use_fused`).  ``False``: the readable

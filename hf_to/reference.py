@@ -75,7 +75,7 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
     if est == "rank_one" and int(state["step"]) == 0:
         # u_0 = 0, v_0 = w_0 / ‖w_0‖ (1/√n when w_0 = 0): A_0 = 0 but not a fixed point.
         norm = torch.linalg.vector_norm(w)
-        v0 = w / norm if norm > 0 else torch.full_like(w, n**-0.5)
+        v0 = w / norm if norm > 0 else torch.full_like(w, max(n, 1) ** -0.5)
         state["v"] = v0.reshape(p.shape)
     A = _dense_slope(est, state, n, w)
 

@@ -123,7 +123,7 @@ def test_carried_sums_equal_recomputed_sums_bit_for_bit(estimator, monkeypatch):
     sums_used = estimator != "none"  # none needs no whole-tensor sum
     assert recomputed == [3, 3] if sums_used else recomputed == []  # each optimizer's first native step
     for t in range(4, 8):
-        native.forget(fresh, opt_f._native_plans)
+        native.forget(opt_f._native_plans, fresh)
         _steps(opt_f, fresh, t, t + 1)
     assert len(recomputed) == (6 if sums_used else 0)
     for a, b in zip(carried, fresh):
@@ -319,3 +319,68 @@ def test_empty_tensors_step_like_the_readable_path():
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
         assert opt_fast.state[a]["step"] == opt_slow.state[b]["step"] == 3
+
+
+def test_state_that_does_not_fit_its_parameter_raises_instead_of_writing_out_of_bounds():
+    """E.g. a state dict loaded into the parameters in another order."""
+    params = _params([(50, 100), (10,)])
+    opt = _train(params, 3)
+    opt.state[params[0]], opt.state[params[1]] = opt.state[params[1]], opt.state[params[0]]
+    _grads(params, 3)
+    with pytest.raises(RuntimeError, match="does not fit its parameter"):
+        opt.step()
+
+
+def test_state_replaced_through_data_is_noticed():
+    """``state[k].data = ...`` keeps the tensor and its version counter: the storage is stamped too."""
+    fast, slow = _params(BLOCK_SHAPES[:2]), _params(BLOCK_SHAPES[:2])
+    opt_fast, opt_slow = _train(fast, 3), _train(slow, 3, fused=False)
+    for opt, ps in ((opt_fast, fast), (opt_slow, slow)):
+        for p in ps:
+            for key in ("b", "a", "exp_avg_sq"):
+                opt.state[p][key].data = opt.state[p][key].clone()  # e.g. state moved off and back
+        _steps(opt, ps, 3, 6)
+    for pf, ps_ in zip(fast, slow):
+        torch.testing.assert_close(pf, ps_, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(opt_fast.state[pf]["b"], opt_slow.state[ps_]["b"], **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+def test_gradients_that_come_and_go_keep_the_carried_sums_current(estimator):
+    """Each set of tensors with gradients has its own cached plan; a step of one set bumps the
+    version counters, so another set's carried sums for the same tensors are recomputed."""
+    fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
+    opts = [TrainableOptimizer(ps, lr=0.01, estimator=estimator, fused=f) for ps, f in ((fast, None), (slow, False))]
+    for t in range(12):
+        for opt, ps in zip(opts, (fast, slow)):
+            _grads(ps, t)
+            if 2 <= t < 6 or t >= 9:
+                ps[1].grad = None
+            opt.step()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+def test_kernel_writes_bump_the_version_counters():
+    """As PyTorch's in-place ops do: autograd sees that step() changed the weights."""
+    params = _params(ODD_SHAPES)
+    opt = _train(params, 2)
+    before = [p._version for p in params]
+    _steps(opt, params, 2, 3)
+    assert all(p._version > v for p, v in zip(params, before))
+    y = (params[0] * params[0]).sum()  # saves the weight for backward
+    _grads(params, 3)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_float16_groups_build_the_kernel_when_nothing_else_did(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+    params = _params(ODD_SHAPES, torch.float16)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    states = [{"b": torch.zeros(p.shape), "step": torch.tensor(1.0)} for p in params]
+    assert native.eligible("none", params, [p.grad for p in params], states)
+    assert native._lib is not None
