@@ -366,13 +366,21 @@ def step_command(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _nearest_rounding() -> Iterator[None]:
-    """Ablation: store bfloat16 state with round-to-nearest instead of stochastic rounding."""
-    original = kernels._round_bf16
+    """Ablation: store bfloat16 state with round-to-nearest instead of stochastic rounding.
+
+    Runs the PyTorch kernels (``HF_TO_NATIVE=0``): the C kernel rounds stochastically inside.
+    """
+    original, env = kernels._round_bf16, os.environ.get("HF_TO_NATIVE")
     kernels._round_bf16 = lambda x, seed: x.to(torch.bfloat16)
+    os.environ["HF_TO_NATIVE"] = "0"
     try:
         yield
     finally:
         kernels._round_bf16 = original
+        if env is None:
+            del os.environ["HF_TO_NATIVE"]
+        else:
+            os.environ["HF_TO_NATIVE"] = env
 
 
 def _noisy_quadratic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:

@@ -64,3 +64,16 @@ def test_state_benchmark_runs_each_column(monkeypatch, capsys):
     assert bench.main(["state", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| noisy quadratic (d=512, 1000 steps) | 1 (1-1) | 2 (2-2) | 2 (2-2) |" in out
+
+
+def test_round_to_nearest_ablation_runs_the_kernels_it_patches(monkeypatch):
+    """The C kernel rounds stochastically inside; the ablation must not reach it."""
+    monkeypatch.delenv("HF_TO_NATIVE", raising=False)
+    calls = []
+    real = native.native_step
+    monkeypatch.setattr(native, "native_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with bench._nearest_rounding():
+        nearest = bench._logistic(torch.bfloat16, seed=0, steps=50)
+    assert calls == [] and "HF_TO_NATIVE" not in os.environ
+    stochastic = bench._logistic(torch.bfloat16, seed=0, steps=50)
+    assert calls and nearest != stochastic
