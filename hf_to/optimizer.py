@@ -537,7 +537,6 @@ def trainable_to(
 
     Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
-    use_kernels, compile = use_fused(fused, estimator, params, states)
     common = dict(
         lr=float(lr),
         alpha=alpha,
@@ -556,6 +555,20 @@ def trainable_to(
     if fused is not False and reduce_stats is None and native.eligible(estimator, params, grads, states):
         if native.available():
             return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
+    return _torch_trainable_to(params, grads, states, estimator=estimator, fused=fused, **common)
+
+
+def _torch_trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    estimator: str,
+    fused: bool | None,
+    **common: Any,
+) -> dict[str, Tensor] | None:
+    """The PyTorch paths: the kernels of :mod:`hf_to.kernels` or the readable one (``use_fused``)."""
+    use_kernels, compile = use_fused(fused, estimator, params, states)
     if use_kernels:
         return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)
     return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
@@ -577,10 +590,7 @@ def _native_trainable_to(
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
         sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        if use_fused(False, estimator, sub[0], sub[2])[0]:
-            out = fused_trainable_to(*sub, estimator=estimator, compile=False, **common)
-        else:
-            out = _single_tensor_trainable_to(*sub, estimator=get_estimator(estimator), **common)
+        out = _torch_trainable_to(*sub, estimator=estimator, fused=False, **common)
     if not all(first):
         pick = [i for i, f in enumerate(first) if not f]
         skip = ("intercept_from_gradient", "reduce_stats")
@@ -592,9 +602,9 @@ def _native_trainable_to(
             plans=plans,
             **{k: v for k, v in common.items() if k not in skip},
         )
-        if out is None or more is None:
-            out = more if out is None else out
-        else:
+        if out is None:
+            out = more
+        elif more is not None:
             out = {k: torch.maximum(out[k], more[k]) if k == "steps" else out[k] + more[k] for k in out}
     return out
 
