@@ -114,6 +114,20 @@ def _to(name: str, **overrides: Any) -> Callable[[list[Tensor]], torch.optim.Opt
     return lambda params: TrainableOptimizer(params, lr=1e-5, **{**VARIANTS[name], **overrides})
 
 
+@contextlib.contextmanager
+def _native_off() -> Iterator[None]:
+    """Run with ``HF_TO_NATIVE=0`` (the PyTorch kernels on a CPU), restoring the setting after."""
+    old = os.environ.get("HF_TO_NATIVE")
+    os.environ["HF_TO_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["HF_TO_NATIVE"]
+        else:
+            os.environ["HF_TO_NATIVE"] = old
+
+
 class _NoNative:
     """An optimizer whose steps run with ``HF_TO_NATIVE=0`` (the torch.compile kernels on a CPU)."""
 
@@ -121,15 +135,8 @@ class _NoNative:
         self.opt, self.state = opt, opt.state
 
     def step(self) -> None:
-        old = os.environ.get("HF_TO_NATIVE")
-        os.environ["HF_TO_NATIVE"] = "0"
-        try:
+        with _native_off():
             self.opt.step()
-        finally:
-            if old is None:
-                del os.environ["HF_TO_NATIVE"]
-            else:
-                os.environ["HF_TO_NATIVE"] = old
 
 
 def _without_native(factory: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Callable[[list[Tensor]], Any]:
@@ -370,17 +377,13 @@ def _nearest_rounding() -> Iterator[None]:
 
     Runs the PyTorch kernels (``HF_TO_NATIVE=0``): the C kernel rounds stochastically inside.
     """
-    original, env = kernels._round_bf16, os.environ.get("HF_TO_NATIVE")
+    original = kernels._round_bf16
     kernels._round_bf16 = lambda x, seed: x.to(torch.bfloat16)
-    os.environ["HF_TO_NATIVE"] = "0"
     try:
-        yield
+        with _native_off():
+            yield
     finally:
         kernels._round_bf16 = original
-        if env is None:
-            del os.environ["HF_TO_NATIVE"]
-        else:
-            os.environ["HF_TO_NATIVE"] = env
 
 
 def _noisy_quadratic(state_dtype: torch.dtype | None, seed: int, steps: int = 1000) -> float:
