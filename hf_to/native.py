@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["available", "eligible", "forget", "library_path", "load_seconds", "native_step"]
+__all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,16 +275,6 @@ def _plan(params: list[Tensor], keys: tuple, plans: dict) -> _Plan:
             plans.clear()
         plan = plans[key] = _Plan(params, keys)
     return plan
-
-
-def forget(plans: dict, params: list[Tensor] | None = None) -> None:
-    """Drop the cached plans (carried sums) holding any of ``params`` (all when ``None``)."""
-    if params is None:
-        plans.clear()
-        return
-    ids = {id(p) for p in params}
-    for key in [key for key in plans if ids.intersection(key)]:
-        del plans[key]
 
 
 def native_step(
