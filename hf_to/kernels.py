@@ -68,6 +68,7 @@ __all__ = [
     "STATE_DTYPES",
     "compile_available",
     "compile_seconds",
+    "env_switch",
     "fused_trainable_to",
     "stochastic_round_",
     "use_fused",
@@ -89,6 +90,16 @@ AUTO_MIN_NUMEL = 1 << 24
 
 #: Set ``HF_TO_COMPILE=0`` to never call ``torch.compile`` (the kernels then run eagerly).
 _ENV_COMPILE = "HF_TO_COMPILE"
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment variable, on when unset; a value that is neither raises."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected one of {_OFF} (off) or {_ON} (on)")
+    return value in _ON
 
 
 # -- stochastic rounding -------------------------------------------------------------------
@@ -440,7 +451,7 @@ _compile_seconds = 0.0
 
 def compile_available() -> bool:
     """Whether the fused kernels will be compiled (``torch.compile`` present, not disabled, not failed)."""
-    if _compile_failed or os.environ.get(_ENV_COMPILE, "1") == "0":
+    if _compile_failed or not env_switch(_ENV_COMPILE):
         return False
     return hasattr(torch, "compile")
 

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from .kernels import env_switch
+
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
 
 logger = logging.getLogger(__name__)
@@ -100,10 +102,14 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name.split()[0]):
-            return name
-    return None
+    """``$CC`` when set (it must exist: a compiler asked for is not silently replaced), else
+    the first of cc, gcc, clang on the PATH."""
+    chosen = os.environ.get("CC")
+    if chosen:
+        if not shutil.which(chosen.split()[0]):
+            raise RuntimeError(f"CC={chosen!r} is not an executable on the PATH")
+        return chosen
+    return next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
 
 
 def _cpu_flags() -> str:
@@ -177,7 +183,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether the native kernel can be used (builds it on the first call; ``HF_TO_NATIVE=0``: never)."""
-    return os.environ.get(_ENV, "1") != "0" and _load() is not None
+    return env_switch(_ENV) and _load() is not None
 
 
 def load_seconds() -> float:
@@ -198,7 +204,7 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
     if pdtype is torch.float16:
-        lib = _load() if os.environ.get(_ENV, "1") != "0" else None
+        lib = _load() if env_switch(_ENV) else None
         if lib is None or not lib.to_has_float16():
             return False  # built without _Float16 (an old compiler): the PyTorch paths
     f32 = torch.float32

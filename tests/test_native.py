@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_fast_paths import FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
 
-from hf_to import TrainableOptimizer, native
+from hf_to import TrainableOptimizer, kernels, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
 
@@ -384,3 +384,26 @@ def test_float16_groups_build_the_kernel_when_nothing_else_did(monkeypatch):
     states = [{"b": torch.zeros(p.shape), "step": torch.tensor(1.0)} for p in params]
     assert native.eligible("none", params, [p.grad for p in params], states)
     assert native._lib is not None
+
+
+@pytest.mark.parametrize("name", ["HF_TO_NATIVE", "HF_TO_COMPILE"])
+def test_a_switch_that_is_neither_on_nor_off_raises_naming_it(name, monkeypatch):
+    monkeypatch.setenv(name, "maybe")
+    if name == "HF_TO_COMPILE":
+        monkeypatch.setenv("HF_TO_NATIVE", "0")  # so that the step reaches the torch.compile kernels
+    with pytest.raises(ValueError, match=rf"{name}='maybe': expected one of"):
+        _train(_params(ODD_SHAPES), 3, fused=True)
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv(name, off)
+        assert not kernels.env_switch(name)
+    monkeypatch.setenv(name, "1")
+    assert kernels.env_switch(name)
+
+
+def test_a_compiler_asked_for_that_does_not_exist_is_not_replaced(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="hf_to.native"):
+        assert not native.available()
+    assert any("CC='/nonexistent/cc' is not an executable" in r.getMessage() for r in caplog.records)
