@@ -367,13 +367,15 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     STEP_CASE(PT, ST, EST, 0, 0) STEP_CASE(PT, ST, EST, 0, 1)                                  \
     STEP_CASE(PT, ST, EST, 1, 0) STEP_CASE(PT, ST, EST, 1, 1)
 
-/* One step of every tensor (none is on its first step).  A rank-one tensor with a
+/* One step of every tensor (none is on its first step), grads[t] the gradient of ts[t].  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
-int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap) {
+int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap, const void *const *grads) {
     layout L;
     int rc = 0;
     const int est = cfg->estimator;
     if (k <= 0) return 0;
+    /* The gradients are new tensors at most steps: their pointers come as one array. */
+    for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
     if (layout_init(&L, ts, k, scratch, cap)) return -1;
     scalars *S = (scalars *)calloc((size_t)k, sizeof(scalars));
     char *run = (char *)malloc((size_t)k);
@@ -439,5 +441,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 3; }
+int to_abi_version(void) { return 4; }
 int to_has_float16(void) { return HAS_F16; }
