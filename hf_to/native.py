@@ -9,9 +9,14 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
 * a param group is **one call**; OpenMP threads share fixed-size blocks of all its tensors;
 * the sums a step needs before it writes are sums of what the *previous* step wrote, so that
   pass computes them from the values it stores and they are *carried* to the next step.  They
-  are trusted only while the parameter and its state tensors are the same storage at the same
-  version counter (any in-place write by PyTorch bumps it); otherwise :func:`to_sums` recomputes
-  them, with the same blockwise summation, so a resumed run continues bit for bit;
+  are trusted only while the parameter and its state tensors keep their data pointer, byte
+  size and version counter (any in-place write by PyTorch bumps it); otherwise :func:`to_sums`
+  recomputes them, with the same blockwise summation, so a resumed run continues bit for bit;
+* nothing reaches the kernel unchecked: before every call each tensor it will touch is shown
+  to hold the parameter's number of elements of the expected dtype, contiguous, on the CPU,
+  inside its storage (gradients in full every call; parameters and state by pointer, byte
+  size, dtype and contiguity every call and in full when one of those moved), so that no
+  ``.data`` reassignment, resize or mismatched state can make it read or write out of bounds;
 * the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
   same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
 
@@ -365,11 +370,15 @@ def native_step(
     own dict so that they go with it.  Without it nothing is cached and the sums the step
     needs are recomputed (one more pass over the tensors).
 
-    The carried sums are trusted while the stamps match.  Writes through ``p.data`` (say
-    ``p.data.clamp_(...)`` between steps) change neither storage nor version counter, so the
-    next step would use the sums of the weights as this step left them (the normaliser
-    ``wᵀw/n``, and rank-one's ``vᵀw``); write on the parameter itself under
-    ``torch.no_grad()`` (``p.clamp_(...)``), or set ``HF_TO_NATIVE=0``.
+    A tensor that does not fit (another number of elements, dtype or device, not contiguous,
+    past the end of its storage) raises ``RuntimeError`` before the kernel runs.
+
+    The carried sums are trusted while pointers, byte sizes and version counters match.
+    Writes through ``p.data`` (say ``p.data.clamp_(...)`` between steps) change none of them,
+    so the next step would use the sums of the weights as this step left them (the
+    normaliser ``wᵀw/n``, and rank-one's ``vᵀw``: stale sums, never out-of-bounds access);
+    write on the parameter itself under ``torch.no_grad()`` (``p.clamp_(...)``), or set
+    ``HF_TO_NATIVE=0``.
     """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
@@ -464,7 +473,7 @@ def native_step(
     _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
     # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
     # in-place ops do (autograd's checks see the writes, and any other plan holding these
-    # tensors finds its carried sums stale); this plan's stamps discount its own bumps.
+    # tensors finds its carried sums stale); the next call discounts this plan's own bumps.
     increment_version(plan.written)
     plan.seen = seen
 

@@ -117,7 +117,9 @@ class TrainableOptimizer(Optimizer):
             per-tensor path.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
-            memory, stored with stochastic rounding; not for ``estimator="full"``).
+            memory, stored with stochastic rounding; not for ``estimator="full"``).  float64
+            parameters need float64 state: a narrower ``state_dtype`` raises ``ValueError``
+            (the step computes in the state's dtype and would round the weights to it).
 
     State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
     ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
