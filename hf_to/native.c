@@ -284,6 +284,9 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
                               const int adam, const int norm) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
+    /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
+     * is 1.3e-5 away from 0.001f, which moves v near the overflow of v / bc2). */
+    const float one_minus_beta2 = (float)(1.0 - cfg->beta2);
     /* Every flag the loop tests is a compile-time constant (est, adam, norm, the storage
      * types): with a run-time flag inside, GCC kept a scalar copy of the loop and ran it.
      * The diagnostic sums are always formed (three FMAs on values in registers). */
@@ -325,7 +328,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
         if (adam) {
             float v2 = load(V2, i, st);
             /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
-            float v2n = v2 * beta2 + ((1.0f - beta2) * g) * g;
+            float v2n = v2 * beta2 + (one_minus_beta2 * g) * g;
             store_state(V2, i, v2n, ok, st, seed_v2);
             d = gh / (sqrtf(v2n / bc2) + eps);
         }

@@ -81,7 +81,7 @@ def _tensors(rng: random.Random, gen: torch.Generator, dtype: torch.dtype) -> li
     return out
 
 
-def _grad(rng: random.Random, gen: torch.Generator, p: torch.Tensor) -> torch.Tensor | None:
+def _grad(rng: random.Random, gen: torch.Generator, p: torch.Tensor, spikes: bool) -> torch.Tensor | None:
     if rng.random() < 0.2:
         return None
     g = (0.5 * p.detach().float() + torch.randn(p.shape, generator=gen)).contiguous()
@@ -91,7 +91,7 @@ def _grad(rng: random.Random, gen: torch.Generator, p: torch.Tensor) -> torch.Te
         else:
             for _ in range(rng.randint(1, 3)):
                 g.view(-1)[rng.randrange(p.numel())] = rng.choice([float("inf"), -float("inf"), float("nan")])
-    if rng.random() < 0.05:
+    if spikes and rng.random() < 0.05:
         g = g * 1e20  # a spike: the second moment must stay finite
     if p.dim() == 2 and rng.random() < 0.1:
         g = g.t().contiguous().t()  # the same values, non-contiguous
@@ -111,6 +111,10 @@ def test_native_kernel_matches_the_readable_path(seed):
     cfg = _config(rng)
     dtype = cfg.pop("pdtype")
     init = _tensors(rng, gen, dtype)
+    if cfg["estimator"] == "rank_one" and cfg["alpha_scaling"] == "none":
+        # The raw slope step of rank-one scales with |w|^2 ~ n: keep it stable, else both paths
+        # overflow, at float32 rounding's whim, on different steps.
+        cfg["alpha"] = 0.1 / max(1, *(w.numel() for w in init))
     fast = [torch.nn.Parameter(w.clone()) for w in init]  # clone keeps a transposed layout
     slow = [torch.nn.Parameter(w.clone()) for w in init]
     opt_fast = TrainableOptimizer(fast, lr=0.01, **cfg)
@@ -120,7 +124,8 @@ def test_native_kernel_matches_the_readable_path(seed):
     story = [f"seed {seed}: {cfg}, {dtype}, shapes {[tuple(w.shape) for w in init]}"]
     for step in range(rng.randint(2, 6)):
         for pf, ps in zip(fast, slow):
-            g = _grad(rng, gen, pf)
+            # Spikes only with Adam's preconditioner: without it a 1e20 gradient is a 1e18 step.
+            g = _grad(rng, gen, pf, spikes=cfg["preconditioner"] == "adam")
             pf.grad, ps.grad = g, (None if g is None else g.clone())
         story.append(f"step {step}: grads {[None if p.grad is None else tuple(p.grad.stride()) for p in fast]}")
         opt_fast.step()

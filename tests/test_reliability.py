@@ -125,6 +125,23 @@ def test_one_huge_gradient_leaves_the_second_moment_finite(fused):
     assert p[0] != before[0]
 
 
+@needs_native
+def test_the_second_moment_of_a_spike_matches_the_readable_path():
+    """Same order and the same rounded 1 - β₂ as the readable path (1 - 0.999f in float32 is
+    1.3e-5 away), so both reach the overflow of v / (1 - β₂ᵗ) on the same entries."""
+    w = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fused in (None, False):
+        p = torch.nn.Parameter(w.clone())
+        opt = _stepped([p], fused=fused)
+        p.grad = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 3e19
+        opt.step()
+        runs.append((p.detach(), opt.state[p]["exp_avg_sq"]))
+    (p_fast, v_fast), (p_slow, v_slow) = runs
+    torch.testing.assert_close(v_fast, v_slow, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p_fast, p_slow, rtol=1e-5, atol=1e-5)
+
+
 # -- 3. float64 parameters with a narrower state_dtype -------------------------------------
 
 
