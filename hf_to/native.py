@@ -203,6 +203,22 @@ def library_path() -> Path | None:
     return Path(_lib._name) if available() and _lib is not None else None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
+_B = operator.itemgetter("b")
+_STEP = operator.itemgetter("step")
+_VERSION = operator.attrgetter("_version")
+_PTR = Tensor.data_ptr
+_NBYTES = operator.attrgetter("nbytes")
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_NUMEL = Tensor.numel
+_CONTIGUOUS = Tensor.is_contiguous
+_OFFSET = Tensor.storage_offset
+_STORAGE = Tensor.untyped_storage
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
+
+
 def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
     """Whether a group can take the native step: CPU, plain contiguous tensors, supported dtypes."""
     if estimator not in _ESTIMATORS or not params:
@@ -214,37 +230,20 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
         lib = _load() if env_switch(_ENV) else None
         if lib is None or not lib.to_has_float16():
             return False  # built without _Float16 (an old compiler): the PyTorch paths
-    f32 = torch.float32
-    return all(
-        p.is_cpu
-        and p.dtype is pdtype
-        and g.dtype is pdtype
-        and type(p) in _PLAIN
-        and p.is_contiguous()
-        and g.is_contiguous()
-        and state["b"].dtype is sdtype
-        and state["step"].dtype is f32
-        for p, g, state in zip(params, grads, states)
+    # Column-wise (C-level passes over each list): this runs on every step of every group.
+    return (
+        all(map(_IS_CPU, params))
+        and set(map(type, params)) <= _PLAIN_SET
+        and set(map(_DTYPE, params)) == {pdtype}
+        and set(map(_DTYPE, grads)) == {pdtype}
+        and all(map(_CONTIGUOUS, params))
+        and all(map(_CONTIGUOUS, grads))
+        and set(map(_DTYPE, map(_B, states))) == {sdtype}
+        and set(map(_DTYPE, map(_STEP, states))) == {torch.float32}
     )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-_PLAIN_SET = frozenset(_PLAIN)
-
-
 # -- the step ------------------------------------------------------------------------------
-
-
-_VERSION = operator.attrgetter("_version")
-_PTR = Tensor.data_ptr
-_NBYTES = operator.attrgetter("nbytes")
-_DTYPE = operator.attrgetter("dtype")
-_IS_CPU = operator.attrgetter("is_cpu")
-_NUMEL = Tensor.numel
-_CONTIGUOUS = Tensor.is_contiguous
-_OFFSET = Tensor.storage_offset
-_STORAGE = Tensor.untyped_storage
-_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def _misfit(x: Tensor, n: int, dtype: torch.dtype) -> str | None:
