@@ -255,7 +255,8 @@ def _finish(
     d = g_hat
     if exp_avg_sq is not None:
         beta2 = hp[BETA2].to(w.dtype)
-        v2 = exp_avg_sq.to(w.dtype) * beta2 + (1 - beta2) * gf * gf
+        # 1 - β₂ rounded from float64, as the readable path's addcmul value (and hf_to.native).
+        v2 = exp_avg_sq.to(w.dtype) * beta2 + (1 - hp[BETA2]).to(w.dtype) * gf * gf
         bias_correction2 = (1 - hp[BETA2] ** (step.to(torch.float64) + 1)).to(w.dtype)
         d = g_hat / ((v2 / bias_correction2).sqrt() + hp[EPS].to(w.dtype))
         _store(exp_avg_sq, v2, ok, _seed(step, 5))

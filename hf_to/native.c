@@ -154,6 +154,7 @@ typedef struct {
 /* part: the caller's scratch of cap doubles when large enough (a buffer kept between calls
  * saves page faults), else allocated here. */
 static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratch, int64_t cap) {
+    if (cap < 0) cap = 0;
     L->first = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
     if (!L->first) return -1;
     L->first[0] = 0;
@@ -162,6 +163,19 @@ static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratc
     L->part = L->own ? (double *)malloc(sizeof(double) * (size_t)(L->first[k] * NSUMS + 1)) : scratch;
     if (!L->part) { free(L->first); return -1; }
     return 0;
+}
+
+/* hf_to.native checks every tensor before a call; this is the last line of defence against
+ * a descriptor that would send a loop through a null pointer (or a negative count). */
+static int descriptors_ok(const to_tensor *ts, int64_t k, const to_config *cfg, int with_grads) {
+    for (int64_t t = 0; t < k; ++t) {
+        const to_tensor *T = &ts[t];
+        if (T->n < 0 || !T->step) return 0;
+        if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (cfg->estimator != EST_NONE && !T->s1) ||
+                         (cfg->estimator == EST_RANK_ONE && !T->s2) || (cfg->adam && !T->v2)))
+            return 0;
+    }
+    return 1;
 }
 
 static void layout_free(layout *L) {
@@ -239,6 +253,7 @@ int to_sums(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     layout L;
     int rc = 0;
     if (k <= 0) return 0;
+    if (!descriptors_ok(ts, k, cfg, 0)) return -3;
     if (layout_init(&L, ts, k, scratch, cap)) return -1;
     int64_t nblocks = L.first[k];
 #pragma omp parallel for schedule(static) num_threads(cfg->nthreads) reduction(| : rc)
@@ -269,6 +284,9 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
                               const int adam, const int norm) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
+    /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
+     * is 1.3e-5 away from 0.001f, which moves v near the overflow of v / bc2). */
+    const float one_minus_beta2 = (float)(1.0 - cfg->beta2);
     /* Every flag the loop tests is a compile-time constant (est, adam, norm, the storage
      * types): with a run-time flag inside, GCC kept a scalar copy of the loop and ran it.
      * The diagnostic sums are always formed (three FMAs on values in registers). */
@@ -309,7 +327,8 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
         float d = gh;
         if (adam) {
             float v2 = load(V2, i, st);
-            float v2n = v2 * beta2 + (1.0f - beta2) * (g * g);
+            /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
+            float v2n = v2 * beta2 + (one_minus_beta2 * g) * g;
             store_state(V2, i, v2n, ok, st, seed_v2);
             d = gh / (sqrtf(v2n / bc2) + eps);
         }
@@ -367,13 +386,16 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     STEP_CASE(PT, ST, EST, 0, 0) STEP_CASE(PT, ST, EST, 0, 1)                                  \
     STEP_CASE(PT, ST, EST, 1, 0) STEP_CASE(PT, ST, EST, 1, 1)
 
-/* One step of every tensor (none is on its first step).  A rank-one tensor with a
+/* One step of every tensor (none is on its first step), grads[t] the gradient of ts[t].  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
-int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap) {
+int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap, const void *const *grads) {
     layout L;
     int rc = 0;
     const int est = cfg->estimator;
     if (k <= 0) return 0;
+    /* The gradients are new tensors at most steps: their pointers come as one array. */
+    for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
+    if (!descriptors_ok(ts, k, cfg, 1)) return -3;
     if (layout_init(&L, ts, k, scratch, cap)) return -1;
     scalars *S = (scalars *)calloc((size_t)k, sizeof(scalars));
     char *run = (char *)malloc((size_t)k);
@@ -439,5 +461,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 3; }
+int to_abi_version(void) { return 4; }
 int to_has_float16(void) { return HAS_F16; }

@@ -9,9 +9,14 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
 * a param group is **one call**; OpenMP threads share fixed-size blocks of all its tensors;
 * the sums a step needs before it writes are sums of what the *previous* step wrote, so that
   pass computes them from the values it stores and they are *carried* to the next step.  They
-  are trusted only while the parameter and its state tensors are the same storage at the same
-  version counter (any in-place write by PyTorch bumps it); otherwise :func:`to_sums` recomputes
-  them, with the same blockwise summation, so a resumed run continues bit for bit;
+  are trusted only while the parameter and its state tensors keep their data pointer, byte
+  size and version counter (any in-place write by PyTorch bumps it); otherwise :func:`to_sums`
+  recomputes them, with the same blockwise summation, so a resumed run continues bit for bit;
+* nothing reaches the kernel unchecked: before every call each tensor it will touch is shown
+  to hold the parameter's number of elements of the expected dtype, contiguous, on the CPU,
+  inside its storage (gradients in full every call; parameters and state by pointer, byte
+  size, dtype and contiguity every call and in full when one of those moved), so that no
+  ``.data`` reassignment, resize or mismatched state can make it read or write out of bounds;
 * the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
   same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
 
@@ -37,6 +42,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -51,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 3
+_ABI = 4
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -173,6 +179,7 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_int64,
             ]
             fn.restype = ctypes.c_int
+        lib.to_step.argtypes = [*lib.to_step.argtypes, ctypes.POINTER(ctypes.c_void_p)]  # the gradients
         _lib = lib
         _load_seconds = time.perf_counter() - start
     except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
@@ -196,6 +203,22 @@ def library_path() -> Path | None:
     return Path(_lib._name) if available() and _lib is not None else None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
+_B = operator.itemgetter("b")
+_STEP = operator.itemgetter("step")
+_VERSION = operator.attrgetter("_version")
+_PTR = Tensor.data_ptr
+_NBYTES = operator.attrgetter("nbytes")
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_NUMEL = Tensor.numel
+_CONTIGUOUS = Tensor.is_contiguous
+_OFFSET = Tensor.storage_offset
+_STORAGE = Tensor.untyped_storage
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
+
+
 def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
     """Whether a group can take the native step: CPU, plain contiguous tensors, supported dtypes."""
     if estimator not in _ESTIMATORS or not params:
@@ -207,49 +230,85 @@ def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: 
         lib = _load() if env_switch(_ENV) else None
         if lib is None or not lib.to_has_float16():
             return False  # built without _Float16 (an old compiler): the PyTorch paths
-    f32 = torch.float32
-    return all(
-        p.is_cpu
-        and p.dtype is pdtype
-        and g.dtype is pdtype
-        and type(p) in _PLAIN
-        and p.is_contiguous()
-        and g.is_contiguous()
-        and state["b"].dtype is sdtype
-        and state["step"].dtype is f32
-        for p, g, state in zip(params, grads, states)
+    # Column-wise (C-level passes over each list): this runs on every step of every group.
+    return (
+        all(map(_IS_CPU, params))
+        and set(map(type, params)) <= _PLAIN_SET
+        and set(map(_DTYPE, params)) == {pdtype}
+        and set(map(_DTYPE, grads)) == {pdtype}
+        and all(map(_CONTIGUOUS, params))
+        and all(map(_CONTIGUOUS, grads))
+        and set(map(_DTYPE, map(_B, states))) == {sdtype}
+        and set(map(_DTYPE, map(_STEP, states))) == {torch.float32}
     )
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # -- the step ------------------------------------------------------------------------------
 
 
-_VERSION = operator.attrgetter("_version")
-_PTR = operator.methodcaller("data_ptr")
+def _misfit(x: Tensor, n: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel may not treat ``x`` as ``n`` contiguous ``dtype`` values at ``x.data_ptr()``
+    (``None``: it may).  Every tensor the kernel reads or writes passes this before it does."""
+    if type(x) not in _PLAIN:
+        return f"is a {type(x).__name__}, not a plain tensor"
+    if not x.is_cpu:
+        return f"is on {x.device}, not the CPU"
+    if x.dtype is not dtype:
+        return f"has dtype {x.dtype}, expected {dtype}"
+    if x.numel() != n:
+        return f"has shape {tuple(x.shape)} ({x.numel()} elements), expected {n} elements"
+    if not x.is_contiguous():
+        return f"is not contiguous (shape {tuple(x.shape)}, strides {x.stride()})"
+    if n and (x.storage_offset() + n) * x.itemsize > x.untyped_storage().nbytes():
+        return (
+            f"reaches past its storage ({x.untyped_storage().nbytes()} bytes for {n} elements "
+            f"at offset {x.storage_offset()})"
+        )
+    return None
 
 
-def _stamp(p: Tensor, held: tuple[Tensor, ...], steps: int) -> tuple:
-    """Storages of a parameter, its state and step count, and the sum of their version counters
-    less the bumps of this plan's own ``steps`` (one per tensor and step).
+def _check_grads(params: list[Tensor], grads: list[Tensor], numels: list[int], dtype: torch.dtype) -> None:
+    """Every gradient fits the kernel (see :func:`_misfit`): gradients are new tensors at most
+    steps, so they are checked in full on every call, column-wise (a few C-level passes)."""
+    if (
+        list(map(_NUMEL, grads)) == numels
+        and all(map(_CONTIGUOUS, grads))
+        and all(map(_IS_CPU, grads))
+        and all(map(operator.is_, map(_DTYPE, grads), repeat(dtype)))
+        and set(map(type, grads)) <= _PLAIN_SET
+        and all(
+            map(
+                operator.le,
+                map(operator.mul, map(operator.add, map(_OFFSET, grads), numels), repeat(dtype.itemsize)),
+                map(_STORAGE_NBYTES, map(_STORAGE, grads)),
+            )
+        )
+    ):
+        return
+    for p, g, n in zip(params, grads, numels):
+        why = _misfit(g, n, dtype)
+        if why is not None:
+            raise RuntimeError(f"the gradient of a parameter of shape {tuple(p.shape)} {why}")
 
-    Every in-place write PyTorch makes raises a version counter (they never go down), and so
-    does every kernel step, so the sum moves exactly when someone else wrote; ``.data = ...``
-    changes a storage.  Writes through ``p.data`` bypass both (PyTorch gives ``p.data`` its
-    own counter): see :func:`native_step`.
-    """
-    return (p.data_ptr(), *map(_PTR, held), p._version + sum(map(_VERSION, held)) - steps * (1 + len(held)))
+
+def _observe(column: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[list[int], list[int], list[int]] | None:
+    """Data pointers, byte sizes and version counters of a column of tensors (``None`` when one
+    is not contiguous or not ``dtype``: then every tensor is checked in full)."""
+    if not (all(map(_CONTIGUOUS, column)) and all(map(operator.is_, map(_DTYPE, column), repeat(dtype)))):
+        return None
+    return list(map(_PTR, column)), list(map(_NBYTES, column)), list(map(_VERSION, column))
 
 
 class _Plan:
     """The descriptors of one param group, kept between steps with the carried sums.
 
-    The sums in ``ts[i]`` are valid while tensor ``i`` has the same state tensors and step
-    count (``held``, by identity) and the same stamp: the parameter's storage and the
-    version counters of all of them.  Parameters are held by weak reference: a plan
-    never keeps a model alive, and a recycled ``id`` cannot revive a dead plan.
+    The descriptor ``ts[i]`` (pointers, element count, carried sums) is valid while tensor
+    ``i``, its state tensors and step count keep the data pointer, byte size, dtype and
+    contiguity they had when it was checked in full, and no one else bumped their version
+    counters (every in-place write PyTorch makes does; the kernel's own bumps are one per
+    step).  A ``p.data = p.data[:k]`` keeps pointer and version but not the byte size.
+    Parameters are held by weak reference: a plan never keeps a model alive, and a
+    recycled ``id`` cannot revive a dead plan.
     """
 
     def __init__(self, params: list[Tensor], keys: tuple) -> None:
@@ -257,10 +316,12 @@ class _Plan:
         self.keys = keys
         self.ts = (_Tensor * len(params))()
         self.held: list[tuple[Tensor, ...]] = [()] * len(params)
-        self.prints: list[tuple | None] = [None] * len(params)
-        self.steps = 0  # kernel steps run through this plan (each bumps every version once)
+        # Per column (the parameters, then each state key and the step count): the data
+        # pointers, byte sizes and version counters the last call saw, or None before one.
+        self.seen: list[tuple[list[int], list[int], list[int]] | None] = [None] * (len(keys) + 1)
         self.written: list[Tensor] = []  # the tensors whose versions a step bumps
-        # Scratch for the kernel's per-block sums (8 per block of 2048 elements).
+        # Scratch for the kernel's per-block sums (8 per block of 2048 elements); the kernel
+        # allocates its own when a group outgrows it (``cap`` is the buffer's true length).
         self.cap = 8 * sum(-(-p.numel() // 2048) for p in params)
         self.scratch = (ctypes.c_double * max(self.cap, 1))()
 
@@ -308,11 +369,15 @@ def native_step(
     own dict so that they go with it.  Without it nothing is cached and the sums the step
     needs are recomputed (one more pass over the tensors).
 
-    The carried sums are trusted while the stamps match.  Writes through ``p.data`` (say
-    ``p.data.clamp_(...)`` between steps) change neither storage nor version counter, so the
-    next step would use the sums of the weights as this step left them (the normaliser
-    ``wᵀw/n``, and rank-one's ``vᵀw``); write on the parameter itself under
-    ``torch.no_grad()`` (``p.clamp_(...)``), or set ``HF_TO_NATIVE=0``.
+    A tensor that does not fit (another number of elements, dtype or device, not contiguous,
+    past the end of its storage) raises ``RuntimeError`` before the kernel runs.
+
+    The carried sums are trusted while pointers, byte sizes and version counters match.
+    Writes through ``p.data`` (say ``p.data.clamp_(...)`` between steps) change none of them,
+    so the next step would use the sums of the weights as this step left them (the
+    normaliser ``wᵀw/n``, and rank-one's ``vᵀw``: stale sums, never out-of-bounds access);
+    write on the parameter itself under ``torch.no_grad()`` (``p.clamp_(...)``), or set
+    ``HF_TO_NATIVE=0``.
     """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
@@ -323,30 +388,64 @@ def native_step(
     # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.
     plan = _Plan(params, (*keys, sums)) if plans is None else _plan(params, (*keys, sums), plans)
     ts = plan.ts
-    stale = []
-    pick = operator.itemgetter(*keys, "step")
-    held_all = [pick(state) for state in states]  # each: the state tensors, then the step count
-    for i, (p, g, held) in enumerate(zip(params, grads, held_all)):
+    pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
+    if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
+        raise RuntimeError(
+            f"the native kernel takes {list(_PDTYPES)} parameters and {list(_SDTYPES)} state, got {pdtype} and {sdtype}"
+        )
+    held_all = list(map(operator.itemgetter(*keys, "step"), states))  # each: the state tensors, then the step
+    numels = list(map(_NUMEL, params))
+    # Nothing reaches the kernel unchecked.  Gradients: in full, every call.  Parameters and
+    # state: pointer, byte size, dtype, contiguity and version every call (a few C-level
+    # passes over each column); in full (element count, device, storage bounds) for the
+    # tensors where any of these moved, which also invalidates their carried sums.
+    _check_grads(params, grads, numels, pdtype)
+    columns = [params, *zip(*held_all)]
+    dtypes = [pdtype, *([sdtype] * len(keys)), torch.float32]
+    stale: set[int] = set()
+    seen = []
+    for c, (column, dtype) in enumerate(zip(columns, dtypes)):
+        now = _observe(column, dtype)
+        was = plan.seen[c]
+        seen.append(now)
+        if now is None or was is None:
+            stale.update(range(k))
+            continue
+        ptrs, sizes, versions = now
+        if ptrs != was[0] or sizes != was[1]:
+            stale.update(i for i, (x, y, u, v) in enumerate(zip(ptrs, was[0], sizes, was[1])) if x != y or u != v)
+        # The kernel bumped every version once since ``was`` was read (when it ran).
+        if sum(versions) != sum(was[2]) + k:
+            stale.update(i for i, (x, y) in enumerate(zip(versions, was[2])) if x != y + 1)
+    stale_list = sorted(stale)
+    for i in stale_list:
+        p, held = params[i], held_all[i]
+        n = numels[i]
+        for name, x, want, dtype in (
+            ("parameter", p, n, pdtype),
+            *((f"optimizer state {key!r}", x, n, sdtype) for key, x in zip(keys, held[:-1])),
+            ("step count", held[-1], 1, torch.float32),
+        ):
+            why = _misfit(x, want, dtype)
+            if why is not None:
+                plan.seen = [None] * len(plan.seen)  # check everything again on the next call
+                hint = " (a state dict loaded into parameters in another order?)" if name != "parameter" else ""
+                raise RuntimeError(
+                    f"the {name} of a parameter of shape {tuple(p.shape)} {why}: it does not fit "
+                    f"its parameter, refusing the native step{hint}"
+                )
+    for i in stale_list:
+        p, held = params[i], held_all[i]
         t = ts[i]
-        t.g = g.data_ptr()
-        stamp = _stamp(p, held, plan.steps)
-        if stamp != plan.prints[i] or not all(map(operator.is_, held, plan.held[i])):
-            n = p.numel()
-            for x in held[:-1]:
-                if x.numel() != n or not x.is_contiguous() or not x.is_cpu:
-                    raise RuntimeError(
-                        f"optimizer state of shape {tuple(x.shape)} does not fit its parameter of shape "
-                        f"{tuple(p.shape)} (a state dict loaded into parameters in another order?)"
-                    )
-            t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
-            t.w, t.n, t.b = p.data_ptr(), n, held[0].data_ptr()
-            t.s1 = held[1].data_ptr() if estimator != "none" else None
-            t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
-            t.v2 = held[-2].data_ptr() if adam else None
-            plan.held[i], plan.prints[i] = held, stamp
-            stale.append(i)
+        t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
+        t.w, t.n, t.b = p.data_ptr(), numels[i], held[0].data_ptr()
+        t.s1 = held[1].data_ptr() if estimator != "none" else None
+        t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
+        t.v2 = held[-2].data_ptr() if adam else None
+        plan.held[i] = held
     if stale:
         plan.written = [x for p, held in zip(params, held_all) for x in (p, *held)]
+    stale = stale_list
     cfg = _Config(
         lr=lr,
         decay=1 - lr * weight_decay,
@@ -359,8 +458,8 @@ def native_step(
         adam=int(adam),
         normalize=int(normalize),
         diagnostics=int(diagnostics),
-        pdtype=_PDTYPES[params[0].dtype],
-        sdtype=_SDTYPES[states[0]["b"].dtype],
+        pdtype=_PDTYPES[pdtype],
+        sdtype=_SDTYPES[sdtype],
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
     )
@@ -369,12 +468,13 @@ def native_step(
         _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg), plan.scratch, plan.cap))
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
-    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap))
+    plan.seen = [None] * len(plan.seen)  # until the step below has run
+    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
     # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
     # in-place ops do (autograd's checks see the writes, and any other plan holding these
-    # tensors finds its carried sums stale); this plan's stamps discount its own bumps.
+    # tensors finds its carried sums stale); the next call discounts this plan's own bumps.
     increment_version(plan.written)
-    plan.steps += 1
+    plan.seen = seen
 
     # Nothing moved (and the kernel kept the step count) where rank-one saw a non-finite
     # entry or where every entry was non-finite.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -136,7 +136,9 @@ class TrainableOptimizer(Optimizer):
             per-tensor path.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
-            memory, stored with stochastic rounding; not for ``estimator="full"``).
+            memory, stored with stochastic rounding; not for ``estimator="full"``).  float64
+            parameters need float64 state: a narrower ``state_dtype`` raises ``ValueError``
+            (the step computes in the state's dtype and would round the weights to it).
 
     State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
     ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
@@ -204,6 +206,9 @@ class TrainableOptimizer(Optimizer):
         # The native kernel's per-group descriptors and carried sums (hf_to.native): owned
         # here so that they, and the state tensors they reference, go with the optimizer.
         self._native_plans: dict = {}
+        # (estimator, preconditioner, slope_input) of each param group (by id) whose state was last checked
+        # against it: a group changed between steps has its state checked again.
+        self._forms: dict[int, tuple[str, str]] = {}
 
     # -- torch.optim plumbing -------------------------------------------------------------
 
@@ -213,6 +218,7 @@ class TrainableOptimizer(Optimizer):
         try:
             _validate_hyperparameters(group)
             _check_full_size(group)
+            _check_state_dtype(group["state_dtype"], group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -222,11 +228,16 @@ class TrainableOptimizer(Optimizer):
         for p in group["params"]:
             given[p] = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy and pickle keep the diagnostics switch and what it accumulated.
+        return {**super().__getstate__(), "track_diagnostics": self.track_diagnostics, "_diag": self._diag}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("track_diagnostics", False)
         self.__dict__.setdefault("_diag", [])
         self._native_plans = {}
+        self._forms = {}
         self._given_params = WeakIdKeyDictionary({p: True for g in self.param_groups for p in g["params"]})
         for group in self.param_groups:
             group.setdefault("alpha_scaling", "normalized")
@@ -244,7 +255,11 @@ class TrainableOptimizer(Optimizer):
         """Load a state dict, refusing one of another optimizer or another estimator.
 
         Unlike the base class, floating-point state keeps its saved dtype (float32 estimator
-        state of bfloat16 parameters stays float32) and is only moved to the parameter's device.
+        state of bfloat16 parameters stays float32) and is only moved to the parameter's device;
+        float64 parameters of a group with ``state_dtype=None`` get float64 state (widened, as a
+        fresh start would make it).  Every state tensor is copied, the step count too (a 0-d
+        float32 CPU tensor, also when saved as a Python number): the optimizer never shares
+        state with the dict it loaded.
         """
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
@@ -268,14 +283,20 @@ class TrainableOptimizer(Optimizer):
                         f"this optimizer has {key}={group[key]!r}; their states are not interchangeable"
                     )
         self._native_plans.clear()
+        self._forms.clear()
         super().load_state_dict(state_dict)
         # The base class casts floating state to the parameter dtype; undo that from the source.
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
+        params = chain.from_iterable(zip(g["params"], repeat(g)) for g in self.param_groups)
+        for saved_id, (p, group) in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                if key == "step":
+                    self.state[p][key] = _step_count(value)
+                elif isinstance(value, Tensor) and value.is_floating_point():
+                    wide = p.dtype == torch.float64 and group["state_dtype"] is None
+                    self.state[p][key] = value.detach().to(
+                        device=p.device, dtype=torch.float64 if wide else None, copy=True
+                    )
 
     # -- the step -------------------------------------------------------------------------
 
@@ -321,9 +342,14 @@ class TrainableOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.track_diagnostics and len(self._diag) != len(self.param_groups):
-            self._diag = [_empty_stats() for _ in self.param_groups]
+        if self.track_diagnostics and len(self._diag) < len(self.param_groups):
+            # Groups added since (add_param_group) start empty; the others keep their sums.
+            self._diag += [_empty_stats() for _ in range(len(self.param_groups) - len(self._diag))]
         for i, group in enumerate(self.param_groups):
+            form = (group["estimator"], group["preconditioner"], group["slope_input"])
+            if self._forms.get(id(group)) != form:
+                self._check_state_form(i, group)
+                self._forms[id(group)] = form
             params, grads, states = self._init_group(group)
             if not params:
                 continue
@@ -355,6 +381,25 @@ class TrainableOptimizer(Optimizer):
                 for key, value in stats.items():
                     acc[key] = acc[key].to(value.device) + value
         return loss
+
+    def _check_state_form(self, index: int, group: dict[str, Any]) -> None:
+        """Refuse a step whose group's ``estimator``/``preconditioner`` no longer match the state
+        its parameters hold (changed in ``param_groups`` after a step): a clear ``ValueError``
+        rather than a ``KeyError`` deep in the step, as ``load_state_dict`` refuses it."""
+        expected = {"step", "b", *get_estimator(group["estimator"], group["slope_input"]).state_keys}
+        if group["preconditioner"] == "adam":
+            expected.add("exp_avg_sq")
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and state.keys() != expected:
+                missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+                raise ValueError(
+                    f"param group {index} has estimator={group['estimator']!r}, "
+                    f"preconditioner={group['preconditioner']!r}, slope_input={group['slope_input']!r}, but the state of its parameter of shape "
+                    f"{tuple(p.shape)} was made for another form (missing {missing}, unexpected {extra}); "
+                    "estimator, preconditioner and slope_input cannot change under existing state: restore them, or "
+                    "start afresh with a new optimizer (or clear opt.state)"
+                )
 
     def _stats_reducer(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
         """How to sum phase-1 partial sums across the ranks that hold shards of ``params``.
@@ -406,10 +451,12 @@ class TrainableOptimizer(Optimizer):
         ``w`` defaults to the parameter's current value.  Right after a step, passing the
         weights *before* that step returns the :math:`\hat G_t` the step moved along.
         """
-        state = self.state[p]
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError(f"the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
+        state = self.state.get(p)  # not self.state[p]: a defaultdict would insert an empty entry
         if not state:
             raise ValueError("no estimator state for this parameter yet: call step() first")
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         return get_estimator(group["estimator"], group["slope_input"]).predict(state, p.detach() if w is None else w)
 
     def state_bytes(self) -> int:
@@ -503,6 +550,31 @@ def _fast_form(group: dict[str, Any]) -> bool:
 
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_state_dtype(state_dtype: torch.dtype | None, params: Iterable[Tensor]) -> None:
+    """float64 parameters need float64 state: the step computes in the state's dtype and would
+    round the weights to it every step.  (Computing in float64 beside narrower state would
+    need a second precision in every estimator and kernel, for a setting whose only use,
+    smaller state, contradicts the choice of float64 weights.)"""
+    if state_dtype is None or state_dtype == torch.float64:
+        return
+    for p in params:
+        if p.dtype == torch.float64:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype} for a float64 parameter of shape {tuple(p.shape)} "
+                f"(the step computes in the state's dtype and would round the weights to {state_dtype}); "
+                "use state_dtype=None (float64 state for float64 parameters) or put float64 "
+                "parameters in a param group of their own"
+            )
+
+
+def _step_count(value: Any) -> Tensor:
+    """A loaded ``step`` as this optimizer keeps it: a fresh 0-d float32 CPU tensor (checkpoints
+    edited or converted by other tools may hold a Python number, or another dtype)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def _check_full_size(group: dict[str, Any]) -> None:
@@ -631,6 +703,9 @@ def _torch_trainable_to(
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The PyTorch paths: the kernels of :mod:`hf_to.kernels` or the readable one (``use_fused``)."""
+    for p, state in zip(params, states):
+        if p.dtype == torch.float64 and state["b"].dtype != torch.float64:
+            _check_state_dtype(state["b"].dtype, [p])  # e.g. a model made float64 after its first step
     use_kernels, compile = use_fused(fused, estimator, params, states)
     if use_kernels:
         return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)

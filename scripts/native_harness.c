@@ -26,6 +26,7 @@ int main(int argc, char **argv) {
     static double scratch[1 << 20];
     static float steps[K];
     to_tensor ts[K];
+    const void *grads[K];
     memset(ts, 0, sizeof ts);
     size_t es = bf16 ? 2 : 4;
     for (int t = 0; t < K; ++t) {
@@ -34,15 +35,16 @@ int main(int argc, char **argv) {
         steps[t] = 3;
         ts[t] = (to_tensor){.w = w, .g = g, .b = calloc(n, es), .s1 = calloc(n, es), .s2 = calloc(n, es),
                             .v2 = adam ? calloc(n, es) : NULL, .n = n, .step = &steps[t], .ww = 1.0};
+        grads[t] = g;
     }
     to_config cfg = {.lr = 1e-3, .decay = 1.0, .alpha = 0.1, .beta = 0.1, .beta2 = 0.999, .eps = 1e-8,
                      .floor = 1e-3, .warmup = 1, .adam = adam, .normalize = 1, .diagnostics = 0,
                      .pdtype = F32, .sdtype = bf16 ? BF16 : F32, .estimator = est, .nthreads = 1};
-    for (int r = 0; r < 3; ++r) to_step(ts, K, &cfg, scratch, 1 << 20);
+    for (int r = 0; r < 3; ++r) to_step(ts, K, &cfg, scratch, 1 << 20, grads);
     double best = 1e9;
     for (int r = 0; r < 9; ++r) {
         double t0 = now();
-        to_step(ts, K, &cfg, scratch, 1 << 20);
+        to_step(ts, K, &cfg, scratch, 1 << 20, grads);
         double dt = now() - t0;
         if (dt < best) best = dt;
     }
