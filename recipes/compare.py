@@ -317,7 +317,7 @@ def main(
     rows = summarize(runs, compare_args.baseline, compare_args.final_train_window)
     table = markdown_table(rows, compare_args.baseline, len(compare_args.seeds))
     results = {
-        "environment": _environment(),
+        "environment": {**_environment(), "threads": runs[0].get("threads") if runs else None},
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "compare_args": asdict(compare_args),
         "script_args": asdict(script_args),

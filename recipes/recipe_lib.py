@@ -302,6 +302,7 @@ def parse_recipe_args(
     parser = HfArgumentParser(
         dataclass_types,
         description=description,
+        usage="%(prog)s [--config FILE.yaml] [--KEY VALUE ...]  (KEY: any option below, or any YAML key)",
         epilog=None
         if help_all
         else "Every TrainingArguments field is accepted (--help-all lists them all), and so is every YAML key.",

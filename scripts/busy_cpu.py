@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# A statement loop: a list comprehension would keep every product and fill the memory.
-COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1500, 1500)\nwhile True: a @ a"
+# A generator keeps no product (a list comprehension would keep every one and fill the memory).
+COMPETITOR = (
+    "import torch; torch.set_num_threads(2); a = torch.randn(1500, 1500); any((a @ a) is None for _ in iter(int, 1))"
+)
 SFT_ARGS = ["--max_steps", "4", "--max_eval_samples", "8", "--save_final_model", "false", "--report_to", "none"]
 
 
