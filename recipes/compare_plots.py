@@ -129,7 +129,8 @@ def write_plots(runs: list[dict[str, Any]], output_dir: str, *, title: str = "",
                 marker = "o" if key == "eval_loss" else None
                 ax.plot(steps, means, label=label, color=colors[label], marker=marker, linewidth=1.2)
                 _band(ax, steps, means, stds, colors[label])
-        ax.set(xlabel="optimizer step", ylabel=name, title=name)
+        below = f" (differences from {baseline}'s below)" if has_baseline else ""
+        ax.set(xlabel="optimizer step", ylabel=name, title=name + below)
         if has_baseline:
             ax = axes[1][col]
             smooth = SMOOTH_STEPS if key == "loss" else 1
