@@ -202,9 +202,16 @@ def test_runtime_env_changes_nothing_once_torch_is_loaded(monkeypatch: pytest.Mo
         (["--config", "CFG"], "peft:\n  use_peft: true\n  load_in_4bit: true\n", True),
         (["--config", "CFG"], "peft:\n  use_peft: true\n", False),
         (["--config", "CFG", "--load_in_4bit", "false"], "peft:\n  load_in_4bit: true\n", False),
+        (["--optim", "adamw_bnb_8bit"], None, True),
+        (["--optim", "paged_adamw_32bit"], None, True),
+        (["--optim", "trainable_to"], None, False),
+        (["--variants", "a=adamw_torch_fused", "b=adamw_8bit", "--seeds", "1"], None, True),
+        (["--config", "CFG"], "optim: lion_8bit\n", True),
+        (["--config", "CFG"], "compare:\n  variants: [a=adamw_torch_fused, b=adamw_bnb_8bit]\n", True),
+        (["--config", "CFG"], "optim: adamw_torch_fused\n", False),
     ],
 )
-def test_runtime_env_sees_whether_the_command_asks_for_4bit(
+def test_runtime_env_sees_whether_the_command_needs_bitsandbytes(
     tmp_path: Path, argv: list[str], config: str | None, expected: bool
 ) -> None:
     import runtime_env
@@ -212,7 +219,7 @@ def test_runtime_env_sees_whether_the_command_asks_for_4bit(
     if config is not None:
         (tmp_path / "c.yaml").write_text(config)
     argv = [str(tmp_path / "c.yaml") if a == "CFG" else a for a in argv]
-    assert runtime_env.asks_for_4bit(argv) is expected
+    assert runtime_env.needs_bitsandbytes(argv) is expected
 
 
 def test_recipe_scripts_import_runtime_env_before_torch() -> None:
