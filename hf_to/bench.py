@@ -53,6 +53,7 @@ from torch import Tensor
 from . import kernels, native
 from .optimizer import TrainableOptimizer
 from .registry import VARIANTS
+from .threads import configure_threads
 
 __all__ = ["PARAM_SETS", "VARIANT_FACTORIES", "lora_shapes", "main", "smollm2_shapes"]
 
@@ -337,12 +338,11 @@ def step_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANT_FACTORIES)}")
     if "adamw_fused" not in variants:
         variants.insert(0, "adamw_fused")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = configure_threads(args.threads or None)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(
         f"# hf_to.bench step — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-        f"torch {torch.__version__}, device {device} ({hw}), {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, device {device} ({hw}), {torch.get_num_threads()} threads ({threads['chosen_by']}), "
         f"{args.rounds} rounds x {args.repeats} steps per variant, interleaved; {_load_note()} at start\n"
         f"command: python -m hf_to.bench step {' '.join(sys.argv[2:])}\n",
         flush=True,
@@ -448,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--rounds", type=int, default=5)
     step.add_argument("--repeats", type=int, default=5)
     step.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    step.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    step.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default: OMP_NUM_THREADS, else the CPUs this process may use)",
+    )
     state = sub.add_parser("state", help="convergence with bfloat16 state against float32 state")
     state.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)

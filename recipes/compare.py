@@ -5,15 +5,16 @@ schedule; only ``optim`` / ``optim_args`` change.  Writes into ``output_dir``:
 
 * ``results.json``: every run's record (log history with wall times) and the summary;
 * ``results.md``: the summary table (mean ± std over seeds when there are several);
-* ``loss_vs_step.png`` and ``loss_vs_wall_time.png``: train and eval loss curves.
+* ``loss_vs_step.png`` and ``loss_vs_wall_time.png``: train and eval loss curves, and the
+  difference from the baseline (``compare_plots.py`` redraws them from ``results.json``).
 
 Usage (from the repository root; the default job is the embedded SmolLM2-135M with LoRA on
-the Python language reference, about 10-15 minutes on 2 CPU cores)::
+the Python language reference, about 7 minutes on 2 idle CPU cores)::
 
-    python recipes/compare.py        # = --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
+    .venv/bin/python recipes/compare.py        # = --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
 
     # shorter, other variants, three seeds
-    python recipes/compare.py --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml \\
+    .venv/bin/python recipes/compare.py --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml \\
         --max_steps 20 --seeds 0 1 2 \\
         --variants adamw=adamw_torch_fused to_rank_one=trainable_to:estimator=rank_one,alpha=0.05
 
@@ -38,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import runtime_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
+from compare_plots import plot_title, write_plots
 from peers import PEERS, PeerError
 from peers import peer as peer_spec
 from recipe_lib import (
@@ -46,8 +49,10 @@ from recipe_lib import (
     RecipeError,
     ScriptArguments,
     load_tokenizer,
+    note,
     parse_recipe_args,
     prepare_datasets,
+    quiet_progress,
     run_cli,
     run_training,
 )
@@ -55,6 +60,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import hf_to
+from hf_to.integrations.transformers import OPTIM_NAME, to_kwargs_from_training_args
 
 __all__ = ["DEFAULT_CONFIG", "CompareArguments", "Variant", "main", "parse_args", "parse_variant", "summarize"]
 
@@ -124,7 +130,25 @@ def parse_variant(spec: str) -> Variant:
     if not label:
         name = peer or optim
         label = name if not optim_args else f"{name}[{optim_args}]"
-    return Variant(label=label.strip(), optim=optim, optim_args=(optim_args.strip() or None), peer=peer)
+    variant = Variant(label=label.strip(), optim=optim, optim_args=(optim_args.strip() or None), peer=peer)
+    if optim == OPTIM_NAME:
+        # Check the keywords now, not when this variant's turn comes after other trainings.
+        try:
+            to_kwargs_from_training_args(_ArgsView(optim_args=variant.optim_args, learning_rate=1e-3, weight_decay=0.0))
+        except ValueError as exc:
+            raise RecipeError(f"variant {spec!r}: {exc}") from None
+    return variant
+
+
+@dataclass
+class _ArgsView:
+    """The few ``TrainingArguments`` fields the ``trainable_to`` handler reads."""
+
+    optim_args: str | None
+    learning_rate: float
+    weight_decay: float
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
 
 
 def _peer_kwargs(optim_args: str, spec: str) -> dict[str, Any]:
@@ -172,6 +196,7 @@ def parse_args(
         argv,
         extra_sections={"compare": CompareArguments},
         default_config=DEFAULT_CONFIG,
+        description=__doc__,
     )
     return compare_args, script_args, training_args, model_args
 
@@ -300,52 +325,6 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str, n_seeds: int) -> s
     return "\n".join(lines) + "\n"
 
 
-def _mean_curve(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Mean over seeds of ``key`` at the steps every run logged: steps, wall times, mean, std."""
-    curves = [{s: (t, v) for s, t, v in _curve(r, key)} for r in records]
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    times = [statistics.fmean(c[s][0] for c in curves) for s in steps]
-    means = [statistics.fmean(c[s][1] for c in curves) for s in steps]
-    stds = [statistics.stdev([c[s][1] for c in curves]) if len(curves) > 1 else 0.0 for s in steps]
-    return steps, times, means, stds
-
-
-def write_plots(runs: list[dict[str, Any]], output_dir: str) -> list[str]:
-    """``loss_vs_step.png`` and ``loss_vs_wall_time.png`` (train and eval panels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(r["label"] for r in runs))
-    paths = []
-    for x_name, x_label in (("step", "optimizer step"), ("wall_time", "wall time (s)")):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, key, title in ((axes[0], "loss", "train loss"), (axes[1], "eval_loss", "eval loss")):
-            for label in labels:
-                steps, times, means, stds = _mean_curve([r for r in runs if r["label"] == label], key)
-                if not steps:
-                    continue
-                xs = steps if x_name == "step" else times
-                marker = "o" if key == "eval_loss" else None
-                (line,) = ax.plot(xs, means, label=label, marker=marker, linewidth=1.2)
-                if any(stds):
-                    lower = [m - s for m, s in zip(means, stds, strict=True)]
-                    upper = [m + s for m, s in zip(means, stds, strict=True)]
-                    ax.fill_between(xs, lower, upper, color=line.get_color(), alpha=0.2)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(title)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path = os.path.join(output_dir, f"loss_vs_{x_name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def _environment() -> dict[str, Any]:
     import torch
     import transformers
@@ -375,8 +354,6 @@ def main(
     model_args: ModelArguments,
 ) -> dict[str, Any]:
     """Run every variant for every seed, then write results.json, results.md and the plots."""
-    from tqdm.auto import tqdm
-
     variants = [parse_variant(v) for v in compare_args.variants]
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
@@ -387,31 +364,26 @@ def main(
     os.makedirs(root, exist_ok=True)
     script_args = copy.copy(script_args)
     script_args.save_final_model = False
+    quiet_progress(training_args)
     tokenizer = load_tokenizer(model_args)
     datasets = prepare_datasets(script_args, tokenizer, seed=compare_args.seeds[0])
     runs: list[dict[str, Any]] = []
     jobs = [(seed, v) for seed in compare_args.seeds for v in variants]
-    with tqdm(jobs, desc="compare", unit="run", position=0) as bar:
-        for seed, variant in bar:
-            bar.set_postfix_str(f"{variant.label} seed={seed}")
-            run_dir = os.path.join(root, "runs", f"{variant.label}-seed{seed}")
-            args = _run_args(training_args, variant, seed, run_dir)
-            record = run_training(
-                script_args,
-                args,
-                model_args,
-                datasets=datasets,
-                optimizer_cls_and_kwargs=_peer_optimizer(variant, args),
-            )
-            record["label"] = variant.label
-            if variant.peer:
-                record["optim"], record["optim_args"] = variant.peer, variant.optim_args
-            runs.append(record)
+    for i, (seed, variant) in enumerate(jobs, 1):
+        note(f"run {i}/{len(jobs)}: {variant.label}, seed {seed}")
+        run_dir = os.path.join(root, "runs", f"{variant.label}-seed{seed}")
+        args = _run_args(training_args, variant, seed, run_dir)
+        record = run_training(
+            script_args, args, model_args, datasets=datasets, optimizer_cls_and_kwargs=_peer_optimizer(variant, args)
+        )
+        record["label"] = variant.label
+        if variant.peer:
+            record["optim"], record["optim_args"] = variant.peer, variant.optim_args
+        runs.append(record)
     rows = summarize(runs, compare_args.baseline, compare_args.final_train_window)
     table = markdown_table(rows, compare_args.baseline, len(compare_args.seeds))
-    plots = write_plots(runs, root)
     results = {
-        "environment": _environment(),
+        "environment": {**_environment(), "threads": runs[0].get("threads") if runs else None},
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "compare_args": asdict(compare_args),
         "script_args": asdict(script_args),
@@ -419,14 +391,16 @@ def main(
         "training_args": json.loads(training_args.to_json_string()),
         "summary": rows,
         "runs": runs,
-        "plots": [os.path.basename(p) for p in plots],
     }
-    with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as handle:
+    plots = write_plots(runs, root, title=plot_title(results), baseline=compare_args.baseline)
+    results["plots"] = [os.path.basename(p) for p in plots]
+    written = [os.path.join(root, "results.json"), os.path.join(root, "results.md"), *plots]
+    with open(written[0], "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2, default=str)
-    with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as handle:
+    with open(written[1], "w", encoding="utf-8") as handle:
         handle.write(table)
     print("\n" + table)
-    print(f"wrote {os.path.join(root, 'results.json')}, results.md and {', '.join(os.path.basename(p) for p in plots)}")
+    print("wrote " + ", ".join(written) + f" (and each run's record under {os.path.join(root, 'runs')})")
     return results
 
 

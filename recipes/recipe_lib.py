@@ -26,6 +26,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,12 +44,15 @@ __all__ = [
     "build_trainer",
     "embedded_gguf_path",
     "ensure_embedded_model",
+    "fsdp_on_cpu_note",
     "load_model_and_tokenizer",
     "load_text_datasets",
     "load_tokenizer",
+    "note",
     "optimizer_state_bytes",
     "parse_recipe_args",
     "prepare_datasets",
+    "quiet_progress",
     "read_config",
     "run_cli",
     "run_training",
@@ -232,32 +236,86 @@ def recipe_sections(extra: dict[str, type] | None = None) -> tuple[dict[str, set
     return sections, _field_names(TrainingArguments)
 
 
+#: The ``TrainingArguments`` options ``--help`` shows; ``--help-all`` lists all of them.
+HELP_TRAINING_FIELDS = (
+    "output_dir",
+    "optim",
+    "optim_args",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "eval_strategy",
+    "eval_steps",
+    "logging_steps",
+    "save_strategy",
+    "report_to",
+    "seed",
+    "bf16",
+    "use_cpu",
+)
+
+
+def _shorten_help(parser: Any, training_args_cls: type) -> None:
+    """Hide the ``TrainingArguments`` options outside :data:`HELP_TRAINING_FIELDS` from ``--help``."""
+    import argparse
+
+    hidden = _field_names(training_args_cls) - set(HELP_TRAINING_FIELDS)
+    for action in parser._actions:
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS
+
+
 def parse_recipe_args(
     dataclass_types: Sequence[type],
     argv: Sequence[str] | None = None,
     *,
     extra_sections: dict[str, type] | None = None,
     default_config: str | os.PathLike[str] | None = None,
+    description: str | None = None,
 ) -> tuple[Any, ...]:
     """Parse ``--config file.yaml`` plus command-line overrides into ``dataclass_types``.
 
     Values from the YAML file become the parser's defaults, so any ``--flag`` on the command
     line wins over the file.  Without ``--config``, ``default_config`` is read (if given).
+    ``--help`` shows ``description``, the recipe's own options and the common
+    ``TrainingArguments``; ``--help-all`` shows every option.
     """
     import argparse
 
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser, TrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    help_all = "--help-all" in argv
+    if help_all:
+        argv = ["--help" if a == "--help-all" else a for a in argv]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None if default_config is None else str(default_config))
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(
+        dataclass_types,
+        description=description,
+        usage="%(prog)s [--config FILE.yaml] [--KEY VALUE ...]  (KEY: any option below, or any YAML key)",
+        epilog=None
+        if help_all
+        else "Every TrainingArguments field is accepted (--help-all lists them all), and so is every YAML key.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--config",
         default=known.config,
         help="YAML config: TrainingArguments keys plus model/peft/data sections (default: %(default)s).",
     )
+    parser.add_argument("--help-all", action="help", help="show every option, all TrainingArguments included, and exit")
+    if not help_all:
+        _shorten_help(parser, TrainingArguments)
     if known.config is not None:
         sections, top_level = recipe_sections(extra_sections)
         # argparse converts string defaults with the option's type (YAML reads "2e-4" as a string).
@@ -412,7 +470,10 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Any) -> 
             target_modules=model_args.lora_target_modules or "all-linear",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)
     return model, tokenizer
 
 
@@ -689,6 +750,51 @@ def _frozen_fingerprints(model: Any) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def note(message: str) -> None:
+    """One line for the user on stderr, from the main process only."""
+    if _is_main_process():
+        print(f"[hf_to recipes] {message}", file=sys.stderr, flush=True)
+
+
+def fsdp_on_cpu_note(training_args: Any) -> str | None:
+    """What to tell the user when FSDP is asked for on a machine without CUDA, else None.
+
+    accelerate shards models with FSDP on GPUs only; on a CPU its FSDP config starts the
+    processes as plain DDP (every rank holds the whole model and optimizer state)."""
+    import torch
+
+    env = os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes", "on")
+    if not (env or getattr(training_args, "fsdp", None)):
+        return None
+    if torch.cuda.is_available() and not getattr(training_args, "use_cpu", False):
+        return None
+    world = os.environ.get("WORLD_SIZE", "1")
+    return (
+        f"FSDP was asked for, but accelerate shards models only on GPUs: on this CPU the {world} "
+        "process(es) train as DDP, each holding the whole model and optimizer state "
+        "(recipes/accelerate_configs/ddp.yaml says so explicitly)"
+    )
+
+
+def quiet_progress(training_args: Any) -> bool:
+    """When stderr is not a terminal (a redirected log), turn progress bars into plain lines:
+    the Trainer prints its logs instead of a tqdm bar, and datasets/transformers bars are off.
+    Returns whether it did."""
+    if sys.stderr.isatty():
+        return False
+    import datasets
+    import transformers
+
+    training_args.disable_tqdm = True
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    return True
+
+
 def run_training(
     script_args: ScriptArguments,
     training_args: Any,
@@ -704,6 +810,13 @@ def run_training(
     """
     from transformers import set_seed
 
+    from hf_to.threads import configure_threads
+
+    threads = configure_threads()
+    fsdp_note = fsdp_on_cpu_note(training_args)
+    if fsdp_note:
+        note(fsdp_note)
+    quiet_progress(training_args)
     set_seed(training_args.seed)  # before the model exists, so LoRA initialisation is seeded
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train_dataset, eval_dataset = datasets if datasets is not None else prepare_datasets(script_args, tokenizer)
@@ -750,6 +863,7 @@ def run_training(
         "frozen_tensors": len(frozen_before),
         "train_sequences": len(train_dataset),
         "eval_sequences": len(eval_dataset) if eval_dataset is not None else 0,
+        "threads": threads,
         "log_history": trainer.state.log_history,
     }
     timer = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "optimizer_seconds")), None)

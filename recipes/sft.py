@@ -3,17 +3,17 @@
 Usage (from the repository root)::
 
     # no --config: recipes/configs/smollm2_135m_lora_to_cpu.yaml
-    python recipes/sft.py
+    .venv/bin/python recipes/sft.py
 
     # embedded SmolLM2-135M-Instruct + the Python language reference, LoRA, TO rank-one, CPU
-    python recipes/sft.py --config recipes/configs/smollm2_135m_lora_to_cpu.yaml
+    .venv/bin/python recipes/sft.py --config recipes/configs/smollm2_135m_lora_to_cpu.yaml
 
     # any YAML key can be overridden on the command line
-    python recipes/sft.py --config recipes/configs/smollm2_135m_lora_to_cpu.yaml \\
+    .venv/bin/python recipes/sft.py --config recipes/configs/smollm2_135m_lora_to_cpu.yaml \\
         --optim adamw_torch_fused --max_steps 20 --output_dir runs/adamw
 
     # several GPUs
-    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/sft.py \\
+    .venv/bin/accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/sft.py \\
         --config recipes/configs/qwen2.5_0.5b_lora_to.yaml
 
 YAML keys are ``TrainingArguments`` fields, plus the sections ``model:``, ``peft:`` and
@@ -25,10 +25,12 @@ optimizer is ``--optim trainable_to`` with ``--optim_args estimator=rank_one,...
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import runtime_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 from recipe_lib import (
     CONFIG_DIR,
     ModelArguments,
@@ -50,7 +52,10 @@ DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m_lora_to_cpu.yaml"
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments, ModelArguments]:
     """Parse ``--config`` and command-line overrides into the script's three dataclasses."""
     script_args, training_args, model_args = parse_recipe_args(
-        (ScriptArguments, TrainingArguments, ModelArguments), argv, default_config=DEFAULT_CONFIG
+        (ScriptArguments, TrainingArguments, ModelArguments),
+        argv,
+        default_config=DEFAULT_CONFIG,
+        description=__doc__,
     )
     return script_args, training_args, model_args
 
@@ -61,6 +66,9 @@ def main(script_args: ScriptArguments, training_args: TrainingArguments, model_a
     if training_args.process_index == 0:
         summary = {k: v for k, v in record.items() if k != "log_history"}
         print(json.dumps(summary, indent=2, default=str))
+        out = training_args.output_dir
+        saved = " and the trained model/adapter" if script_args.save_final_model else ""
+        print(f"wrote {os.path.join(out, 'run_record.json')}{saved} in {out}")
     return record
 
 

@@ -138,6 +138,8 @@ BAD_OPTIM_ARGS = [
     ("alpha=abc", r"key 'alpha': 'abc' is not a valid float"),
     ("max_full_numel=1.5", r"key 'max_full_numel': '1.5' is not a valid int"),
     ("diagnostics=maybe", r"key 'diagnostics': 'maybe' is not a valid bool"),
+    ("fused=2", r"key 'fused': '2' is not a valid bool or none"),
+    ("state_dtype=int9", r"key 'state_dtype': 'int9' is not a valid dtype or none"),
     ("estimator=huge", r"Invalid estimator: 'huge'"),
     ("beta=2", r"Invalid beta: 2.0"),
     ("lr=0.1", r"'lr' is not accepted.*--learning_rate"),
@@ -149,11 +151,107 @@ BAD_OPTIM_ARGS = [
 @pytest.mark.parametrize(("optim_args", "message"), BAD_OPTIM_ARGS, ids=[b[0] for b in BAD_OPTIM_ARGS])
 def test_bad_optim_args_fail_when_the_arguments_are_parsed(tmp_path: Path, optim_args: str, message: str) -> None:
     out = tmp_path / "out"
-    parser = HfArgumentParser(TrainingArguments)
+    parser = HfArgumentParser(TrainingArguments, exit_on_error=False)
     argv = ["--output_dir", str(out), "--optim", "trainable_to", "--optim_args", optim_args, "--report_to", "none"]
     with pytest.raises(ValueError, match=message):
         parser.parse_args_into_dataclasses(args=argv)
     assert not out.exists()
+
+
+def test_bad_optim_args_on_the_command_line_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = HfArgumentParser(TrainingArguments, prog="train.py")
+    argv = ["--output_dir", str(tmp_path / "out"), "--optim", "trainable_to", "--optim_args", "fused=maybe"]
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args_into_dataclasses(args=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "train.py: error: Invalid value for --optim_args key 'fused': 'maybe' is not a valid bool or none "
+        "(expected one of 1, true, yes, on, 0, false, no, off)"
+    ]
+
+
+# Spellings a user types for each type of keyword, and the value each one means.
+SPELLINGS: dict[type, dict[str, object]] = {
+    bool: {"true": True, "True": True, "1": True, "yes": True, "false": False, "False": False, "0": False, "no": False},
+    torch.dtype: {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "torch.bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "torch.float32": torch.float32,
+    },
+    int: {"64": 64, "1e3": 1000},
+    float: {"0.05": 0.05, "1": 1.0, "1e-4": 1e-4},
+}
+NONE_SPELLINGS = {"none": None, "None": None, "null": None}
+KEYWORDS = sorted(integration.optim_arg_types())
+
+
+def _spellings(key: str) -> dict[str, object]:
+    param = inspect.signature(TrainableOptimizer, eval_str=True).parameters[key]
+    typ, nullable = integration._keyword_type(param)
+    if typ is str:
+        spellings: dict[str, object] = {str(param.default): param.default} if isinstance(param.default, str) else {}
+    else:
+        spellings = dict(SPELLINGS.get(typ, {}))
+    if nullable:
+        spellings.update(NONE_SPELLINGS)
+    return spellings
+
+
+def test_every_constructor_keyword_can_be_given_on_the_command_line() -> None:
+    # A keyword whose type --optim_args cannot read (a tuple, a callable, ...) needs a parser
+    # in hf_to.integrations.transformers._PARSERS, or a default of a type that has one.
+    assert integration.unparsable_keywords() == []
+    missing = [key for key in KEYWORDS if not _spellings(key)]
+    assert not missing, f"no command-line spellings known for {missing}: add them to SPELLINGS in this test"
+
+
+@pytest.mark.parametrize("key", KEYWORDS)
+def test_optim_args_accept_the_spellings_users_type_for_every_keyword(key: str) -> None:
+    for raw, expected in _spellings(key).items():
+        value = integration.parse_optim_args(f"{key}={raw}")[key]
+        assert value == expected and type(value) is type(expected), (key, raw, value)
+
+
+@pytest.mark.parametrize("key", KEYWORDS)
+def test_every_keyword_reaches_the_optimizer_from_the_command_line(tmp_path: Path, key: str) -> None:
+    default = inspect.signature(TrainableOptimizer).parameters[key].default
+    raw = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+    parser = HfArgumentParser(TrainingArguments)
+    argv = ["--output_dir", str(tmp_path), "--optim", "trainable_to", "--optim_args", f"{key}={raw}"]
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs[key] == default
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "key", "expected"),
+    [
+        ("fused=false", "fused", False),
+        ("fused=False", "fused", False),
+        ("fused=0", "fused", False),
+        ("fused=true", "fused", True),
+        ("fused=none", "fused", None),
+        ("state_dtype=bfloat16", "state_dtype", torch.bfloat16),
+        ("state_dtype=bf16", "state_dtype", torch.bfloat16),
+        ("state_dtype=torch.bfloat16", "state_dtype", torch.bfloat16),
+        ("state_dtype=fp32", "state_dtype", torch.float32),
+        ("state_dtype=none", "state_dtype", None),
+    ],
+)
+def test_fused_and_state_dtype_build_the_optimizer_from_the_command_line(
+    tmp_path: Path, optim_args: str, key: str, expected: object
+) -> None:
+    args = _args(tmp_path, optim_args=optim_args)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs[key] == expected
+    optimizer = cls([torch.nn.Parameter(torch.zeros(4))], **kwargs)
+    assert optimizer.param_groups[0][key] == expected
 
 
 def test_optim_args_of_other_optimizers_are_not_checked(tmp_path: Path) -> None:

