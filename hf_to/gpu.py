@@ -1,0 +1,617 @@
+r"""The multi-tensor GPU step: two Triton launches per param group, whatever its tensor count.
+
+This is the step of CUDA parameters (plain or FSDP2 shards); it is the GPU twin of the CPU's C
+kernel (:mod:`hf_to.native`) and pinned to the paper-literal reference (:mod:`hf_to.reference`)
+by ``tests/test_gpu_step.py``, which runs these kernels on a CPU in Triton's interpreter.
+
+*Why Triton over pointer tables.*  A LoRA group holds hundreds of small tensors; a kernel (or
+a ``torch.compile``\ d graph) per tensor costs a launch and Python per tensor, which fused
+AdamW avoids with ``multi_tensor_apply`` (about ceil(n/36) launches).  Here a param group is
+described by a table of addresses (one row per tensor: ``w``, ``g``, ``b``, the slope state,
+``exp_avg_sq``, ``step``, ``n``) and a table of *chunks* (tensor, index) of :data:`CHUNK`
+elements; every launch has one program per chunk, so any number of tensors of any size is
+two launches:
+
+1. ``_partials``: per chunk, the non-finite gradient count and the partial sums the estimator
+   needs before it writes (``Estimator.stat_names``: wᵀw; rank-one's vᵀw, uᵀu, uᵀb, uᵀg);
+2. ``_update``: each program first adds up the partial rows of its tensor's chunks (the
+   segmented reduction, in a fixed order, so every chunk of a tensor sees the same bits and a
+   run is deterministic), decides the tensor's action (step / mask non-finite entries / skip,
+   :func:`hf_to.estimators.nonfinite_action`), and does the residual, the estimator step, the
+   estimate, the Adam preconditioner and the weight update in one pass: it reads ``w``, ``g``
+   and the ``k`` state tensors once and writes ``w`` and the ``k`` states once.  The program of
+   a tensor's first chunk advances its ``step``.
+
+Sharded (FSDP2) groups add a third launch, ``_rows``, that writes the per-tensor sums so that
+``reduce_stats`` can sum them over the shard group in one collective before ``_update``.
+
+*CUDA graphs.*  Nothing in the step reads a device value on the host or branches on one in
+Python: the step count, the warm-up intercept rate, the bias correction, the first-step
+seeding and the non-finite verdict are computed inside the kernels from the ``step`` tensors,
+which live on the parameter's device for this path (as fused AdamW's do).  The tables are
+uploaded when a group's tensors (addresses, sizes) change and cached under that key, so after
+a warm-up step the launches reuse the same device buffers: the step can be captured in a CUDA
+graph.  A ``lr`` given as a tensor is read from the device; a float ``lr`` is a kernel argument
+(as in ``torch.optim.Adam(capturable=True)``, a captured float is replayed as captured).
+
+*Estimators.*  Each structure of ``A`` is three small ``@triton.jit`` functions below
+(``_sums_*``: its partial sums; ``_step_*``: residual, estimator step and estimate of one
+tile; and its entry in :data:`_FORMS`); a new structure (another state tensor, another sum)
+is one more such block and one more branch in ``_partials``/``_update``.
+
+*bfloat16 state* is computed in float32 and stored with the stochastic rounding of
+:mod:`hf_to.rounding` (the same hash of the element index, the step and the state tensor, so
+the rounding noise equals the other paths'); parameters are stored with round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["CHUNK", "ESTIMATORS", "eligible", "launches", "triton_trainable_to"]
+
+#: Estimators with a Triton step (``full`` is matrix-vector bound and takes the readable path).
+ESTIMATORS = ("diagonal", "rank_one", "none")
+
+#: Elements per program (one chunk); a tensor of n elements has max(1, ceil(n / CHUNK)) chunks.
+CHUNK = 1 << 16
+#: Elements per tile (the vector width of one loop iteration).
+BLOCK = 1024
+
+_EST = {"diagonal": 0, "rank_one": 1, "none": 2}
+#: Per-tensor sums, column 0 is the non-finite count (the sentinel), then ``stat_names``.
+_NSUMS = {"diagonal": 2, "rank_one": 6, "none": 1}
+_SLOPE_KEYS = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Columns of the tensor table.
+_W, _G, _B, _S1, _S2, _V2, _STEP, _N, _FIRST, _NCH, _ROW = range(11)
+_COLS = 11
+
+# Salts of the stochastic-rounding seeds (hf_to.rounding): one per state tensor.
+_SALT_B, _SALT_A, _SALT_U, _SALT_V, _SALT_V2 = 1, 2, 3, 4, 5
+
+
+# -- device helpers ------------------------------------------------------------------------
+
+# Device functions: ``triton.jit`` (inlined into the kernels) on a GPU; in Triton's interpreter
+# plain Python functions, since there every call of a jitted device function re-patches
+# ``triton.language`` (milliseconds per call), while a plain function runs the same code.
+_device_fn = (lambda fn: fn) if triton.knobs.runtime.interpret else triton.jit
+# ``tl.sum`` is such a jitted function: interpreted, call the function it wraps.
+_sum = getattr(tl.sum, "fn", tl.sum) if triton.knobs.runtime.interpret else tl.sum
+
+
+@_device_fn
+def _ptr(addr, CODE: tl.constexpr):
+    if CODE == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    elif CODE == 1:
+        return addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        return addr.to(tl.pointer_type(tl.float16))
+
+
+@_device_fn
+def _hash32(x):
+    """The 32-bit mixer of hf_to.rounding (uint32 arithmetic wraps, as its & 0xFFFFFFFF does)."""
+    c = tl.full([], 0x45D9F3B, tl.uint32)
+    x = x ^ (x >> 16)
+    x = x * c
+    x = x ^ (x >> 16)
+    x = x * c
+    return x ^ (x >> 16)
+
+
+@_device_fn
+def _store_state(ptr, x, idx, mask, step_i64, SALT: tl.constexpr, CODE: tl.constexpr):
+    """Store float32 ``x``; bfloat16 state with stochastic rounding (unbiased)."""
+    if CODE == 1:
+        seed = (step_i64 * 0x9E3779B1 + SALT * 0x7F4A7C15) & 0xFFFFFFFF
+        h = _hash32(((idx + seed) & 0xFFFFFFFF).to(tl.uint32))
+        noise = (h & 0xFFFF).to(tl.int32)
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+        tl.store(ptr + idx, x.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(ptr + idx, x, mask=mask)
+
+
+# -- the estimators: partial sums and the elementwise step of one tile ----------------------
+
+
+@_device_fn
+def _sums_rank_one(w, g, b, u, v):
+    return w * w, v * w, u * u, u * b, u * g
+
+
+@_device_fn
+def _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE: tl.constexpr):
+    r = a * w + b - gz
+    if NORMALIZE:
+        a_new = a - alpha * r * w / (w * w + (ww / nf + floor + 1e-30))
+    else:
+        a_new = a - alpha * (r * w)
+    b_new = b - beta_t * r
+    return r, a_new, b_new, a_new * w + b_new
+
+
+@_device_fn
+def _step_rank_one(w, gz, b, u, v, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE: tl.constexpr):
+    r = b - gz + u * vw
+    ur = uu * vw + ub - ug
+    if NORMALIZE:
+        rate = alpha / (vw * vw + uu * ww + nf * floor + 1e-30)
+    else:
+        rate = alpha
+    u_new = u - r * (rate * vw)
+    v_new = v - w * (rate * ur)
+    vw_new = vw - rate * ur * ww
+    b_new = b - beta_t * r
+    return r, u_new, v_new, b_new, b_new + u_new * vw_new
+
+
+@_device_fn
+def _step_none(gz, b, beta_t):
+    r = b - gz
+    b_new = b - beta_t * r
+    return r, b_new, b_new
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _partials(
+    TAB,
+    CHUNKS,
+    P,
+    EST: tl.constexpr,
+    K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    PD: tl.constexpr,
+    GD: tl.constexpr,
+    SD: tl.constexpr,
+    CHUNK_: tl.constexpr,
+    BLOCK_: tl.constexpr,
+):
+    """Per chunk: [non-finite count of g, *partial sums of Estimator.stat_names] into P[chunk]."""
+    c = tl.program_id(0)
+    t = tl.load(CHUNKS + 2 * c)
+    j = tl.load(CHUNKS + 2 * c + 1)
+    row = TAB + t * 11
+    n = tl.load(row + 7)
+    start = j * CHUNK_
+    end = tl.minimum(start + CHUNK_, n)
+    gp = _ptr(tl.load(row + 1), GD)
+    s0 = tl.full([BLOCK_], 0.0, tl.float32)
+    s1 = tl.full([BLOCK_], 0.0, tl.float32)
+    s2 = tl.full([BLOCK_], 0.0, tl.float32)
+    s3 = tl.full([BLOCK_], 0.0, tl.float32)
+    s4 = tl.full([BLOCK_], 0.0, tl.float32)
+    s5 = tl.full([BLOCK_], 0.0, tl.float32)
+    for off in range(start, end, BLOCK_):
+        idx = off + tl.arange(0, BLOCK_).to(tl.int64)
+        m = idx < end
+        g = tl.load(gp + idx, mask=m, other=0.0).to(tl.float32)
+        s0 += tl.where(m & ~(tl.abs(g) < float("inf")), 1.0, 0.0)
+        if EST == 1:
+            w = tl.load(_ptr(tl.load(row + 0), PD) + idx, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(_ptr(tl.load(row + 2), SD) + idx, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(_ptr(tl.load(row + 3), SD) + idx, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(_ptr(tl.load(row + 4), SD) + idx, mask=m, other=0.0).to(tl.float32)
+            ww, vw, uu, ub, ug = _sums_rank_one(w, g, b, u, v)
+            s1 += ww
+            s2 += vw
+            s3 += uu
+            s4 += ub
+            s5 += ug
+        elif EST == 0:
+            if NORMALIZE:
+                w = tl.load(_ptr(tl.load(row + 0), PD) + idx, mask=m, other=0.0).to(tl.float32)
+                s1 += w * w
+    out = P + c * K
+    tl.store(out, _sum(s0, 0))
+    if K > 1:
+        tl.store(out + 1, _sum(s1, 0))
+    if K > 2:
+        tl.store(out + 2, _sum(s2, 0))
+        tl.store(out + 3, _sum(s3, 0))
+        tl.store(out + 4, _sum(s4, 0))
+        tl.store(out + 5, _sum(s5, 0))
+
+
+@_device_fn
+def _tensor_sums(TAB, P, t, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
+    """The tensor's sums: its chunks' partial rows added in a fixed order (a KP-vector)."""
+    row = TAB + t * 11
+    first = tl.load(row + 8)
+    nch = tl.load(row + 9)
+    cols = tl.arange(0, KP)
+    acc = tl.full([RB, KP], 0.0, tl.float32)
+    for q in range(0, nch, RB):
+        rows = first + q + tl.arange(0, RB).to(tl.int64)
+        m = (rows[:, None] < first + nch) & (cols[None, :] < K)
+        acc += tl.load(P + rows[:, None] * K + cols[None, :], mask=m, other=0.0)
+    return _sum(acc, 0)
+
+
+@_device_fn
+def _pick(vec, cols, k: tl.constexpr):
+    return _sum(tl.where(cols == k, vec, 0.0), 0)
+
+
+@triton.jit
+def _rows(TAB, P, R, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
+    """Sharded groups: per tensor, its sums into R[row] (then summed over the shard group)."""
+    t = tl.program_id(0)
+    sums = _tensor_sums(TAB, P, t, K, KP, RB)
+    cols = tl.arange(0, KP)
+    r = tl.load(TAB + t * 11 + 10)
+    tl.store(R + r * K + cols, sums, mask=cols < K)
+
+
+@triton.jit
+def _update(
+    TAB,
+    CHUNKS,
+    P,
+    R,
+    D,
+    ACT,
+    LR,
+    lr_value,
+    decay_value,
+    weight_decay,
+    alpha,
+    beta,
+    beta2,
+    one_minus_beta2,
+    log_beta2,
+    eps,
+    floor,
+    EST: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    RB: tl.constexpr,
+    ROWS_GIVEN: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    ADAM: tl.constexpr,
+    WARMUP: tl.constexpr,
+    SEED_INTERCEPT: tl.constexpr,
+    DIAGNOSTICS: tl.constexpr,
+    PD: tl.constexpr,
+    GD: tl.constexpr,
+    SD: tl.constexpr,
+    CHUNK_: tl.constexpr,
+    BLOCK_: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(CHUNKS + 2 * c)
+    j = tl.load(CHUNKS + 2 * c + 1)
+    row = TAB + t * 11
+    n = tl.load(row + 7)
+    nf = n.to(tl.float32)
+    start = j * CHUNK_
+    end = tl.minimum(start + CHUNK_, n)
+
+    # The tensor's sums and its action.
+    cols = tl.arange(0, KP)
+    if ROWS_GIVEN:
+        sums = tl.load(R + tl.load(row + 10) * K + cols, mask=cols < K, other=0.0)
+    else:
+        sums = _tensor_sums(TAB, P, t, K, KP, RB)
+    count = _pick(sums, cols, 0)
+    if EST == 1:  # rank-one couples all coordinates: any non-finite entry skips the tensor
+        live = count == 0
+    else:  # coordinate-wise: skipped only when every entry is non-finite
+        live = (count == 0) | (count < nf)
+    step_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    step0 = tl.load(step_ptr)
+    step_i64 = step0.to(tl.int64)
+    t1 = step0 + 1.0
+    first = step0 == 0.0
+    if SEED_INTERCEPT:  # b_0 = g_0: r_0 = 0 and the slope stays at A_0 = 0
+        seeding = first
+    else:
+        seeding = step0 < 0.0
+    if WARMUP:
+        beta_t = tl.maximum(beta, 1.0 / t1)
+    else:
+        beta_t = beta + 0.0 * t1
+    if LR_TENSOR:
+        lr = tl.load(LR).to(tl.float32)
+        decay = 1.0 - lr * weight_decay
+    else:
+        lr = lr_value
+        decay = decay_value
+    if ADAM:
+        # 1 - beta2^t in float64 from log(beta2) (float arguments are float32, and 1 - beta2
+        # would cancel), as the readable path's Python float; then float32.
+        x = t1.to(tl.float64) * tl.full([], log_beta2, tl.float64)
+        bc2 = (1.0 - tl.exp(x)).to(tl.float32)
+    ww = _pick(sums, cols, 1)
+    vw = _pick(sums, cols, 2)
+    uu = _pick(sums, cols, 3)
+    ub = _pick(sums, cols, 4)
+    ug = _pick(sums, cols, 5)
+    if EST == 1:
+        # First step: v_0 = w_0/‖w_0‖ (1/√n when w_0 = 0), so v_0ᵀw_0 = ‖w_0‖.
+        norm = tl.sqrt(ww)
+        inv_norm = tl.where(norm > 0, 1.0 / tl.maximum(norm, 1e-30), 0.0)
+        v_fill = tl.where(norm > 0, 0.0, 1.0 / tl.sqrt(tl.maximum(nf, 1.0)))
+        vw = tl.where(first, norm, vw)
+
+    wp = _ptr(tl.load(row + 0), PD)
+    gp = _ptr(tl.load(row + 1), GD)
+    bp = _ptr(tl.load(row + 2), SD)
+    s1p = _ptr(tl.load(row + 3), SD)
+    s2p = _ptr(tl.load(row + 4), SD)
+    v2p = _ptr(tl.load(row + 5), SD)
+    d_rr = tl.full([BLOCK_], 0.0, tl.float32)
+    d_gg = tl.full([BLOCK_], 0.0, tl.float32)
+    d_hh = tl.full([BLOCK_], 0.0, tl.float32)
+    for off in range(start, end, BLOCK_):
+        idx = off + tl.arange(0, BLOCK_).to(tl.int64)
+        m = idx < end
+        w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gp + idx, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(bp + idx, mask=m, other=0.0).to(tl.float32)
+        if EST == 1:
+            ok = m
+            gz = g
+        else:  # non-finite entries step with g = 0 and are not stored: they keep every bit
+            ok = m & (tl.abs(g) < float("inf"))
+            gz = tl.where(ok, g, 0.0)
+        if EST == 0:
+            a = tl.load(s1p + idx, mask=m, other=0.0).to(tl.float32)
+            r, a_new, b_new, g_hat = _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE)
+            a_new = tl.where(seeding, a, a_new)
+        elif EST == 1:
+            u = tl.load(s1p + idx, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(s2p + idx, mask=m, other=0.0).to(tl.float32)
+            v = tl.where(first, w * inv_norm + v_fill, v)
+            r, u_new, v_new, b_new, g_hat = _step_rank_one(
+                w, gz, b, u, v, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE
+            )
+            u_new = tl.where(seeding, u, u_new)
+            v_new = tl.where(seeding, v, v_new)
+        else:
+            r, b_new, g_hat = _step_none(gz, b, beta_t)
+        b_new = tl.where(seeding, gz, b_new)
+        g_hat = tl.where(seeding, gz, g_hat)
+        r = tl.where(ok, tl.where(seeding, 0.0, r), 0.0)
+        if DIAGNOSTICS:
+            d_rr += r * r
+            d_gg += gz * gz
+            h = tl.where(ok, g_hat, 0.0)
+            d_hh += h * h
+        d = g_hat
+        keep = tl.where(live, ok, False)
+        if ADAM:
+            v2 = tl.load(v2p + idx, mask=m, other=0.0).to(tl.float32)
+            v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
+            d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
+            _store_state(v2p, v2_new, idx, keep, step_i64, 5, SD)
+        w_new = w * decay - lr * d
+        tl.store(wp + idx, w_new.to(wp.dtype.element_ty), mask=keep)
+        _store_state(bp, b_new, idx, keep, step_i64, 1, SD)
+        if EST == 0:
+            _store_state(s1p, a_new, idx, keep, step_i64, 2, SD)
+        elif EST == 1:
+            _store_state(s1p, u_new, idx, keep, step_i64, 3, SD)
+            _store_state(s2p, v_new, idx, keep, step_i64, 4, SD)
+    if DIAGNOSTICS:
+        f = tl.where(live, 1.0, 0.0)
+        tl.store(D + 3 * c, _sum(d_rr, 0) * f)
+        tl.store(D + 3 * c + 1, _sum(d_gg, 0) * f)
+        tl.store(D + 3 * c + 2, _sum(d_hh, 0) * f)
+    if j == 0:
+        tl.store(step_ptr, tl.where(live, t1, step0))
+        if DIAGNOSTICS:
+            # 0: stepped, 1: stepped with masked entries, 2: skipped.
+            tl.store(ACT + t, tl.where(live, tl.where(count > 0, 1, 0), 2).to(tl.int32))
+
+
+_KERNELS = {"partials": _partials, "rows": _rows, "update": _update}
+
+#: Triton kernel launches made by this module (the launch-count test reads it).
+launches = 0
+
+
+def _launch(name: str, grid: tuple[int], *args: Any, **meta: Any) -> None:
+    global launches
+    launches += 1
+    _KERNELS[name][grid](*args, **meta)
+
+
+# -- host side -----------------------------------------------------------------------------
+
+
+class _Plan:
+    """Device tables of one bucket of tensors (same dtypes); built once per addresses and sizes."""
+
+    def __init__(self, rows: list[list[int]], device: torch.device, k: int, chunk: int) -> None:
+        first = 0
+        for r in rows:
+            nch = max(1, -(-r[_N] // chunk))  # an empty tensor has one (empty) chunk: its step advances
+            r[_FIRST], r[_NCH] = first, nch
+            first += nch
+        chunks = [x for t, r in enumerate(rows) for j in range(r[_NCH]) for x in (t, j)]
+        self.n_tensors = len(rows)
+        self.n_chunks = first
+        self.table = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.chunks = torch.tensor(chunks, dtype=torch.int64).to(device)
+        self.partials = torch.empty((first, k), dtype=torch.float32, device=device)
+        self.diag = torch.zeros((first, 3), dtype=torch.float32, device=device)
+        self.actions = torch.zeros(len(rows), dtype=torch.int32, device=device)
+
+
+_MAX_PLANS = 64
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(key: tuple, rows: list[list[int]], device: torch.device, k: int, chunk: int) -> _Plan:
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _Plan(rows, device, k, chunk)
+        _plans[key] = plan
+        if len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+#: Set by tests: run the kernels on CPU tensors too (meant for ``TRITON_INTERPRET=1``).
+INTERPRET_ON_CPU = False
+
+
+def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+    """Whether a group can take this step: a Triton estimator, CUDA (or the interpreter's CPU)
+    float32/bfloat16/float16 parameters, float32/bfloat16 state, contiguous tensors."""
+    if estimator not in ESTIMATORS:
+        return False
+    from .distributed import local_view
+
+    for p, g, s in zip(params, grads, states):
+        p, g, b = local_view(p), local_view(g), local_view(s["b"])
+        kind = p.device.type
+        if not (kind == "cuda" or (kind == "cpu" and INTERPRET_ON_CPU)):
+            return False
+        if p.dtype not in _DTYPES or g.dtype not in _DTYPES or b.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if not p.is_contiguous() or g.device != p.device:
+            return False
+    return True
+
+
+def triton_trainable_to(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float | Tensor,
+    estimator: str,
+    alpha: float,
+    beta: float,
+    adam: bool,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    normalize: bool,
+    floor: float,
+    intercept_from_gradient: bool,
+    beta_warmup: bool,
+    diagnostics: bool,
+    reduce_stats: Callable[[Tensor], Tensor] | None,
+    chunk: int = CHUNK,
+    block: int = BLOCK,
+) -> dict[str, Tensor] | None:
+    """One TO step of a param group with the Triton kernels (arguments of the readable path).
+
+    Returns the diagnostic sums of this call (device tensors) or ``None``.  No host read.
+    """
+    from .distributed import local_view
+
+    device = local_view(params[0]).device
+    k = _NSUMS[estimator]
+    slope_keys = _SLOPE_KEYS[estimator]
+    # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
+    buckets: dict[tuple, list[list[int]]] = {}
+    for i, (p, g, state) in enumerate(zip(params, grads, states)):
+        step = state["step"]
+        if step.device != device or step.dtype != torch.float32:
+            # The kernel reads and advances the count on the device (moved once).
+            step = state["step"] = step.to(device=device, dtype=torch.float32)
+        w, gl, b = local_view(p), local_view(g), local_view(state["b"])
+        if not gl.is_contiguous():
+            gl = gl.contiguous()
+        slope = [local_view(state[key]) for key in slope_keys]
+        s1 = slope[0].data_ptr() if slope else 0
+        s2 = slope[1].data_ptr() if len(slope) > 1 else 0
+        v2 = local_view(state["exp_avg_sq"]).data_ptr() if adam else 0
+        row = [w.data_ptr(), gl.data_ptr(), b.data_ptr(), s1, s2, v2, step.data_ptr(), w.numel(), 0, 0, i]
+        buckets.setdefault((w.dtype, gl.dtype, b.dtype), []).append(row)
+
+    lr_tensor = isinstance(lr, Tensor)
+    lr_arg = lr.to(device=device) if lr_tensor else torch.empty((), device=device)
+    lr_value = 0.0 if lr_tensor else float(lr)
+    kp = 8 if k > 1 else 2
+    sums = None
+    if reduce_stats is not None:
+        sums = torch.zeros((len(params), k), dtype=torch.float32, device=device)
+    plans = []
+    for (pd, gd, sd), rows in buckets.items():
+        key = (device, pd, gd, sd, k, chunk, *(x for r in rows for x in r))
+        plan = _plan(key, rows, device, k, chunk)
+        codes = dict(PD=_DTYPES[pd], GD=_DTYPES[gd], SD=_DTYPES[sd], CHUNK_=chunk, BLOCK_=block)
+        _launch(
+            "partials",
+            (plan.n_chunks,),
+            plan.table,
+            plan.chunks,
+            plan.partials,
+            EST=_EST[estimator],
+            K=k,
+            NORMALIZE=normalize,
+            **codes,
+        )
+        if sums is not None:
+            _launch("rows", (plan.n_tensors,), plan.table, plan.partials, sums, K=k, KP=kp, RB=64)
+        plans.append((plan, codes))
+    if sums is not None:
+        sums = reduce_stats(sums).contiguous()
+    for plan, codes in plans:
+        _launch(
+            "update",
+            (plan.n_chunks,),
+            plan.table,
+            plan.chunks,
+            plan.partials,
+            sums if sums is not None else plan.partials,
+            plan.diag,
+            plan.actions,
+            lr_arg,
+            lr_value,
+            1.0 - lr_value * weight_decay,
+            float(weight_decay),
+            float(alpha),
+            float(beta),
+            float(beta2),
+            1.0 - beta2,
+            math.log(beta2) if beta2 > 0 else -math.inf,
+            float(eps),
+            float(floor),
+            EST=_EST[estimator],
+            K=k,
+            KP=kp,
+            RB=64,
+            ROWS_GIVEN=sums is not None,
+            LR_TENSOR=lr_tensor,
+            NORMALIZE=normalize,
+            ADAM=adam,
+            WARMUP=beta_warmup,
+            SEED_INTERCEPT=intercept_from_gradient,
+            DIAGNOSTICS=diagnostics,
+            **codes,
+        )
+    if not diagnostics:
+        return None
+    diag = torch.cat([p.diag for p, _ in plans]).sum(0, dtype=torch.float64)
+    actions = torch.cat([p.actions for p, _ in plans])
+    return {
+        "steps": (actions != 2).any().to(torch.float64),
+        "residual_sq": diag[0],
+        "grad_sq": diag[1],
+        "estimate_sq": diag[2],
+        "skipped": (actions != 0).sum().to(torch.float64),
+    }
