@@ -56,7 +56,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["CHUNK", "ESTIMATORS", "eligible", "launches", "triton_trainable_to"]
+__all__ = ["BLOCK", "CHUNK", "ESTIMATORS", "INTERPRETED", "eligible", "launches", "triton_trainable_to"]
+
+#: Whether these kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when imported).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 #: Estimators with a Triton step (``full`` is matrix-vector bound and takes the readable path).
 ESTIMATORS = ("diagonal", "rank_one", "none")
@@ -128,6 +131,19 @@ def _store_state(ptr, x, idx, mask, step_i64, SALT: tl.constexpr, CODE: tl.const
 
 
 @_device_fn
+def _store_param(ptr, x, idx, mask, CODE: tl.constexpr):
+    """Store float32 ``x`` with round-to-nearest-even (bfloat16 rounded explicitly: Triton's
+    interpreter truncates in that cast, the GPU rounds; this way both round alike)."""
+    if CODE == 1:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = tl.where(x == x, rounded.to(tl.float32, bitcast=True), x)
+        tl.store(ptr + idx, x.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(ptr + idx, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@_device_fn
 def _sums_rank_one(w, g, b, u, v):
     return w * w, v * w, u * u, u * b, u * g
 
@@ -173,6 +189,7 @@ def _partials(
     TAB,
     CHUNKS,
     P,
+    STEPS,
     EST: tl.constexpr,
     K: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -182,11 +199,15 @@ def _partials(
     CHUNK_: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
-    """Per chunk: [non-finite count of g, *partial sums of Estimator.stat_names] into P[chunk]."""
+    """Per chunk: [non-finite count of g, *partial sums of Estimator.stat_names] into P[chunk];
+    per tensor (its first chunk): the step count before this step into STEPS (``_update`` reads
+    it there, since its first chunk's program advances the count while the others run)."""
     c = tl.program_id(0)
     t = tl.load(CHUNKS + 2 * c)
     j = tl.load(CHUNKS + 2 * c + 1)
     row = TAB + t * 11
+    if j == 0:
+        tl.store(STEPS + t, tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32))))
     n = tl.load(row + 7)
     start = j * CHUNK_
     end = tl.minimum(start + CHUNK_, n)
@@ -263,6 +284,7 @@ def _update(
     TAB,
     CHUNKS,
     P,
+    STEPS,
     R,
     D,
     ACT,
@@ -315,7 +337,7 @@ def _update(
     else:  # coordinate-wise: skipped only when every entry is non-finite
         live = (count == 0) | (count < nf)
     step_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-    step0 = tl.load(step_ptr)
+    step0 = tl.load(STEPS + t)
     step_i64 = step0.to(tl.int64)
     t1 = step0 + 1.0
     first = step0 == 0.0
@@ -402,7 +424,7 @@ def _update(
             d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
             _store_state(v2p, v2_new, idx, keep, step_i64, 5, SD)
         w_new = w * decay - lr * d
-        tl.store(wp + idx, w_new.to(wp.dtype.element_ty), mask=keep)
+        _store_param(wp, w_new, idx, keep, PD)
         _store_state(bp, b_new, idx, keep, step_i64, 1, SD)
         if EST == 0:
             _store_state(s1p, a_new, idx, keep, step_i64, 2, SD)
@@ -453,6 +475,7 @@ class _Plan:
         self.partials = torch.empty((first, k), dtype=torch.float32, device=device)
         self.diag = torch.zeros((first, 3), dtype=torch.float32, device=device)
         self.actions = torch.zeros(len(rows), dtype=torch.int32, device=device)
+        self.steps = torch.zeros(len(rows), dtype=torch.float32, device=device)
 
 
 _MAX_PLANS = 64
@@ -513,8 +536,8 @@ def triton_trainable_to(
     beta_warmup: bool,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
-    chunk: int = CHUNK,
-    block: int = BLOCK,
+    chunk: int | None = None,
+    block: int | None = None,
 ) -> dict[str, Tensor] | None:
     """One TO step of a param group with the Triton kernels (arguments of the readable path).
 
@@ -523,6 +546,7 @@ def triton_trainable_to(
     from .distributed import local_view
 
     device = local_view(params[0]).device
+    chunk, block = chunk or CHUNK, block or BLOCK
     k = _NSUMS[estimator]
     slope_keys = _SLOPE_KEYS[estimator]
     # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
@@ -560,6 +584,7 @@ def triton_trainable_to(
             plan.table,
             plan.chunks,
             plan.partials,
+            plan.steps,
             EST=_EST[estimator],
             K=k,
             NORMALIZE=normalize,
@@ -577,6 +602,7 @@ def triton_trainable_to(
             plan.table,
             plan.chunks,
             plan.partials,
+            plan.steps,
             sums if sums is not None else plan.partials,
             plan.diag,
             plan.actions,
