@@ -351,7 +351,7 @@ def test_cuda_graph_replay_equals_eager_steps():
             p.grad = g
         opt = TrainableOptimizer(ps, lr=torch.tensor(0.01, device="cuda"), capturable=True)
 
-        def load(t):
+        def load(t, ps=ps, grads=grads):
             gen = torch.Generator().manual_seed(t)
             for p, g in zip(ps, grads):
                 g.copy_(0.5 * p.detach() + torch.randn(p.shape, generator=gen).cuda())
