@@ -216,7 +216,9 @@ def test_nonfinite_entries(estimator, param_dtype, state_dtype, monkeypatch):
 
 
 def test_bf16_state_matches_the_readable_path(monkeypatch):
-    """Both paths draw the same stochastic-rounding noise; the results agree to bf16 precision."""
+    """Both paths draw the same stochastic-rounding noise: most stored values are the same bits
+    (with other noise about half would differ), and all agree to bf16 precision; float32
+    arithmetic in another order flips a rare rounding, which the next steps carry on."""
     fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
     opt_fast = _train(fast, 20, state_dtype=torch.bfloat16)
     monkeypatch.setenv("HF_TO_NATIVE", "0")
@@ -225,9 +227,9 @@ def test_bf16_state_matches_the_readable_path(monkeypatch):
         assert opt_fast.state[pf]["b"].dtype == torch.bfloat16
         torch.testing.assert_close(pf, ps, rtol=1e-3, atol=1e-4)
         for key in ("b", "a", "exp_avg_sq"):
-            torch.testing.assert_close(
-                opt_fast.state[pf][key].float(), opt_slow.state[ps][key].float(), rtol=2**-6, atol=1e-5
-            )
+            got, want = opt_fast.state[pf][key], opt_slow.state[ps][key]
+            assert (got == want).float().mean() > 0.95, key
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-3)
 
 
 def test_a_failed_build_falls_back_to_the_readable_path_with_one_warning(monkeypatch, caplog):
