@@ -14,6 +14,7 @@ Parameter sets (weights and gradients are random; only shapes and dtypes matter)
   ``LlamaConfig`` (hidden 576, intermediate 1536, 30 layers, 9 heads, 3 kv heads, vocab
   49152, tied embeddings): 272 tensors, 134.5 M values;
 * ``lora``: the LoRA adapters (r = 16) on q/k/v/o/gate/up/down of the same model;
+* ``llama1b``: every parameter of Llama-3.2-1B (1.24 B values; a GPU set);
 * ``synthetic``: 8 tensors of 2 M values (the measurement in the issue).
 
 All variants step the *same* parameter and gradient tensors (each keeps its own state), in
@@ -55,7 +56,7 @@ from . import native, rounding
 from .optimizer import TrainableOptimizer
 from .registry import VARIANTS
 
-__all__ = ["PARAM_SETS", "VARIANT_FACTORIES", "lora_shapes", "main", "smollm2_shapes"]
+__all__ = ["PARAM_SETS", "VARIANT_FACTORIES", "llama1b_shapes", "lora_shapes", "main", "smollm2_shapes"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,9 +104,18 @@ def lora_shapes(r: int = 16) -> list[tuple[int, ...]]:
     return shapes
 
 
+def llama1b_shapes() -> list[tuple[int, ...]]:
+    """Shapes of Llama-3.2-1B (hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 kv heads,
+    vocab 128256, tied embeddings): 146 tensors, 1.236 B values."""
+    h, i, kv, layers, vocab = 2048, 8192, 8 * 64, 16, 128256
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
+    return [(vocab, h)] + layer * layers + [(h,)]
+
+
 PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "smollm2": smollm2_shapes,
     "lora": lora_shapes,
+    "llama1b": llama1b_shapes,
     "synthetic": lambda: [(2_000_000,)] * 8,
     "tiny": lambda: [(33, 5), (7,), (1,)],  # a smoke test of the script
 }
