@@ -211,7 +211,11 @@ def _partials(
     n = tl.load(row + 7)
     start = j * CHUNK_
     end = tl.minimum(start + CHUNK_, n)
+    wp = _ptr(tl.load(row + 0), PD)
     gp = _ptr(tl.load(row + 1), GD)
+    bp = _ptr(tl.load(row + 2), SD)
+    up = _ptr(tl.load(row + 3), SD)
+    vp = _ptr(tl.load(row + 4), SD)
     s0 = tl.full([BLOCK_], 0.0, tl.float32)
     s1 = tl.full([BLOCK_], 0.0, tl.float32)
     s2 = tl.full([BLOCK_], 0.0, tl.float32)
@@ -224,10 +228,10 @@ def _partials(
         g = tl.load(gp + idx, mask=m, other=0.0).to(tl.float32)
         s0 += tl.where(m & ~(tl.abs(g) < float("inf")), 1.0, 0.0)
         if EST == 1:
-            w = tl.load(_ptr(tl.load(row + 0), PD) + idx, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(_ptr(tl.load(row + 2), SD) + idx, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(_ptr(tl.load(row + 3), SD) + idx, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(_ptr(tl.load(row + 4), SD) + idx, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(bp + idx, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(up + idx, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(vp + idx, mask=m, other=0.0).to(tl.float32)
             ww, vw, uu, ub, ug = _sums_rank_one(w, g, b, u, v)
             s1 += ww
             s2 += vw
@@ -236,7 +240,7 @@ def _partials(
             s5 += ug
         elif EST == 0:
             if NORMALIZE:
-                w = tl.load(_ptr(tl.load(row + 0), PD) + idx, mask=m, other=0.0).to(tl.float32)
+                w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
                 s1 += w * w
     out = P + c * K
     tl.store(out, _sum(s0, 0))
@@ -356,10 +360,12 @@ def _update(
         lr = lr_value
         decay = decay_value
     if ADAM:
-        # 1 - beta2^t in float64 from log(beta2) (float arguments are float32, and 1 - beta2
-        # would cancel), as the readable path's Python float; then float32.
-        x = t1.to(tl.float64) * tl.full([], log_beta2, tl.float64)
-        bc2 = (1.0 - tl.exp(x)).to(tl.float32)
+        # 1 - beta2^t = -expm1(t log beta2) in float32 without cancellation (Kahan's
+        # expm1(y) = (u - 1) y / log(u), u = e^y; no float64, no libdevice), log beta2 from the host.
+        y = t1 * log_beta2
+        u = tl.exp(y)
+        em1 = tl.where(u == 1.0, y, tl.where(u < 0.5, u - 1.0, (u - 1.0) * y / tl.log(u)))
+        bc2 = -em1
     ww = _pick(sums, cols, 1)
     vw = _pick(sums, cols, 2)
     uu = _pick(sums, cols, 3)
@@ -614,7 +620,7 @@ def triton_trainable_to(
             float(beta),
             float(beta2),
             1.0 - beta2,
-            math.log(beta2) if beta2 > 0 else -math.inf,
+            math.log(beta2) if beta2 > 0 else -math.inf,  # (float64 here, float32 in the kernel)
             float(eps),
             float(floor),
             EST=_EST[estimator],
