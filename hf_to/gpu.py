@@ -49,12 +49,15 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .distributed import is_dtensor, local_view
 
 __all__ = ["BLOCK", "CHUNK", "ESTIMATORS", "INTERPRETED", "eligible", "launches", "triton_trainable_to"]
 
@@ -504,23 +507,19 @@ def _plan(key: tuple, rows: list[list[int]], device: torch.device, k: int, chunk
 INTERPRET_ON_CPU = False
 
 
-def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-    """Whether a group can take this step: a Triton estimator, CUDA (or the interpreter's CPU)
-    float32/bfloat16/float16 parameters, float32/bfloat16 state, contiguous tensors."""
-    if estimator not in ESTIMATORS:
+def eligible(estimator: str, params: list[Tensor]) -> bool:
+    """Whether a group may take this step: a Triton estimator and CUDA parameters (or CPU ones
+    with :data:`INTERPRET_ON_CPU`).  The tensors themselves are checked by
+    :func:`triton_trainable_to`, which declines a group it cannot step."""
+    if estimator not in ESTIMATORS or not params:
         return False
-    from .distributed import local_view
+    p = params[0]
+    kind = (p.to_local() if is_dtensor(p) else p).device.type
+    return kind == "cuda" or (kind == "cpu" and INTERPRET_ON_CPU)
 
-    for p, g, s in zip(params, grads, states):
-        p, g, b = local_view(p), local_view(g), local_view(s["b"])
-        kind = p.device.type
-        if not (kind == "cuda" or (kind == "cpu" and INTERPRET_ON_CPU)):
-            return False
-        if p.dtype not in _DTYPES or g.dtype not in _DTYPES or b.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        if not p.is_contiguous() or g.device != p.device:
-            return False
-    return True
+
+_PARAM_DTYPES = frozenset(_DTYPES)
+_STATE_DTYPES = frozenset((torch.float32, torch.bfloat16))
 
 
 def triton_trainable_to(
@@ -547,30 +546,52 @@ def triton_trainable_to(
 ) -> dict[str, Tensor] | None:
     """One TO step of a param group with the Triton kernels (arguments of the readable path).
 
-    Returns the diagnostic sums of this call (device tensors) or ``None``.  No host read.
+    Returns the diagnostic sums of this call (device tensors) or ``None``; ``NotImplemented``
+    (before touching anything) for a group it cannot step: parameters that are not contiguous
+    or not float32/bfloat16/float16, state not float32/bfloat16, tensors on other devices.
+    No host read.
     """
-    from .distributed import local_view
-
-    device = local_view(params[0]).device
+    sharded = any(map(is_dtensor, params))
+    view = local_view if sharded else (lambda t: t)
+    device = view(params[0]).device
+    index = view(params[0]).get_device()  # -1 on the CPU
     chunk, block = chunk or CHUNK, block or BLOCK
     k = _NSUMS[estimator]
     slope_keys = _SLOPE_KEYS[estimator]
+    keys = ("b", *slope_keys, *(("exp_avg_sq",) if adam else ()))
     # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
     buckets: dict[tuple, list[list[int]]] = {}
+    temporaries = []  # contiguous copies of gradients: alive until the launches are queued
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        step = state["step"]
-        if step.device != device or step.dtype != torch.float32:
-            # The kernel reads and advances the count on the device (moved once).
-            step = state["step"] = step.to(device=device, dtype=torch.float32)
-        w, gl, b = local_view(p), local_view(g), local_view(state["b"])
+        w, gl = view(p), view(g)
+        st = [view(state[key]) for key in keys]
+        b = st[0]
+        sd = b.dtype
+        if (
+            w.dtype not in _PARAM_DTYPES
+            or gl.dtype not in _PARAM_DTYPES
+            or sd not in _STATE_DTYPES
+            or not w.is_contiguous()
+            or w.get_device() != index
+            or gl.get_device() != index
+        ):
+            return NotImplemented
+        for t in st:
+            if t.dtype != sd or not t.is_contiguous() or t.get_device() != index:
+                return NotImplemented
         if not gl.is_contiguous():
             gl = gl.contiguous()
-        slope = [local_view(state[key]) for key in slope_keys]
-        s1 = slope[0].data_ptr() if slope else 0
-        s2 = slope[1].data_ptr() if len(slope) > 1 else 0
-        v2 = local_view(state["exp_avg_sq"]).data_ptr() if adam else 0
-        row = [w.data_ptr(), gl.data_ptr(), b.data_ptr(), s1, s2, v2, step.data_ptr(), w.numel(), 0, 0, i]
-        buckets.setdefault((w.dtype, gl.dtype, b.dtype), []).append(row)
+            temporaries.append(gl)
+        step = state["step"]
+        if step.get_device() != index or step.dtype != torch.float32:
+            # The kernel reads and advances the count on the device (moved once, as fused AdamW keeps it).
+            step = state["step"] = step.to(device=device, dtype=torch.float32)
+        ptrs = [t.data_ptr() for t in st]
+        s1 = ptrs[1] if slope_keys else 0
+        s2 = ptrs[2] if len(slope_keys) > 1 else 0
+        v2 = ptrs[-1] if adam else 0
+        row = [w.data_ptr(), gl.data_ptr(), ptrs[0], s1, s2, v2, step.data_ptr(), w.numel(), 0, 0, i]
+        buckets.setdefault((w.dtype, gl.dtype, sd), []).append(row)
 
     lr_tensor = isinstance(lr, Tensor)
     lr_arg = lr.to(device=device) if lr_tensor else torch.empty((), device=device)
@@ -581,7 +602,7 @@ def triton_trainable_to(
         sums = torch.zeros((len(params), k), dtype=torch.float32, device=device)
     plans = []
     for (pd, gd, sd), rows in buckets.items():
-        key = (device, pd, gd, sd, k, chunk, *(x for r in rows for x in r))
+        key = (device, pd, gd, sd, k, chunk, *chain.from_iterable(rows))
         plan = _plan(key, rows, device, k, chunk)
         codes = dict(PD=_DTYPES[pd], GD=_DTYPES[gd], SD=_DTYPES[sd], CHUNK_=chunk, BLOCK_=block)
         _launch(

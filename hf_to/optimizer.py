@@ -577,9 +577,11 @@ def trainable_to(
         if reduce_stats is None and native.eligible(estimator, params, grads, states) and native.available():
             common["lr"] = float(lr)
             return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
-        gpu = _gpu_step(estimator, params, grads, states)
+        gpu = _gpu_step(estimator, params)
         if gpu is not None:
-            return gpu.triton_trainable_to(params, grads, states, estimator=estimator, **common)
+            out = gpu.triton_trainable_to(params, grads, states, estimator=estimator, **common)
+            if out is not NotImplemented:
+                return out
     if capturable and local_view(params[0]).device.type == "cuda":
         raise RuntimeError(
             f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}) cannot take "
@@ -596,7 +598,7 @@ _ENV_TRITON = "HF_TO_TRITON"
 _gpu_import_failed = False
 
 
-def _gpu_step(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> Any:
+def _gpu_step(estimator: str, params: list[Tensor]) -> Any:
     """:mod:`hf_to.gpu` if this group can take its Triton step, else ``None``.
 
     Imported on first use by a CUDA group (triton comes with it), so CPU-only use never needs
@@ -617,7 +619,7 @@ def _gpu_step(estimator: str, params: list[Tensor], grads: list[Tensor], states:
             )
             _gpu_import_failed = True
             return None
-    return gpu if gpu.eligible(estimator, params, grads, states) else None
+    return gpu if gpu.eligible(estimator, params) else None
 
 
 def _torch_trainable_to(

@@ -379,3 +379,23 @@ def test_cuda_graph_replay_equals_eager_steps():
     assert steps_eager == steps_replayed == [6.0] * len(shapes)
     for a, b in zip(eager, replayed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_group_the_kernels_cannot_step_takes_the_readable_path_and_strided_gradients_are_copied():
+    base = _tensors([(5, 3), (4, 6)], torch.float32)
+    fast = [torch.nn.Parameter(base[0].clone().t().to(DEVICE)), torch.nn.Parameter(base[1].clone().to(DEVICE))]
+    ref = [torch.nn.Parameter(base[0].clone().t().to(DEVICE)), torch.nn.Parameter(base[1].clone().to(DEVICE))]
+    opt_strided = TrainableOptimizer([fast[0]], lr=0.01)  # a non-contiguous parameter
+    opt_fast = TrainableOptimizer([fast[1]], lr=0.01)
+    opt_ref = ReferenceTrainableOptimizer(ref, lr=0.01)
+    launches = gpu.launches
+    for t in range(4):
+        _set_grads(fast, t)
+        _set_grads(ref, t)
+        fast[1].grad = fast[1].grad.t().contiguous().t()  # a strided gradient
+        assert not fast[1].grad.is_contiguous()
+        opt_strided.step()
+        opt_fast.step()
+        opt_ref.step()
+    assert gpu.launches - launches == 4 * 2  # only the contiguous parameter's group
+    _assert_params_close(fast, ref, TOLERANCE[torch.float32])
