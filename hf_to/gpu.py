@@ -81,10 +81,6 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _W, _G, _B, _S1, _S2, _V2, _STEP, _N, _FIRST, _NCH, _ROW = range(11)
 _COLS = 11
 
-# Salts of the stochastic-rounding seeds (hf_to.rounding): one per state tensor.
-_SALT_B, _SALT_A, _SALT_U, _SALT_V, _SALT_V2 = 1, 2, 3, 4, 5
-
-
 # -- device helpers ------------------------------------------------------------------------
 
 # Device functions: ``triton.jit`` (inlined into the kernels) on a GPU; in Triton's interpreter
@@ -96,13 +92,37 @@ _sum = getattr(tl.sum, "fn", tl.sum) if triton.knobs.runtime.interpret else tl.s
 
 
 @_device_fn
-def _ptr(addr, CODE: tl.constexpr):
+def _ptr(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address ``addr`` (int64, from a table) as a pointer to float32/bfloat16/float16;
+    ``ALIGNED``: every address of the launch is a multiple of 16 bytes (checked on the host),
+    so that full tiles load and store with 16-byte vectors."""
     if CODE == 0:
-        return addr.to(tl.pointer_type(tl.float32))
+        p = addr.to(tl.pointer_type(tl.float32))
     elif CODE == 1:
-        return addr.to(tl.pointer_type(tl.bfloat16))
+        p = addr.to(tl.pointer_type(tl.bfloat16))
     else:
-        return addr.to(tl.pointer_type(tl.float16))
+        p = addr.to(tl.pointer_type(tl.float16))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@_device_fn
+def _load(ptr, idx, m, MASKED: tl.constexpr):
+    """``ptr[idx]`` in float32; a full tile (``MASKED`` false) loads without a mask."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=m, other=0.0)
+    else:
+        x = tl.load(ptr + idx)
+    return x.to(tl.float32)
+
+
+@_device_fn
+def _put(ptr, idx, x, m, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, x, mask=m)
+    else:
+        tl.store(ptr + idx, x)
 
 
 @_device_fn
@@ -117,33 +137,37 @@ def _hash32(x):
 
 
 @_device_fn
-def _store_state(ptr, x, idx, mask, step_i64, SALT: tl.constexpr, CODE: tl.constexpr):
-    """Store float32 ``x``; bfloat16 state with stochastic rounding (unbiased)."""
+def _store_state(ptr, idx, x, m, step_i64, SALT: tl.constexpr, CODE: tl.constexpr, MASKED: tl.constexpr):
+    """Store float32 ``x``; bfloat16 state with the stochastic rounding of hf_to.rounding (its
+    seed: the step before this one and the state tensor's ``SALT``).  An exact bfloat16 value
+    (an entry kept as it was) rounds to itself."""
     if CODE == 1:
         seed = (step_i64 * 0x9E3779B1 + SALT * 0x7F4A7C15) & 0xFFFFFFFF
         h = _hash32(((idx + seed) & 0xFFFFFFFF).to(tl.uint32))
         noise = (h & 0xFFFF).to(tl.int32)
         bits = x.to(tl.int32, bitcast=True)
         x = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
-        tl.store(ptr + idx, x.to(tl.bfloat16), mask=mask)
+        _put(ptr, idx, x.to(tl.bfloat16), m, MASKED)
     else:
-        tl.store(ptr + idx, x, mask=mask)
-
-
-# -- the estimators: partial sums and the elementwise step of one tile ----------------------
+        _put(ptr, idx, x, m, MASKED)
 
 
 @_device_fn
-def _store_param(ptr, x, idx, mask, CODE: tl.constexpr):
+def _store_param(ptr, idx, x, m, CODE: tl.constexpr, MASKED: tl.constexpr):
     """Store float32 ``x`` with round-to-nearest-even (bfloat16 rounded explicitly: Triton's
     interpreter truncates in that cast, the GPU rounds; this way both round alike)."""
     if CODE == 1:
         bits = x.to(tl.int32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         x = tl.where(x == x, rounded.to(tl.float32, bitcast=True), x)
-        tl.store(ptr + idx, x.to(tl.bfloat16), mask=mask)
+        _put(ptr, idx, x.to(tl.bfloat16), m, MASKED)
     else:
-        tl.store(ptr + idx, x.to(ptr.dtype.element_ty), mask=mask)
+        _put(ptr, idx, x.to(ptr.dtype.element_ty), m, MASKED)
+
+
+# -- the estimators: partial sums and the elementwise step of one tile ----------------------
+# A new structure of A is one more block here (its sums, its step) and one more branch in
+# _partials_tile / _update_tile.
 
 
 @_device_fn
@@ -187,6 +211,36 @@ def _step_none(gz, b, beta_t):
 # -- kernels -------------------------------------------------------------------------------
 
 
+@_device_fn
+def _partials_tile(
+    wp, gp, bp, up, vp, off, end, s0, s1, s2, s3, s4, s5,
+    EST: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    idx = off + tl.arange(0, BLOCK_).to(tl.int64)
+    m = idx < end
+    g = _load(gp, idx, m, MASKED)
+    bad = ~(tl.abs(g) < float("inf"))
+    if MASKED:
+        bad = bad & m
+    s0 += tl.where(bad, 1.0, 0.0)
+    if EST == 1:
+        w = _load(wp, idx, m, MASKED)
+        b = _load(bp, idx, m, MASKED)
+        u = _load(up, idx, m, MASKED)
+        v = _load(vp, idx, m, MASKED)
+        ww, vw, uu, ub, ug = _sums_rank_one(w, g, b, u, v)
+        s1 += ww
+        s2 += vw
+        s3 += uu
+        s4 += ub
+        s5 += ug
+    elif EST == 0:
+        if NORMALIZE:
+            w = _load(wp, idx, m, MASKED)
+            s1 += w * w
+    return s0, s1, s2, s3, s4, s5
+
+
 @triton.jit
 def _partials(
     TAB,
@@ -199,6 +253,7 @@ def _partials(
     PD: tl.constexpr,
     GD: tl.constexpr,
     SD: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK_: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
@@ -214,37 +269,27 @@ def _partials(
     n = tl.load(row + 7)
     start = j * CHUNK_
     end = tl.minimum(start + CHUNK_, n)
-    wp = _ptr(tl.load(row + 0), PD)
-    gp = _ptr(tl.load(row + 1), GD)
-    bp = _ptr(tl.load(row + 2), SD)
-    up = _ptr(tl.load(row + 3), SD)
-    vp = _ptr(tl.load(row + 4), SD)
+    full = start + (end - start) // BLOCK_ * BLOCK_
+    wp = _ptr(tl.load(row + 0), PD, ALIGNED)
+    gp = _ptr(tl.load(row + 1), GD, ALIGNED)
+    bp = _ptr(tl.load(row + 2), SD, ALIGNED)
+    up = _ptr(tl.load(row + 3), SD, ALIGNED)
+    vp = _ptr(tl.load(row + 4), SD, ALIGNED)
     s0 = tl.full([BLOCK_], 0.0, tl.float32)
     s1 = tl.full([BLOCK_], 0.0, tl.float32)
     s2 = tl.full([BLOCK_], 0.0, tl.float32)
     s3 = tl.full([BLOCK_], 0.0, tl.float32)
     s4 = tl.full([BLOCK_], 0.0, tl.float32)
     s5 = tl.full([BLOCK_], 0.0, tl.float32)
-    for off in range(start, end, BLOCK_):
-        idx = off + tl.arange(0, BLOCK_).to(tl.int64)
-        m = idx < end
-        g = tl.load(gp + idx, mask=m, other=0.0).to(tl.float32)
-        s0 += tl.where(m & ~(tl.abs(g) < float("inf")), 1.0, 0.0)
-        if EST == 1:
-            w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(bp + idx, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(up + idx, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(vp + idx, mask=m, other=0.0).to(tl.float32)
-            ww, vw, uu, ub, ug = _sums_rank_one(w, g, b, u, v)
-            s1 += ww
-            s2 += vw
-            s3 += uu
-            s4 += ub
-            s5 += ug
-        elif EST == 0:
-            if NORMALIZE:
-                w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
-                s1 += w * w
+    for off in range(start, full, BLOCK_):  # full tiles: no mask
+        off = tl.multiple_of(off, BLOCK_)
+        s0, s1, s2, s3, s4, s5 = _partials_tile(
+            wp, gp, bp, up, vp, off, end, s0, s1, s2, s3, s4, s5, EST, NORMALIZE, BLOCK_, False
+        )
+    if full < end:  # the tail
+        s0, s1, s2, s3, s4, s5 = _partials_tile(
+            wp, gp, bp, up, vp, full, end, s0, s1, s2, s3, s4, s5, EST, NORMALIZE, BLOCK_, True
+        )
     out = P + c * K
     tl.store(out, _sum(s0, 0))
     if K > 1:
@@ -286,6 +331,68 @@ def _rows(TAB, P, R, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
     tl.store(R + r * K + cols, sums, mask=cols < K)
 
 
+@_device_fn
+def _update_tile(
+    wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
+    live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
+    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+    EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
+    PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One tile of the step.  Entries not stepped (a non-finite gradient entry of diagonal/none,
+    every entry of a skipped tensor) are written back as they were, bit for bit, so that full
+    tiles store without a mask (16-byte vectors)."""
+    idx = off + tl.arange(0, BLOCK_).to(tl.int64)
+    m = idx < end
+    w = _load(wp, idx, m, MASKED)
+    g = _load(gp, idx, m, MASKED)
+    b = _load(bp, idx, m, MASKED)
+    if EST == 1:
+        ok = tl.where(live, m, False)
+        gz = g
+    else:  # non-finite entries step with g = 0 and are kept
+        ok = tl.where(live, m & (tl.abs(g) < float("inf")), False)
+        gz = tl.where(ok, g, 0.0)
+    if EST == 0:
+        a = _load(s1p, idx, m, MASKED)
+        r, a_new, b_new, g_hat = _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE)
+        a_new = tl.where(seeding, a, a_new)
+    elif EST == 1:
+        u = _load(s1p, idx, m, MASKED)
+        v = _load(s2p, idx, m, MASKED)
+        v_first = tl.where(first, w * inv_norm + v_fill, v)
+        r, u_new, v_new, b_new, g_hat = _step_rank_one(
+            w, gz, b, u, v_first, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE
+        )
+        u_new = tl.where(seeding, u, u_new)
+        v_new = tl.where(seeding, v_first, v_new)
+    else:
+        r, b_new, g_hat = _step_none(gz, b, beta_t)
+    b_new = tl.where(seeding, gz, b_new)
+    g_hat = tl.where(seeding, gz, g_hat)
+    if DIAGNOSTICS:
+        r = tl.where(ok, tl.where(seeding, 0.0, r), 0.0)
+        d_rr += r * r
+        d_gg += tl.where(ok, gz * gz, 0.0)
+        h = tl.where(ok, g_hat, 0.0)
+        d_hh += h * h
+    d = g_hat
+    if ADAM:
+        v2 = _load(v2p, idx, m, MASKED)
+        v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
+        d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
+        _store_state(v2p, idx, tl.where(ok, v2_new, v2), m, step_i64, 5, SD, MASKED)
+    _store_param(wp, idx, tl.where(ok, w * decay - lr * d, w), m, PD, MASKED)
+    # (salts of hf_to.rounding.SALTS: b 1, a 2, u 3, v 4, exp_avg_sq 5)
+    _store_state(bp, idx, tl.where(ok, b_new, b), m, step_i64, 1, SD, MASKED)
+    if EST == 0:
+        _store_state(s1p, idx, tl.where(ok, a_new, a), m, step_i64, 2, SD, MASKED)
+    elif EST == 1:
+        _store_state(s1p, idx, tl.where(ok, u_new, u), m, step_i64, 3, SD, MASKED)
+        _store_state(s2p, idx, tl.where(ok, v_new, v), m, step_i64, 4, SD, MASKED)
+    return d_rr, d_gg, d_hh
+
+
 @triton.jit
 def _update(
     TAB,
@@ -320,6 +427,7 @@ def _update(
     PD: tl.constexpr,
     GD: tl.constexpr,
     SD: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK_: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
@@ -331,6 +439,7 @@ def _update(
     nf = n.to(tl.float32)
     start = j * CHUNK_
     end = tl.minimum(start + CHUNK_, n)
+    full = start + (end - start) // BLOCK_ * BLOCK_
 
     # The tensor's sums and its action.
     cols = tl.arange(0, KP)
@@ -362,6 +471,7 @@ def _update(
     else:
         lr = lr_value
         decay = decay_value
+    bc2 = t1
     if ADAM:
         # 1 - beta2^t = -expm1(t log beta2) in float32 without cancellation (Kahan's
         # expm1(y) = (u - 1) y / log(u), u = e^y; no float64, no libdevice), log beta2 from the host.
@@ -374,6 +484,8 @@ def _update(
     uu = _pick(sums, cols, 3)
     ub = _pick(sums, cols, 4)
     ug = _pick(sums, cols, 5)
+    inv_norm = ww
+    v_fill = ww
     if EST == 1:
         # First step: v_0 = w_0/‖w_0‖ (1/√n when w_0 = 0), so v_0ᵀw_0 = ‖w_0‖.
         norm = tl.sqrt(ww)
@@ -381,70 +493,34 @@ def _update(
         v_fill = tl.where(norm > 0, 0.0, 1.0 / tl.sqrt(tl.maximum(nf, 1.0)))
         vw = tl.where(first, norm, vw)
 
-    wp = _ptr(tl.load(row + 0), PD)
-    gp = _ptr(tl.load(row + 1), GD)
-    bp = _ptr(tl.load(row + 2), SD)
-    s1p = _ptr(tl.load(row + 3), SD)
-    s2p = _ptr(tl.load(row + 4), SD)
-    v2p = _ptr(tl.load(row + 5), SD)
+    wp = _ptr(tl.load(row + 0), PD, ALIGNED)
+    gp = _ptr(tl.load(row + 1), GD, ALIGNED)
+    bp = _ptr(tl.load(row + 2), SD, ALIGNED)
+    s1p = _ptr(tl.load(row + 3), SD, ALIGNED)
+    s2p = _ptr(tl.load(row + 4), SD, ALIGNED)
+    v2p = _ptr(tl.load(row + 5), SD, ALIGNED)
     d_rr = tl.full([BLOCK_], 0.0, tl.float32)
     d_gg = tl.full([BLOCK_], 0.0, tl.float32)
     d_hh = tl.full([BLOCK_], 0.0, tl.float32)
-    for off in range(start, end, BLOCK_):
-        idx = off + tl.arange(0, BLOCK_).to(tl.int64)
-        m = idx < end
-        w = tl.load(wp + idx, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gp + idx, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(bp + idx, mask=m, other=0.0).to(tl.float32)
-        if EST == 1:
-            ok = m
-            gz = g
-        else:  # non-finite entries step with g = 0 and are not stored: they keep every bit
-            ok = m & (tl.abs(g) < float("inf"))
-            gz = tl.where(ok, g, 0.0)
-        if EST == 0:
-            a = tl.load(s1p + idx, mask=m, other=0.0).to(tl.float32)
-            r, a_new, b_new, g_hat = _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE)
-            a_new = tl.where(seeding, a, a_new)
-        elif EST == 1:
-            u = tl.load(s1p + idx, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(s2p + idx, mask=m, other=0.0).to(tl.float32)
-            v = tl.where(first, w * inv_norm + v_fill, v)
-            r, u_new, v_new, b_new, g_hat = _step_rank_one(
-                w, gz, b, u, v, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE
-            )
-            u_new = tl.where(seeding, u, u_new)
-            v_new = tl.where(seeding, v, v_new)
-        else:
-            r, b_new, g_hat = _step_none(gz, b, beta_t)
-        b_new = tl.where(seeding, gz, b_new)
-        g_hat = tl.where(seeding, gz, g_hat)
-        r = tl.where(ok, tl.where(seeding, 0.0, r), 0.0)
-        if DIAGNOSTICS:
-            d_rr += r * r
-            d_gg += gz * gz
-            h = tl.where(ok, g_hat, 0.0)
-            d_hh += h * h
-        d = g_hat
-        keep = tl.where(live, ok, False)
-        if ADAM:
-            v2 = tl.load(v2p + idx, mask=m, other=0.0).to(tl.float32)
-            v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
-            d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
-            _store_state(v2p, v2_new, idx, keep, step_i64, 5, SD)
-        w_new = w * decay - lr * d
-        _store_param(wp, w_new, idx, keep, PD)
-        _store_state(bp, b_new, idx, keep, step_i64, 1, SD)
-        if EST == 0:
-            _store_state(s1p, a_new, idx, keep, step_i64, 2, SD)
-        elif EST == 1:
-            _store_state(s1p, u_new, idx, keep, step_i64, 3, SD)
-            _store_state(s2p, v_new, idx, keep, step_i64, 4, SD)
+    for off in range(start, full, BLOCK_):  # full tiles: no mask
+        off = tl.multiple_of(off, BLOCK_)
+        d_rr, d_gg, d_hh = _update_tile(
+            wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
+            live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False,
+        )  # fmt: skip
+    if full < end:  # the tail
+        d_rr, d_gg, d_hh = _update_tile(
+            wp, gp, bp, s1p, s2p, v2p, full, end, d_rr, d_gg, d_hh,
+            live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True,
+        )  # fmt: skip
     if DIAGNOSTICS:
-        f = tl.where(live, 1.0, 0.0)
-        tl.store(D + 3 * c, _sum(d_rr, 0) * f)
-        tl.store(D + 3 * c + 1, _sum(d_gg, 0) * f)
-        tl.store(D + 3 * c + 2, _sum(d_hh, 0) * f)
+        tl.store(D + 3 * c, _sum(d_rr, 0))
+        tl.store(D + 3 * c + 1, _sum(d_gg, 0))
+        tl.store(D + 3 * c + 2, _sum(d_hh, 0))
     if j == 0:
         tl.store(step_ptr, tl.where(live, t1, step0))
         if DIAGNOSTICS:
@@ -604,7 +680,10 @@ def triton_trainable_to(
     for (pd, gd, sd), rows in buckets.items():
         key = (device, pd, gd, sd, k, chunk, *chain.from_iterable(rows))
         plan = _plan(key, rows, device, k, chunk)
-        codes = dict(PD=_DTYPES[pd], GD=_DTYPES[gd], SD=_DTYPES[sd], CHUNK_=chunk, BLOCK_=block)
+        # 16-byte aligned addresses (the rule for fresh allocations) let full tiles use vector
+        # loads and stores; a view at an odd offset makes its bucket take scalar accesses.
+        aligned = not any(x & 15 for r in rows for x in r[:6])
+        codes = dict(PD=_DTYPES[pd], GD=_DTYPES[gd], SD=_DTYPES[sd], ALIGNED=aligned, CHUNK_=chunk, BLOCK_=block)
         _launch(
             "partials",
             (plan.n_chunks,),

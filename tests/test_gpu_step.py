@@ -399,3 +399,30 @@ def test_a_group_the_kernels_cannot_step_takes_the_readable_path_and_strided_gra
         opt_ref.step()
     assert gpu.launches - launches == 4 * 2  # only the contiguous parameter's group
     _assert_params_close(fast, ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "state_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)], ids=str
+)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_entries_not_stepped_keep_every_bit(estimator, dtype, state_dtype):
+    """Bad entries (diagonal/none), a skipped tensor (rank-one: any bad entry; all: every entry
+    bad) keep weight and state bit for bit, also through bfloat16 rounding; the rest moves."""
+    ps = [torch.nn.Parameter(w.to(DEVICE)) for w in _tensors([(70,), (9,)], dtype)]
+    opt = TrainableOptimizer(ps, lr=0.01, estimator=estimator, state_dtype=state_dtype, weight_decay=0.1)
+    for t in range(2):
+        _set_grads(ps, t)
+        opt.step()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in ps]
+    _set_grads(ps, 2, nonfinite={0: "some", 1: "all"})
+    bad = [~torch.isfinite(p.grad) for p in ps]
+    opt.step()
+    for i, (p, (w0, s0)) in enumerate(zip(ps, before)):
+        kept = torch.ones_like(bad[i]) if (i == 1 or estimator == "rank_one") else bad[i]
+        assert torch.equal(p.detach()[kept], w0[kept])
+        assert not torch.equal(p.detach()[~kept], w0[~kept]) or not (~kept).any()
+        for key, value in opt.state[p].items():
+            if key == "step":
+                assert value.item() == (2.0 if kept.all() else 3.0)
+            else:
+                assert torch.equal(value[kept], s0[key][kept]), key
