@@ -34,10 +34,15 @@ a warm-up step the launches reuse the same device buffers: the step can be captu
 graph.  A ``lr`` given as a tensor is read from the device; a float ``lr`` is a kernel argument
 (as in ``torch.optim.Adam(capturable=True)``, a captured float is replayed as captured).
 
-*Estimators.*  Each structure of ``A`` is three small ``@triton.jit`` functions below
-(``_sums_*``: its partial sums; ``_step_*``: residual, estimator step and estimate of one
-tile; and its entry in :data:`_FORMS`); a new structure (another state tensor, another sum)
-is one more such block and one more branch in ``_partials``/``_update``.
+*Estimators.*  Each structure of ``A`` is a small device function below (``_step_*``: residual,
+estimator step and estimate of one tile; rank-one also ``_sums_rank_one``, its partial sums)
+and one branch in ``_partials_tile`` (which sums it needs) and ``_update_tile`` (which state it
+loads and stores); a new structure, e.g. with one more state tensor or sum, is one more such
+block, a table column and a ``_NSUMS`` entry.
+
+*Tuning* (not done: nothing has run on a GPU yet): :data:`CHUNK`, :data:`BLOCK`, ``num_warps``;
+full tiles load and store without masks, with 16-byte vectors when every address of a bucket
+is 16-byte aligned.
 
 *bfloat16 state* is computed in float32 and stored with the stochastic rounding of
 :mod:`hf_to.rounding` (the same hash of the element index, the step and the state tensor, so
@@ -675,7 +680,7 @@ def triton_trainable_to(
     kp = 8 if k > 1 else 2
     sums = None
     if reduce_stats is not None:
-        sums = torch.zeros((len(params), k), dtype=torch.float32, device=device)
+        sums = torch.empty((len(params), k), dtype=torch.float32, device=device)  # every row: _rows
     plans = []
     for (pd, gd, sd), rows in buckets.items():
         key = (device, pd, gd, sd, k, chunk, *chain.from_iterable(rows))
