@@ -287,9 +287,8 @@ def _partials(
     s4 = tl.full([BLOCK_], 0.0, tl.float32)
     s5 = tl.full([BLOCK_], 0.0, tl.float32)
     for off in range(start, full, BLOCK_):  # full tiles: no mask
-        off = tl.multiple_of(off, BLOCK_)
         s0, s1, s2, s3, s4, s5 = _partials_tile(
-            wp, gp, bp, up, vp, off, end, s0, s1, s2, s3, s4, s5, EST, NORMALIZE, BLOCK_, False
+            wp, gp, bp, up, vp, tl.multiple_of(off, BLOCK_), end, s0, s1, s2, s3, s4, s5, EST, NORMALIZE, BLOCK_, False
         )
     if full < end:  # the tail
         s0, s1, s2, s3, s4, s5 = _partials_tile(
@@ -508,9 +507,8 @@ def _update(
     d_gg = tl.full([BLOCK_], 0.0, tl.float32)
     d_hh = tl.full([BLOCK_], 0.0, tl.float32)
     for off in range(start, full, BLOCK_):  # full tiles: no mask
-        off = tl.multiple_of(off, BLOCK_)
         d_rr, d_gg, d_hh = _update_tile(
-            wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
+            wp, gp, bp, s1p, s2p, v2p, tl.multiple_of(off, BLOCK_), end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
             lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False,
@@ -637,6 +635,8 @@ def triton_trainable_to(
     device = view(params[0]).device
     index = view(params[0]).get_device()  # -1 on the CPU
     chunk, block = chunk or CHUNK, block or BLOCK
+    if chunk % block:
+        raise ValueError(f"chunk={chunk} must be a multiple of block={block}")
     k = _NSUMS[estimator]
     slope_keys = _SLOPE_KEYS[estimator]
     keys = ("b", *slope_keys, *(("exp_avg_sq",) if adam else ()))
