@@ -590,7 +590,7 @@ def trainable_to(
             "installed), and the readable path reads step counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
-    return _torch_trainable_to(params, grads, states, estimator=estimator, fused=fused, **common)
+    return _readable_trainable_to(params, grads, states, estimator=estimator, **common)
 
 
 #: ``HF_TO_TRITON=0`` keeps CUDA groups off the Triton step (then they take the readable path).
@@ -622,13 +622,12 @@ def _gpu_step(estimator: str, params: list[Tensor]) -> Any:
     return gpu if gpu.eligible(estimator, params) else None
 
 
-def _torch_trainable_to(
+def _readable_trainable_to(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     *,
     estimator: str,
-    fused: bool | None,
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
@@ -660,7 +659,7 @@ def _native_trainable_to(
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
         sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _torch_trainable_to(*sub, estimator=estimator, fused=False, **common)
+        out = _readable_trainable_to(*sub, estimator=estimator, **common)
     if not all(first):
         pick = [i for i, f in enumerate(first) if not f]
         skip = ("intercept_from_gradient", "reduce_stats")
