@@ -46,15 +46,20 @@ is the paper-literal raw rate.  See
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BETA_WARMUPS",
     "COORDINATEWISE_ESTIMATORS",
+    "DISPLACEMENT_ESTIMATORS",
     "ESTIMATORS",
+    "SLOPE_INPUTS",
     "DiagonalEstimator",
+    "DisplacementDiagonalEstimator",
     "Estimator",
     "FullEstimator",
     "NoSlopeEstimator",
@@ -62,6 +67,7 @@ __all__ = [
     "count_nonfinite",
     "finite_mask_and_count",
     "get_estimator",
+    "intercept_rate",
     "nonfinite_action",
 ]
 
@@ -71,6 +77,37 @@ TINY = 1e-30
 #: Structures whose update decouples per entry (but for the scalar wᵀw of the normalised
 #: rate): an entry with a non-finite gradient can be left alone while the others step.
 COORDINATEWISE_ESTIMATORS = ("diagonal", "none")
+
+
+#: ``beta_warmup`` values: ``True`` (running mean, :math:`\beta_t=\max(\beta, 1/t)`),
+#: ``"adam"`` (Adam's bias correction as a rate, :math:`\beta_t=\beta/(1-(1-\beta)^t)`) and
+#: ``False`` (the paper's constant :math:`\beta`).
+BETA_WARMUPS = (True, False, "adam")
+#: ``slope_input``: what the slope multiplies: ``"weights"`` (the paper, :math:`A w`) or
+#: ``"displacement"`` (:math:`A (w-\bar w)`, :math:`\bar w` an EMA of the weights).
+SLOPE_INPUTS = ("weights", "displacement")
+
+
+def intercept_rate(beta: float, t: float, warmup: bool | str) -> float:
+    r"""The intercept rate :math:`\beta_t` of step ``t`` (1-based) under ``beta_warmup``.
+
+    ``True``: :math:`\max(\beta, 1/t)`, so :math:`b` is the running mean of the first
+    :math:`1/\beta` corrected gradients, then an EMA.  ``"adam"``:
+    :math:`\beta/(1-(1-\beta)^t)`, the rate at which an EMA started at 0 and divided by
+    Adam's bias correction :math:`1-\beta_1^t` (:math:`\beta_1 = 1-\beta`) moves: with
+    ``estimator="none"`` and the Adam preconditioner the optimizer is then AdamW.
+    ``False``: the paper's constant :math:`\beta`.
+    """
+    if warmup == "adam" and not isinstance(warmup, bool):
+        return beta / -math.expm1(t * math.log1p(-beta)) if beta < 1 else 1.0
+    if warmup is True:
+        return max(beta, 1.0 / t)
+    return beta
+
+
+def valid_beta_warmup(value: object) -> bool:
+    """``True``, ``False`` or ``"adam"`` (an int 1/0 is not a bool here)."""
+    return isinstance(value, bool) or (isinstance(value, str) and value == "adam")
 
 
 def nonfinite_action(estimator: str, count: float, n: int, dtype: torch.dtype = torch.float32) -> str:
@@ -376,15 +413,84 @@ class FullEstimator(Estimator):
         return torch.addmv(b, state["A"], w)
 
 
+class DisplacementDiagonalEstimator(DiagonalEstimator):
+    r"""Diagonal slope on the weights' *displacement*: :math:`\hat G(w) = a\odot(w-\bar w) + b`.
+
+    The same model class as :math:`\mathrm{diag}(a)\,w + c` (with :math:`c = b - a\odot\bar w`),
+    reparametrised around an *anchor* :math:`\bar w`, an EMA of the weights at rate
+    ``anchor_rate`` :math:`\gamma`.  During fine-tuning :math:`w` moves by about lr per step
+    while :math:`|w|` is much larger, so :math:`(w, 1)` are nearly collinear and an LMS step on
+    the raw weights mostly rescales the intercept; on :math:`x = w - \bar w` the slope instead
+    learns how the gradient changes *along the trajectory*, and :math:`a\odot x` corrects the
+    lag of the intercept (an average of gradients taken around :math:`\bar w`).
+
+    Per step, with :math:`x = w_t - \bar w_t`: :math:`r = a\odot x + b - g`,
+    :math:`a \leftarrow a - \alpha\, r\odot x / (x^2 + \overline{x^2} + \epsilon)` (normalised
+    LMS on the displacement, :math:`\overline{x^2} = x^\top x/n`; ``norm_floor`` is not used:
+    the displacement's own scale is the reference), :math:`b \leftarrow b - \beta_t r`,
+    :math:`\hat G = a\odot x + b`.  After the weights step, the anchor moves,
+    :math:`\bar w \leftarrow \bar w + \gamma (w_{t+1} - \bar w)`, and :math:`b` is re-expressed,
+    :math:`b \leftarrow b + a\odot\Delta\bar w`, so that the estimator's function
+    :math:`\hat G(\cdot)` does not change.  :math:`\bar w_0 = w_0`, :math:`a_0 = 0`.
+    """
+
+    name = "diagonal"
+    state_keys = ("a", "w_bar")
+    stat_names = ("xx",)
+
+    def init(self, state: dict, w: Tensor) -> None:
+        super().init(state, w)
+        state["w_bar"] = w.clone(memory_format=torch.contiguous_format)
+
+    def numel(self, n: int) -> int:
+        return 2 * n
+
+    @staticmethod
+    def _x(state: dict, w: Tensor) -> Tensor:
+        return w - state["w_bar"].view(-1)
+
+    def _slope_times(self, state, w):
+        return state["a"].reshape(-1) * (w - state["w_bar"].reshape(-1))
+
+    def local_stats(self, state, w, g, b):
+        x = self._x(state, w)
+        return [torch.dot(x, x)]
+
+    def _residual(self, state, w, g, b, stats):
+        return torch.addcmul(b - g, state["a"].view(-1), self._x(state, w))
+
+    def _update_slope(self, state, w, r, stats, *, n, alpha, normalize, floor):
+        a, x = state["a"].view(-1), self._x(state, w)
+        if normalize:
+            a.sub_(alpha * r * x / (x * x + (stats["xx"] / n + TINY)))
+        else:
+            a.sub_(r * x, alpha=alpha)
+
+    def _estimate(self, state, w, b, stats):
+        return torch.addcmul(b, state["a"].view(-1), self._x(state, w))
+
+    def move_anchor(self, state: dict, w_new: Tensor, b: Tensor, rate: float) -> None:
+        r""":math:`\bar w \mathrel{+}= \gamma(w_{t+1}-\bar w)`, :math:`b \mathrel{+}= a\odot\Delta\bar w`."""
+        w_bar = state["w_bar"].view(-1)
+        delta = (w_new - w_bar).mul_(rate)
+        b.addcmul_(state["a"].view(-1), delta)
+        w_bar.add_(delta)
+
+
 #: Registry of slope structures by the name users pass as ``estimator=``.
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e for e in (FullEstimator(), DiagonalEstimator(), RankOneEstimator(), NoSlopeEstimator())
 }
+#: The structures available with ``slope_input="displacement"``.
+DISPLACEMENT_ESTIMATORS: dict[str, Estimator] = {"diagonal": DisplacementDiagonalEstimator()}
 
 
-def get_estimator(name: str) -> Estimator:
-    """Return the strategy for ``name``; raise ``ValueError`` listing the valid names."""
+def get_estimator(name: str, slope_input: str = "weights") -> Estimator:
+    """Return the strategy for ``name`` (and ``slope_input``); raise ``ValueError`` listing the valid names."""
+    registry = DISPLACEMENT_ESTIMATORS if slope_input == "displacement" else ESTIMATORS
     try:
-        return ESTIMATORS[name]
+        return registry[name]
     except (KeyError, TypeError):
-        raise ValueError(f"Invalid estimator: {name!r}; expected one of {sorted(ESTIMATORS)}") from None
+        raise ValueError(
+            f"Invalid estimator: {name!r}; expected one of {sorted(registry)} with slope_input={slope_input!r}"
+        ) from None

@@ -19,11 +19,30 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import native
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
-from .estimators import ESTIMATORS, Estimator, count_nonfinite, get_estimator, nonfinite_action
+from .estimators import (
+    BETA_WARMUPS,
+    DISPLACEMENT_ESTIMATORS,
+    ESTIMATORS,
+    SLOPE_INPUTS,
+    Estimator,
+    count_nonfinite,
+    get_estimator,
+    intercept_rate,
+    nonfinite_action,
+    valid_beta_warmup,
+)
 from .rounding import with_float32_state
 from .settings import FAST_ESTIMATORS, STATE_DTYPES, env_switch
 
-__all__ = ["ALPHA_SCALINGS", "INTERCEPT_INITS", "PRECONDITIONERS", "TrainableOptimizer", "trainable_to"]
+__all__ = [
+    "ALPHA_SCALINGS",
+    "BETA_WARMUPS",
+    "INTERCEPT_INITS",
+    "PRECONDITIONERS",
+    "SLOPE_INPUTS",
+    "TrainableOptimizer",
+    "trainable_to",
+]
 
 #: ``"adam"``: divide the estimate by :math:`\sqrt{\hat v_t}+\epsilon` (Adam's second moment of
 #: the raw gradient); ``"none"``: the paper-literal step along :math:`\hat G_t`.
@@ -162,7 +181,9 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: str = "normalized",
         norm_floor: float = 1e-3,
         intercept_init: str = "gradient",
-        beta_warmup: bool = True,
+        beta_warmup: bool | str = True,
+        slope_input: str = "weights",
+        anchor_rate: float = 0.1,
         max_full_numel: int = 4096,
         diagnostics: bool = False,
         fused: bool | None = None,
@@ -182,6 +203,8 @@ class TrainableOptimizer(Optimizer):
             norm_floor=norm_floor,
             intercept_init=intercept_init,
             beta_warmup=beta_warmup,
+            slope_input=slope_input,
+            anchor_rate=anchor_rate,
             max_full_numel=max_full_numel,
             fused=fused,
             state_dtype=state_dtype,
@@ -224,6 +247,8 @@ class TrainableOptimizer(Optimizer):
             group.setdefault("norm_floor", 1e-3)
             group.setdefault("intercept_init", "gradient")
             group.setdefault("beta_warmup", True)
+            group.setdefault("slope_input", "weights")
+            group.setdefault("anchor_rate", 0.1)
             group.setdefault("max_full_numel", 4096)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
@@ -249,6 +274,8 @@ class TrainableOptimizer(Optimizer):
                     f"(no '{ALGORITHM_KEY}: {ALGORITHM}' stamp; keys: {sorted(k for k in saved if k != 'params')}); "
                     "resume with the optimizer that wrote the checkpoint, or start the optimizer afresh"
                 )
+            # slope_input and beta_warmup need not match: the saved group's values (and state) win,
+            # so a checkpoint written under an older default resumes exactly.
             for key in ("estimator", "preconditioner"):
                 if saved.get(key) != group[key]:
                     raise ValueError(
@@ -269,7 +296,7 @@ class TrainableOptimizer(Optimizer):
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
         """Collect the parameters with gradients; create their state on first use."""
-        estimator = get_estimator(group["estimator"])
+        estimator = get_estimator(group["estimator"], group["slope_input"])
         params, grads, states = [], [], []
         full = group["estimator"] == "full"
         for p in group["params"]:
@@ -331,6 +358,8 @@ class TrainableOptimizer(Optimizer):
                 norm_floor=group["norm_floor"],
                 intercept_init=group["intercept_init"],
                 beta_warmup=group["beta_warmup"],
+                slope_input=group["slope_input"],
+                anchor_rate=group["anchor_rate"],
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
                 fused=group["fused"],
@@ -397,7 +426,7 @@ class TrainableOptimizer(Optimizer):
         if not state:
             raise ValueError("no estimator state for this parameter yet: call step() first")
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return get_estimator(group["estimator"]).predict(state, p.detach() if w is None else w)
+        return get_estimator(group["estimator"], group["slope_input"]).predict(state, p.detach() if w is None else w)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (all parameters, ``step`` included)."""
@@ -438,7 +467,14 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         ("preconditioner", group["preconditioner"], group["preconditioner"] in PRECONDITIONERS, PRECONDITIONERS),
         ("alpha_scaling", group["alpha_scaling"], group["alpha_scaling"] in ALPHA_SCALINGS, ALPHA_SCALINGS),
         ("intercept_init", group["intercept_init"], group["intercept_init"] in INTERCEPT_INITS, INTERCEPT_INITS),
-        ("beta_warmup", group["beta_warmup"], isinstance(group["beta_warmup"], bool), "True or False"),
+        ("beta_warmup", group["beta_warmup"], valid_beta_warmup(group["beta_warmup"]), "True, False or 'adam'"),
+        ("slope_input", group["slope_input"], group["slope_input"] in SLOPE_INPUTS, SLOPE_INPUTS),
+        (
+            "anchor_rate",
+            group["anchor_rate"],
+            _num(group["anchor_rate"]) and 0 < group["anchor_rate"] <= 1,
+            "in (0, 1]",
+        ),
         (
             "max_full_numel",
             group["max_full_numel"],
@@ -462,9 +498,24 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    if group["slope_input"] == "displacement" and group["estimator"] not in DISPLACEMENT_ESTIMATORS:
+        raise ValueError(
+            f"Invalid slope_input: 'displacement' with estimator={group['estimator']!r} "
+            f"(expected estimator in {sorted(DISPLACEMENT_ESTIMATORS)})"
+        )
+    if group["state_dtype"] == torch.bfloat16 and not _fast_form(group):
+        raise ValueError(
+            f"Invalid state_dtype: torch.bfloat16 with slope_input={group['slope_input']!r}, "
+            f"beta_warmup={group['beta_warmup']!r} (bfloat16 state needs slope_input='weights' and a bool beta_warmup)"
+        )
     if group["preconditioner"] == "adam" and group["eps"] == 0:
         # eps = 0 divides by zero where a gradient coordinate has always been zero.
         raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+
+
+def _fast_form(group: dict[str, Any]) -> bool:
+    """Whether the group's form is one the fast paths (C kernel, Triton kernels) implement."""
+    return group["slope_input"] == "weights" and isinstance(group["beta_warmup"], bool)
 
 
 def _num(x: Any) -> bool:
@@ -534,7 +585,9 @@ def trainable_to(
     alpha_scaling: str = "normalized",
     norm_floor: float = 1e-3,
     intercept_init: str = "gradient",
-    beta_warmup: bool = True,
+    beta_warmup: bool | str = True,
+    slope_input: str = "weights",
+    anchor_rate: float = 0.1,
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,
@@ -573,7 +626,9 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
-    if fused is not False:
+    # Forms the fast paths (C kernel, Triton kernels) implement; the others take the readable path.
+    fast_form = slope_input == "weights" and isinstance(beta_warmup, bool)
+    if fused is not False and fast_form:
         if reduce_stats is None and native.eligible(estimator, params, grads, states) and native.available():
             common["lr"] = float(lr)
             return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
@@ -584,12 +639,22 @@ def trainable_to(
                 return out
     if capturable and local_view(params[0]).device.type == "cuda":
         raise RuntimeError(
-            f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}) cannot take "
-            "the Triton step of hf_to.gpu (estimators "
-            f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
-            "installed), and the readable path reads step counts and non-finite counts on the host"
+            f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
+            f"slope_input={slope_input!r}, beta_warmup={beta_warmup!r}) cannot take the Triton step of hf_to.gpu "
+            f"(estimators {FAST_ESTIMATORS}, slope_input='weights', a bool beta_warmup, float32/bfloat16/float16 "
+            "contiguous parameters, fused=None or True, triton installed), and the readable path reads step "
+            "counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
+    if not fast_form:
+        return _single_tensor_trainable_to(
+            params,
+            grads,
+            states,
+            estimator=get_estimator(estimator, slope_input),
+            anchor_rate=anchor_rate,
+            **common,
+        )
     return _readable_trainable_to(params, grads, states, estimator=estimator, **common)
 
 
@@ -694,11 +759,13 @@ def _single_tensor_trainable_to(
     normalize: bool,
     floor: float,
     intercept_from_gradient: bool,
-    beta_warmup: bool,
+    beta_warmup: bool | str,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
+    anchor_rate: float = 0.1,
 ) -> dict[str, Tensor] | None:
     device = grads[0].device
+    move_anchor = getattr(estimator, "move_anchor", None)
     # Flat views in the state dtype; ``w`` aliases the parameter when no cast is needed.
     # Sharded (DTensor) parameters, gradients and state work on their local shards.
     views = []
@@ -754,8 +821,7 @@ def _single_tensor_trainable_to(
             named,
             n=n,
             alpha=alpha,
-            # β_t = max(β, 1/t): b is the running mean of the first 1/β residuals, then an EMA.
-            beta=max(beta, 1.0 / state["step"].item()) if beta_warmup else beta,
+            beta=intercept_rate(beta, state["step"].item(), beta_warmup),
             normalize=normalize,
             floor=floor,
             first=first,
@@ -779,6 +845,8 @@ def _single_tensor_trainable_to(
         if weight_decay != 0:
             w.mul_(1 - lr * weight_decay)
         w.add_(g_hat, alpha=-lr)
+        if move_anchor is not None:
+            move_anchor(state, w, bf, anchor_rate)
         if kept is not None:
             for t, old in kept:
                 t[bad] = old

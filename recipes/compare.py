@@ -17,7 +17,11 @@ the Python language reference, about 10-15 minutes on 2 CPU cores)::
         --max_steps 20 --seeds 0 1 2 \\
         --variants adamw=adamw_torch_fused to_rank_one=trainable_to:estimator=rank_one,alpha=0.05
 
-A variant is ``label=optim[:optim_args]`` (the label is optional).
+A variant is ``label=optim[:optim_args]`` (the label is optional).  ``optim`` is any Trainer
+optimizer name (``--optim``) or a peer of ``recipes/peers.py``: ``adan``, ``mars``, ``lion``
+(pytorch-optimizer) or ``sf_adamw`` (schedulefree), built from their package defaults at the
+run's learning rate and weight decay; ``optim_args`` then sets their keywords
+(``lion:betas=0.95/0.98``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from peers import PEERS, PeerError
+from peers import peer as peer_spec
 from recipe_lib import (
     CONFIG_DIR,
     ModelArguments,
@@ -79,11 +85,17 @@ class CompareArguments:
     )
 
 
+#: Peers run through ``optimizer_cls_and_kwargs`` (the Trainer has no name for them); schedule-free
+#: AdamW maps to the Trainer's own ``schedule_free_adamw``, which also switches its train/eval modes.
+_TRAINER_NAMES = {"adamw": "adamw_torch_fused", "sf_adamw": "schedule_free_adamw", "to": "trainable_to"}
+
+
 @dataclass(frozen=True)
 class Variant:
     label: str
     optim: str
     optim_args: str | None
+    peer: str | None = None  #: a peer of recipes/peers.py run through optimizer_cls_and_kwargs
 
 
 def parse_variant(spec: str) -> Variant:
@@ -93,13 +105,63 @@ def parse_variant(spec: str) -> Variant:
         label, rest = "", spec
     optim, _, optim_args = rest.partition(":")
     optim = optim.strip()
+    peer = None
+    if optim in PEERS:
+        try:
+            peer_spec(optim).load()  # a clear error now if its package is missing
+        except PeerError as exc:
+            raise RecipeError(f"variant {spec!r}: {exc}") from None
+        if optim in _TRAINER_NAMES:
+            optim = _TRAINER_NAMES[optim]
+        else:
+            peer, optim = optim, "adamw_torch"  # the Trainer's name is a placeholder; the peer is built
+            _peer_kwargs(optim_args or "", spec)
     try:
         OptimizerNames(optim)
     except ValueError as exc:
-        raise RecipeError(f"variant {spec!r}: unknown optimizer {optim!r}") from exc
+        known = ", ".join(sorted({*(o.value for o in OptimizerNames), *PEERS}))
+        raise RecipeError(f"variant {spec!r}: unknown optimizer {optim!r}; known: {known}") from exc
     if not label:
-        label = optim if not optim_args else f"{optim}[{optim_args}]"
-    return Variant(label=label.strip(), optim=optim, optim_args=optim_args.strip() or None)
+        name = peer or optim
+        label = name if not optim_args else f"{name}[{optim_args}]"
+    return Variant(label=label.strip(), optim=optim, optim_args=(optim_args.strip() or None), peer=peer)
+
+
+def _peer_kwargs(optim_args: str, spec: str) -> dict[str, Any]:
+    """``key=value`` pairs for a peer; numbers parsed, ``a/b`` a tuple (``betas=0.9/0.99``)."""
+
+    def value(raw: str) -> Any:
+        if "/" in raw:
+            return tuple(value(x) for x in raw.split("/"))
+        low = raw.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                return float(raw)
+            except ValueError:
+                return raw
+
+    out = {}
+    for entry in filter(None, optim_args.replace(" ", "").split(",")):
+        key, sep, raw = entry.partition("=")
+        if not sep or not key or not raw:
+            raise RecipeError(f"variant {spec!r}: malformed optim_args entry {entry!r} (expected key=value)")
+        out[key] = value(raw)
+    return out
+
+
+def _peer_optimizer(variant: Variant, args: TrainingArguments) -> tuple[type, dict[str, Any]] | None:
+    """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` when the variant is a peer."""
+    if variant.peer is None:
+        return None
+    kwargs = {"lr": args.learning_rate, "weight_decay": args.weight_decay, **_peer_kwargs(variant.optim_args or "", "")}
+    if variant.peer == "mars":
+        kwargs.setdefault("lr_1d", kwargs["lr"])
+        kwargs.setdefault("weight_decay_1d", kwargs["weight_decay"])
+    return peer_spec(variant.peer).load(), {**dict(peer_spec(variant.peer).defaults), **kwargs}
 
 
 def parse_args(
@@ -117,7 +179,7 @@ def parse_args(
 def _run_args(training_args: TrainingArguments, variant: Variant, seed: int, output_dir: str) -> TrainingArguments:
     args = copy.deepcopy(training_args)
     args.optim = OptimizerNames(variant.optim)
-    args.optim_args = variant.optim_args
+    args.optim_args = None if variant.peer else variant.optim_args
     args.seed = seed
     args.data_seed = seed
     args.output_dir = output_dir
@@ -334,8 +396,16 @@ def main(
             bar.set_postfix_str(f"{variant.label} seed={seed}")
             run_dir = os.path.join(root, "runs", f"{variant.label}-seed{seed}")
             args = _run_args(training_args, variant, seed, run_dir)
-            record = run_training(script_args, args, model_args, datasets=datasets)
+            record = run_training(
+                script_args,
+                args,
+                model_args,
+                datasets=datasets,
+                optimizer_cls_and_kwargs=_peer_optimizer(variant, args),
+            )
             record["label"] = variant.label
+            if variant.peer:
+                record["optim"], record["optim_args"] = variant.peer, variant.optim_args
             runs.append(record)
     rows = summarize(runs, compare_args.baseline, compare_args.final_train_window)
     table = markdown_table(rows, compare_args.baseline, len(compare_args.seeds))

@@ -648,11 +648,20 @@ def _timing_callback() -> Any:
     return WallTimeCallback()
 
 
-def build_trainer(model: Any, tokenizer: Any, training_args: Any, train_dataset: Any, eval_dataset: Any) -> Any:
-    """A plain ``transformers.Trainer``; the optimizer comes from ``training_args.optim``."""
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    training_args: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+) -> Any:
+    """A plain ``transformers.Trainer``; the optimizer comes from ``training_args.optim`` unless
+    ``optimizer_cls_and_kwargs`` names one (a peer optimizer the Trainer has no name for)."""
     from transformers import Trainer, default_data_collator
 
     return Trainer(
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -686,6 +695,7 @@ def run_training(
     model_args: ModelArguments,
     *,
     datasets: tuple[Any, Any] | None = None,
+    optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train once and return the run's record (log history with wall times, memory, state bytes).
 
@@ -703,7 +713,7 @@ def run_training(
     frozen_before = _frozen_fingerprints(model)
     n_trainable = sum(p.numel() for p in trainable_before.values())
     n_total = sum(p.numel() for p in model.parameters())
-    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset)
+    trainer = build_trainer(model, tokenizer, training_args, train_dataset, eval_dataset, optimizer_cls_and_kwargs)
     with PeakMemory() as memory:
         train_output = trainer.train()
         final_eval: dict[str, Any] = {}

@@ -1,0 +1,107 @@
+"""The optimizers users pick instead of TO, by name: one registry for the study and compare.py.
+
+Each peer is built from its package's defaults with only the learning rate (and weight
+decay) set, the way a user switches optimizer.  ``lr_scale`` is the ratio of the peer's
+documented default learning rate to AdamW's (1e-3), used to centre its learning-rate grid
+(Lion's authors advise a 3-10x smaller rate than AdamW's; MARS and schedule-free AdamW
+document larger ones).
+
+=========== =================================== ===================== ========
+name        class                               package               lr_scale
+=========== =================================== ===================== ========
+adamw       ``torch.optim.AdamW(fused=True)``   torch                 1
+adan        ``Adan``                            pytorch-optimizer     1
+mars        ``MARS`` (``mars_type="adamw"``)    pytorch-optimizer     3
+lion        ``Lion``                            pytorch-optimizer     0.1
+sf_adamw    ``AdamWScheduleFree``               schedulefree          2.5
+to          ``hf_to.TrainableOptimizer``        hf_to                 1
+=========== =================================== ===================== ========
+
+MARS optimises 1-d tensors (norm weights, biases) with its own AdamW at ``lr_1d`` and
+``weight_decay_1d=0.1`` by default; here both follow ``lr`` and ``weight_decay`` so that one
+learning rate governs the whole model, as for the others.  Schedule-free AdamW replaces the
+learning-rate schedule (the caller must not add one) and needs ``optimizer.train()`` /
+``optimizer.eval()`` around evaluation (:func:`needs_train_eval`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["PEERS", "Peer", "PeerError", "build_optimizer", "needs_train_eval", "peer"]
+
+
+class PeerError(ValueError):
+    """An unknown peer, or one whose package is not installed (the message says how to install it)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    module: str  #: the module that holds the class
+    cls: str
+    pip: str  #: what to pip install
+    lr_scale: float  #: documented default lr / AdamW's
+    defaults: tuple[tuple[str, Any], ...] = ()
+    schedule_free: bool = False
+
+    def load(self) -> type[torch.optim.Optimizer]:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise PeerError(
+                f"optimizer {self.name!r} needs the package {self.pip!r}: pip install {self.pip} ({exc})"
+            ) from None
+        return getattr(module, self.cls)
+
+
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in (
+        Peer("adamw", "torch.optim", "AdamW", "torch", 1.0, (("fused", True),)),
+        Peer("adan", "pytorch_optimizer", "Adan", "pytorch-optimizer", 1.0),
+        Peer("mars", "pytorch_optimizer", "MARS", "pytorch-optimizer", 3.0, (("mars_type", "adamw"),)),
+        Peer("lion", "pytorch_optimizer", "Lion", "pytorch-optimizer", 0.1),
+        Peer("sf_adamw", "schedulefree", "AdamWScheduleFree", "schedulefree", 2.5, schedule_free=True),
+        Peer("to", "hf_to", "TrainableOptimizer", "hf-to", 1.0),
+    )
+}
+
+
+def peer(name: str) -> Peer:
+    """The peer called ``name``; :class:`PeerError` listing the known names otherwise."""
+    try:
+        return PEERS[name]
+    except KeyError:
+        raise PeerError(f"unknown optimizer {name!r}; known: {', '.join(sorted(PEERS))}") from None
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Construct peer ``name`` at ``lr`` with its package defaults, overridden by ``kwargs``."""
+    spec = peer(name)
+    cls: Callable[..., torch.optim.Optimizer] = spec.load()
+    options = {**dict(spec.defaults), "weight_decay": weight_decay, **kwargs}
+    if name == "mars":
+        options.setdefault("lr_1d", lr)
+        options.setdefault("weight_decay_1d", weight_decay)
+    if spec.schedule_free:
+        options.setdefault("warmup_steps", warmup_steps)
+    return cls(params, lr=lr, **options)
+
+
+def needs_train_eval(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep two points: call ``.train()`` before and ``.eval()`` after steps."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
