@@ -426,3 +426,12 @@ def test_entries_not_stepped_keep_every_bit(estimator, dtype, state_dtype):
                 assert value.item() == (2.0 if kept.all() else 3.0)
             else:
                 assert torch.equal(value[kept], s0[key][kept]), key
+
+
+@pytest.mark.parametrize("form", [{"slope_input": "displacement"}, {"beta_warmup": "adam"}], ids=str)
+def test_forms_the_kernels_lack_take_the_readable_path_and_equal_the_reference(form):
+    (fast, opt_fast), (ref, opt_ref) = _pair([([(70,), (5,)], form)], torch.float32)
+    launches = gpu.launches
+    _run([(fast, opt_fast), (ref, opt_ref)], 5)
+    assert gpu.launches == launches
+    _assert_params_close(fast, ref, TOLERANCE[torch.float32])
