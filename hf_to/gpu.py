@@ -69,7 +69,8 @@ __all__ = ["BLOCK", "CHUNK", "ESTIMATORS", "INTERPRETED", "eligible", "launches"
 #: Whether these kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when imported).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
-#: Estimators with a Triton step (``full`` is matrix-vector bound and takes the readable path).
+#: Estimators with a Triton step (``full`` is matrix-vector bound and takes the readable path);
+#: ``diagonal`` also with ``slope_input="displacement"``, all with every ``beta_warmup``.
 ESTIMATORS = ("diagonal", "rank_one", "none")
 
 #: Elements per program (one chunk); a tensor of n elements has max(1, ceil(n / CHUNK)) chunks.
@@ -77,10 +78,12 @@ CHUNK = 1 << 16
 #: Elements per tile (the vector width of one loop iteration).
 BLOCK = 1024
 
-_EST = {"diagonal": 0, "rank_one": 1, "none": 2}
-#: Per-tensor sums, column 0 is the non-finite count (the sentinel), then ``stat_names``.
-_NSUMS = {"diagonal": 2, "rank_one": 6, "none": 1}
-_SLOPE_KEYS = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}
+# Forms: (estimator, slope_input) -> kernel code, sums per tensor (column 0 is the non-finite
+# count, then ``Estimator.stat_names``) and slope-state keys (the table's s1, s2 columns).
+_EST = {("diagonal", "weights"): 0, ("rank_one", "weights"): 1, ("none", "weights"): 2, ("diagonal", "displacement"): 3}
+_NSUMS = {0: 2, 1: 6, 2: 1, 3: 2}
+_SLOPE_KEYS = {0: ("a",), 1: ("u", "v"), 2: (), 3: ("a", "w_bar")}
+_WARMUPS = {False: 0, True: 1, "adam": 2}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Columns of the tensor table.
 _W, _G, _B, _S1, _S2, _V2, _STEP, _N, _FIRST, _NCH, _ROW = range(11)
@@ -128,6 +131,13 @@ def _put(ptr, idx, x, m, MASKED: tl.constexpr):
         tl.store(ptr + idx, x, mask=m)
     else:
         tl.store(ptr + idx, x)
+
+
+@_device_fn
+def _expm1(y):
+    """e^y - 1 for y <= 0 in float32 without cancellation (Kahan: (u - 1) y / log u, u = e^y)."""
+    u = tl.exp(y)
+    return tl.where(u == 1.0, y, tl.where(u < 0.5, u - 1.0, (u - 1.0) * y / tl.log(u)))
 
 
 @_device_fn
@@ -207,6 +217,18 @@ def _step_rank_one(w, gz, b, u, v, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t,
 
 
 @_device_fn
+def _step_displacement(x, gz, b, a, xx, nf, alpha, beta_t, NORMALIZE: tl.constexpr):
+    """Diagonal slope on the displacement x = w - w̄ (slope_input="displacement"); no floor."""
+    r = a * x + b - gz
+    if NORMALIZE:
+        a_new = a - alpha * r * x / (x * x + (xx / nf + 1e-30))
+    else:
+        a_new = a - alpha * (r * x)
+    b_new = b - beta_t * r
+    return r, a_new, b_new, a_new * x + b_new
+
+
+@_device_fn
 def _step_none(gz, b, beta_t):
     r = b - gz
     b_new = b - beta_t * r
@@ -243,6 +265,10 @@ def _partials_tile(
         if NORMALIZE:
             w = _load(wp, idx, m, MASKED)
             s1 += w * w
+    elif EST == 3:
+        if NORMALIZE:
+            x = _load(wp, idx, m, MASKED) - _load(vp, idx, m, MASKED)  # w - w̄ (w̄ in the s2 column)
+            s1 += x * x
     return s0, s1, s2, s3, s4, s5
 
 
@@ -339,7 +365,7 @@ def _rows(TAB, P, R, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
 def _update_tile(
     wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
     live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
     EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
     PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -360,6 +386,11 @@ def _update_tile(
     if EST == 0:
         a = _load(s1p, idx, m, MASKED)
         r, a_new, b_new, g_hat = _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE)
+        a_new = tl.where(seeding, a, a_new)
+    elif EST == 3:
+        a = _load(s1p, idx, m, MASKED)
+        w_bar = _load(s2p, idx, m, MASKED)
+        r, a_new, b_new, g_hat = _step_displacement(w - w_bar, gz, b, a, ww, nf, alpha, beta_t, NORMALIZE)
         a_new = tl.where(seeding, a, a_new)
     elif EST == 1:
         u = _load(s1p, idx, m, MASKED)
@@ -386,10 +417,15 @@ def _update_tile(
         v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
         d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
         _store_state(v2p, idx, tl.where(ok, v2_new, v2), m, step_i64, 5, SD, MASKED)
-    _store_param(wp, idx, tl.where(ok, w * decay - lr * d, w), m, PD, MASKED)
-    # (salts of hf_to.rounding.SALTS: b 1, a 2, u 3, v 4, exp_avg_sq 5)
+    w_new = w * decay - lr * d
+    _store_param(wp, idx, tl.where(ok, w_new, w), m, PD, MASKED)
+    if EST == 3:  # the anchor follows the weights; b is re-expressed so that Ĝ(·) is unchanged
+        delta = anchor_rate * (w_new - w_bar)
+        b_new = b_new + a_new * delta
+        _store_state(s2p, idx, tl.where(ok, w_bar + delta, w_bar), m, step_i64, 6, SD, MASKED)
+    # (salts of hf_to.rounding.SALTS: b 1, a 2, u 3, v 4, exp_avg_sq 5, w_bar 6)
     _store_state(bp, idx, tl.where(ok, b_new, b), m, step_i64, 1, SD, MASKED)
-    if EST == 0:
+    if EST == 0 or EST == 3:
         _store_state(s1p, idx, tl.where(ok, a_new, a), m, step_i64, 2, SD, MASKED)
     elif EST == 1:
         _store_state(s1p, idx, tl.where(ok, u_new, u), m, step_i64, 3, SD, MASKED)
@@ -417,6 +453,8 @@ def _update(
     log_beta2,
     eps,
     floor,
+    anchor_rate,
+    log1m_beta,
     EST: tl.constexpr,
     K: tl.constexpr,
     KP: tl.constexpr,
@@ -465,8 +503,10 @@ def _update(
         seeding = first
     else:
         seeding = step0 < 0.0
-    if WARMUP:
+    if WARMUP == 1:  # running mean, then EMA: max(beta, 1/t)
         beta_t = tl.maximum(beta, 1.0 / t1)
+    elif WARMUP == 2:  # "adam": beta / (1 - (1 - beta)^t), log(1 - beta) from the host
+        beta_t = beta / -_expm1(t1 * log1m_beta)
     else:
         beta_t = beta + 0.0 * t1
     if LR_TENSOR:
@@ -479,10 +519,7 @@ def _update(
     if ADAM:
         # 1 - beta2^t = -expm1(t log beta2) in float32 without cancellation (Kahan's
         # expm1(y) = (u - 1) y / log(u), u = e^y; no float64, no libdevice), log beta2 from the host.
-        y = t1 * log_beta2
-        u = tl.exp(y)
-        em1 = tl.where(u == 1.0, y, tl.where(u < 0.5, u - 1.0, (u - 1.0) * y / tl.log(u)))
-        bc2 = -em1
+        bc2 = -_expm1(t1 * log_beta2)
     ww = _pick(sums, cols, 1)
     vw = _pick(sums, cols, 2)
     uu = _pick(sums, cols, 3)
@@ -510,14 +547,14 @@ def _update(
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, tl.multiple_of(off, BLOCK_), end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False,
         )  # fmt: skip
     if full < end:  # the tail
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, full, end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True,
         )  # fmt: skip
     if DIAGNOSTICS:
@@ -617,9 +654,11 @@ def triton_trainable_to(
     normalize: bool,
     floor: float,
     intercept_from_gradient: bool,
-    beta_warmup: bool,
+    beta_warmup: bool | str,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
+    slope_input: str = "weights",
+    anchor_rate: float = 0.1,
     chunk: int | None = None,
     block: int | None = None,
 ) -> dict[str, Tensor] | None:
@@ -637,8 +676,11 @@ def triton_trainable_to(
     chunk, block = chunk or CHUNK, block or BLOCK
     if chunk % block:
         raise ValueError(f"chunk={chunk} must be a multiple of block={block}")
-    k = _NSUMS[estimator]
-    slope_keys = _SLOPE_KEYS[estimator]
+    form = _EST.get((estimator, slope_input))
+    if form is None:
+        return NotImplemented
+    k = _NSUMS[form]
+    slope_keys = _SLOPE_KEYS[form]
     keys = ("b", *slope_keys, *(("exp_avg_sq",) if adam else ()))
     # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
     buckets: dict[tuple, list[list[int]]] = {}
@@ -696,7 +738,7 @@ def triton_trainable_to(
             plan.chunks,
             plan.partials,
             plan.steps,
-            EST=_EST[estimator],
+            EST=form,
             K=k,
             NORMALIZE=normalize,
             **codes,
@@ -728,7 +770,9 @@ def triton_trainable_to(
             math.log(beta2) if beta2 > 0 else -math.inf,  # (float64 here, float32 in the kernel)
             float(eps),
             float(floor),
-            EST=_EST[estimator],
+            float(anchor_rate),
+            math.log1p(-beta) if beta < 1 else -math.inf,
+            EST=form,
             K=k,
             KP=kp,
             RB=64,
@@ -736,7 +780,7 @@ def triton_trainable_to(
             LR_TENSOR=lr_tensor,
             NORMALIZE=normalize,
             ADAM=adam,
-            WARMUP=beta_warmup,
+            WARMUP=_WARMUPS[beta_warmup],
             SEED_INTERCEPT=intercept_from_gradient,
             DIAGNOSTICS=diagnostics,
             **codes,

@@ -626,27 +626,34 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
-    # Forms the fast paths (C kernel, Triton kernels) implement; the others take the readable path.
-    fast_form = slope_input == "weights" and isinstance(beta_warmup, bool)
-    if fused is not False and fast_form:
-        if reduce_stats is None and native.eligible(estimator, params, grads, states) and native.available():
+    # The C kernel implements the weights form with a bool warm-up; the Triton kernels every
+    # form of the diagonal, rank-one and none estimators.  The rest take the readable path.
+    native_form = slope_input == "weights" and isinstance(beta_warmup, bool)
+    if fused is not False:
+        if (
+            native_form
+            and reduce_stats is None
+            and native.eligible(estimator, params, grads, states)
+            and native.available()
+        ):
             common["lr"] = float(lr)
             return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
         gpu = _gpu_step(estimator, params)
         if gpu is not None:
-            out = gpu.triton_trainable_to(params, grads, states, estimator=estimator, **common)
+            out = gpu.triton_trainable_to(
+                params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
+            )
             if out is not NotImplemented:
                 return out
     if capturable and local_view(params[0]).device.type == "cuda":
         raise RuntimeError(
             f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
-            f"slope_input={slope_input!r}, beta_warmup={beta_warmup!r}) cannot take the Triton step of hf_to.gpu "
-            f"(estimators {FAST_ESTIMATORS}, slope_input='weights', a bool beta_warmup, float32/bfloat16/float16 "
-            "contiguous parameters, fused=None or True, triton installed), and the readable path reads step "
-            "counts and non-finite counts on the host"
+            f"slope_input={slope_input!r}) cannot take the Triton step of hf_to.gpu (estimators "
+            f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
+            "installed), and the readable path reads step counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
-    if not fast_form:
+    if not native_form:
         return _single_tensor_trainable_to(
             params,
             grads,

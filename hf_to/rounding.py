@@ -24,7 +24,7 @@ __all__ = ["SALTS", "stochastic_round_", "with_float32_state"]
 _M32 = 0xFFFFFFFF
 
 #: Seed salt of each state tensor (the same in native.c and hf_to/gpu.py).
-SALTS = {"b": 1, "a": 2, "u": 3, "v": 4, "exp_avg_sq": 5}
+SALTS = {"b": 1, "a": 2, "u": 3, "v": 4, "exp_avg_sq": 5, "w_bar": 6}
 
 
 def _hash32(x: Tensor) -> Tensor:
