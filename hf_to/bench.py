@@ -240,9 +240,15 @@ def bench_set(
     repeats: int,
     seed: int = 0,
 ) -> tuple[list[Result], list[Tensor], list[Tensor], dict[str, torch.optim.Optimizer]]:
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=dtype)) for s in shapes]
-    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=dtype) for s in shapes]
+    # On a GPU the values are drawn there: a billion values drawn on the host take a minute.
+    where = device if device.type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(seed)
+
+    def draw(shape: tuple[int, ...], scale: float) -> Tensor:
+        return (torch.randn(shape, generator=gen, device=where) * scale).to(device=device, dtype=dtype)
+
+    params = [torch.nn.Parameter(draw(s, 0.02)) for s in shapes]
+    grads = [draw(s, 1e-3) for s in shapes]
     for p, g in zip(params, grads):
         p.grad = g
     peak = _Peak(device)
