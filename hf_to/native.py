@@ -2,7 +2,7 @@ r"""The one-pass CPU step: a small C kernel (``native.c``) built on first use, c
 
 Why C and not ``torch.compile`` on the CPU: a diagonal TO step moves as many bytes as fused
 AdamW, so fused AdamW's time is the bar, and two things kept the compiled kernels of
-:mod:`hf_to.kernels` above it (``docs/speed.md``): every tensor needed a whole-tensor sum
+``hf_to.kernels`` (since retired) above it (``docs/speed.md``): every tensor needed a whole-tensor sum
 (``wᵀw``, and the non-finite check) *before* its first write, i.e. a second pass over memory,
 and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  Here
 
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from .kernels import env_switch
+from .settings import env_switch
 
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
 

@@ -5,7 +5,9 @@ Paper: Ruiqi Wang and Diego Klabjan, "A Trainable Optimizer", arXiv:2508.01764.
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from typing import Any
@@ -29,7 +31,8 @@ from .estimators import (
     nonfinite_action,
     valid_beta_warmup,
 )
-from .kernels import FUSED_ESTIMATORS, STATE_DTYPES, fused_trainable_to, use_fused
+from .rounding import with_float32_state
+from .settings import FAST_ESTIMATORS, STATE_DTYPES, env_switch
 
 __all__ = [
     "ALPHA_SCALINGS",
@@ -129,18 +132,27 @@ class TrainableOptimizer(Optimizer):
             any write PyTorch makes to the weights or state between steps (version counters);
             writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
-            Elsewhere (CUDA, sharded parameters, no compiler) ``True`` takes the
-            ``torch.compile`` kernels of :mod:`hf_to.kernels` (eager fallback) and ``None``
-            takes them on CUDA and for CPU groups of at least 16 M elements, the readable path
-            otherwise (see :func:`hf_to.kernels.use_fused`).  ``False``: the readable
-            per-tensor path.
+            On CUDA (plain or FSDP2-sharded parameters) it is the multi-tensor Triton step of
+            :mod:`hf_to.gpu`: two kernel launches per param group whatever its tensor count
+            (three with sharded parameters), no host sync.  Elsewhere (sharded CPU
+            parameters, no C compiler, ``HF_TO_NATIVE=0``, no triton) the readable path.
+            ``False``: the readable per-tensor path.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
             memory, stored with stochastic rounding; not for ``estimator="full"``).  float64
             parameters need float64 state: a narrower ``state_dtype`` raises ``ValueError``
             (the step computes in the state's dtype and would round the weights to it).
+        capturable: as in ``torch.optim.Adam``: the step never reads a device value on the
+            host nor branches on one in Python, so that it can be captured in a CUDA graph
+            (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``); ``step``
+            counts live on the parameter's device.  On CUDA the Triton step is capturable
+            anyway; ``capturable=True`` makes a group that cannot take it (``fused=False``,
+            ``estimator="full"``, no triton) raise instead of syncing.  A ``lr`` given as a
+            tensor is read on the device (a float ``lr`` is captured as it is).  On a CPU it
+            is accepted and changes nothing (default: ``False``).
 
-    State (per parameter, created on the first step): ``step`` (0-d float32 on the CPU),
+    State (per parameter, created on the first step): ``step`` (0-d float32; on the CPU, on
+    the parameter's device for CUDA parameters or ``capturable=True``),
     ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
     ``exp_avg_sq`` with the Adam preconditioner.  State is float32 for float16/bfloat16/float32
     parameters and float64 for float64 parameters, and keeps that dtype through
@@ -178,6 +190,7 @@ class TrainableOptimizer(Optimizer):
         diagnostics: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -197,6 +210,7 @@ class TrainableOptimizer(Optimizer):
             max_full_numel=max_full_numel,
             fused=fused,
             state_dtype=state_dtype,
+            capturable=capturable,
         )
         _validate_hyperparameters(defaults)
         defaults[ALGORITHM_KEY] = ALGORITHM
@@ -249,6 +263,7 @@ class TrainableOptimizer(Optimizer):
             group.setdefault("max_full_numel", 4096)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
+            group.setdefault("capturable", False)
             group.setdefault(ALGORITHM_KEY, ALGORITHM)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -375,6 +390,7 @@ class TrainableOptimizer(Optimizer):
                 reduce_stats=self._stats_reducer(params),
                 fused=group["fused"],
                 native_plans=self._native_plans,
+                capturable=group["capturable"],
             )
             if stats is not None:
                 acc = self._diag[i]
@@ -520,11 +536,12 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
             "state_dtype",
             group["state_dtype"],
             group["state_dtype"] in STATE_DTYPES
-            and not (group["state_dtype"] == torch.bfloat16 and group["estimator"] not in FUSED_ESTIMATORS),
-            f"one of {STATE_DTYPES}; bfloat16 with estimator in {FUSED_ESTIMATORS}",
+            and not (group["state_dtype"] == torch.bfloat16 and group["estimator"] not in FAST_ESTIMATORS),
+            f"one of {STATE_DTYPES}; bfloat16 with estimator in {FAST_ESTIMATORS}",
         )
     )
     checks.append(("fused", group["fused"], group["fused"] in (None, True, False), "None, True or False"))
+    checks.append(("capturable", group["capturable"], isinstance(group["capturable"], bool), "True or False"))
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
@@ -544,7 +561,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
 
 
 def _fast_form(group: dict[str, Any]) -> bool:
-    """Whether the group's form is one the fused paths (C kernel, compiled kernels) implement."""
+    """Whether the group's form is one the fast paths (C kernel, Triton kernels) implement."""
     return group["slope_input"] == "weights" and isinstance(group["beta_warmup"], bool)
 
 
@@ -604,8 +621,10 @@ def state_dtype_for(p: Tensor) -> torch.dtype:
 
 def _init_state(state: dict, p: Tensor, estimator: Estimator, group: dict[str, Any]) -> None:
     w = p.detach().to(group.get("state_dtype") or state_dtype_for(p), copy=True)
-    # ``step`` stays a CPU tensor: reading it for the bias correction costs no device sync.
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    # ``step`` stays a CPU tensor where the host reads it (the readable path, the C kernel):
+    # that costs no device sync.  The Triton step reads and advances it on the GPU.
+    on_device = group.get("capturable", False) or local_view(p).device.type == "cuda"
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=local_view(p).device if on_device else "cpu")
     state["b"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
     estimator.init(state, w.contiguous())
     if group["preconditioner"] == "adam":
@@ -645,6 +664,7 @@ def trainable_to(
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,
     native_plans: dict | None = None,
+    capturable: bool = False,
 ) -> dict[str, Tensor] | None:
     """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
 
@@ -656,14 +676,15 @@ def trainable_to(
     whole tensor's) and read back once to find the tensors to skip or mask (see
     :func:`hf_to.estimators.nonfinite_action`).  Phase 2 is elementwise given those sums.
 
-    ``fused`` selects the path (see :class:`TrainableOptimizer`): the one-pass C kernel of
-    :mod:`hf_to.native` for unsharded CPU groups unless ``fused=False``, else the fused
-    kernels of :mod:`hf_to.kernels` or this readable path (:func:`hf_to.kernels.use_fused`).
+    ``fused`` selects the path (see :class:`TrainableOptimizer`); unless it is ``False``: the
+    one-pass C kernel of :mod:`hf_to.native` for unsharded CPU groups, the Triton kernels of
+    :mod:`hf_to.gpu` for CUDA groups (which do both phases on the device, no host read); else
+    this readable path.  ``capturable`` makes a CUDA group that cannot take the Triton step raise.
 
     Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
     """
     common = dict(
-        lr=float(lr),
+        lr=lr,
         alpha=alpha,
         beta=beta,
         adam=preconditioner == "adam",
@@ -677,8 +698,34 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
-    if slope_input != "weights" or not isinstance(beta_warmup, bool):
-        # Forms the fused paths do not implement yet: the readable path.
+    # The C kernel implements the weights form with a bool warm-up; the Triton kernels every
+    # form of the diagonal, rank-one and none estimators.  The rest take the readable path.
+    native_form = slope_input == "weights" and isinstance(beta_warmup, bool)
+    if fused is not False:
+        if (
+            native_form
+            and reduce_stats is None
+            and native.eligible(estimator, params, grads, states)
+            and native.available()
+        ):
+            common["lr"] = float(lr)
+            return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
+        gpu = _gpu_step(estimator, params)
+        if gpu is not None:
+            out = gpu.triton_trainable_to(
+                params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
+            )
+            if out is not NotImplemented:
+                return out
+    if capturable and local_view(params[0]).device.type == "cuda":
+        raise RuntimeError(
+            f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
+            f"slope_input={slope_input!r}) cannot take the Triton step of hf_to.gpu (estimators "
+            f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
+            "installed), and the readable path reads step counts and non-finite counts on the host"
+        )
+    common["lr"] = float(lr)
+    if not native_form:
         return _single_tensor_trainable_to(
             params,
             grads,
@@ -687,28 +734,59 @@ def trainable_to(
             anchor_rate=anchor_rate,
             **common,
         )
-    if fused is not False and reduce_stats is None and native.eligible(estimator, params, grads, states):
-        if native.available():
-            return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
-    return _torch_trainable_to(params, grads, states, estimator=estimator, fused=fused, **common)
+    return _readable_trainable_to(params, grads, states, estimator=estimator, **common)
 
 
-def _torch_trainable_to(
+#: ``HF_TO_TRITON=0`` keeps CUDA groups off the Triton step (then they take the readable path).
+_ENV_TRITON = "HF_TO_TRITON"
+_gpu_import_failed = False
+
+
+def _gpu_step(estimator: str, params: list[Tensor]) -> Any:
+    """:mod:`hf_to.gpu` if this group can take its Triton step, else ``None``.
+
+    Imported on first use by a CUDA group (triton comes with it), so CPU-only use never needs
+    triton; the tests import it themselves to run it on CPU tensors in Triton's interpreter.
+    """
+    global _gpu_import_failed
+    if estimator not in FAST_ESTIMATORS or not env_switch(_ENV_TRITON):
+        return None
+    gpu = sys.modules.get(f"{__package__}.gpu")
+    if gpu is None:
+        if _gpu_import_failed or local_view(params[0]).device.type != "cuda":
+            return None
+        try:
+            from . import gpu
+        except ImportError as err:
+            logging.getLogger(__name__).warning(
+                "hf_to: cannot import the Triton step (%s); CUDA groups take the readable path", err
+            )
+            _gpu_import_failed = True
+            return None
+    return gpu if gpu.eligible(estimator, params) else None
+
+
+def _readable_trainable_to(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     *,
     estimator: str,
-    fused: bool | None,
     **common: Any,
 ) -> dict[str, Tensor] | None:
-    """The PyTorch paths: the kernels of :mod:`hf_to.kernels` or the readable one (``use_fused``)."""
+    """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
     for p, state in zip(params, states):
         if p.dtype == torch.float64 and state["b"].dtype != torch.float64:
             _check_state_dtype(state["b"].dtype, [p])  # e.g. a model made float64 after its first step
-    use_kernels, compile = use_fused(fused, estimator, params, states)
-    if use_kernels:
-        return fused_trainable_to(params, grads, states, estimator=estimator, compile=compile, **common)
+    if states[0]["b"].dtype == torch.bfloat16:
+        return with_float32_state(
+            _single_tensor_trainable_to,
+            states,
+            params=params,
+            grads=grads,
+            estimator=get_estimator(estimator),
+            **common,
+        )
     return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
 
 
@@ -722,13 +800,13 @@ def _native_trainable_to(
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
-    intercept) takes the readable path (the eager fused kernels for bfloat16 state)."""
+    intercept) takes the readable path."""
     first = torch.stack([s["step"] for s in states]).eq(0).tolist()
     out = None
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
         sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _torch_trainable_to(*sub, estimator=estimator, fused=False, **common)
+        out = _readable_trainable_to(*sub, estimator=estimator, **common)
     if not all(first):
         pick = [i for i, f in enumerate(first) if not f]
         skip = ("intercept_from_gradient", "reduce_stats")

@@ -1,23 +1,23 @@
-"""The fused kernels (hf_to.kernels) against the paper-literal reference, and the bf16 state.
+"""The PyTorch paths against the paper-literal reference: the readable path (the path of sharded
+CPU parameters and of CPUs without the C kernel), non-finite gradients, and bfloat16 state.
 
-All tests but one run the kernels eagerly (``HF_TO_COMPILE=0``): the kernels are the same
-functions, and compiling each variant would cost tens of seconds.  One test compiles.
-``HF_TO_NATIVE=0`` keeps the CPU's C kernel (tested in tests/test_native.py) out of the way.
+``HF_TO_NATIVE=0`` keeps the CPU's C kernel (tests/test_native.py) out of the way; the GPU's
+Triton step has its own tests (tests/test_gpu_step.py).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
-from hf_to import ReferenceTrainableOptimizer, TrainableOptimizer, kernels
-from hf_to.kernels import stochastic_round_, use_fused
+from hf_to import ReferenceTrainableOptimizer, TrainableOptimizer
 from hf_to.registry import PAPER_LITERAL
+from hf_to.rounding import stochastic_round_
+from hf_to.settings import FAST_ESTIMATORS
 
-FUSED = list(kernels.FUSED_ESTIMATORS)
+FUSED = list(FAST_ESTIMATORS)
 FORMS = {
     "default": {},
     "paper": {**PAPER_LITERAL, "alpha": 1e-3},
@@ -34,10 +34,9 @@ ODD_SHAPES = [(33, 5), (7,), (1,), (3, 1, 2)]
 
 
 @pytest.fixture(autouse=True)
-def _eager_kernels(monkeypatch):
-    monkeypatch.setenv("HF_TO_COMPILE", "0")
+def _no_native_kernel(monkeypatch):
     # On a CPU ``fused=True`` takes the C kernel of hf_to.native (tests/test_native.py);
-    # these tests are about the torch kernels, the path of CUDA and sharded parameters.
+    # without it a CPU group takes the readable path, the path of sharded CPU parameters.
     monkeypatch.setenv("HF_TO_NATIVE", "0")
 
 
@@ -84,7 +83,7 @@ def _assert_states_close(opt_fast, opt_ref, fast, ref, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("estimator", FUSED)
-def test_fused_kernels_equal_reference_over_50_steps(estimator, form, dtype):
+def test_fused_true_without_the_c_kernel_equals_reference_over_50_steps(estimator, form, dtype):
     fast, ref, opt_fast, opt_ref = _run_pair(dtype, {"estimator": estimator, **FORMS[form]})
     for pf, pr in zip(fast, ref):
         assert pf.dtype == dtype
@@ -94,7 +93,7 @@ def test_fused_kernels_equal_reference_over_50_steps(estimator, form, dtype):
 
 
 @pytest.mark.parametrize("estimator", FUSED)
-def test_two_phase_fused_path_with_a_stats_reducer_equals_reference(estimator, monkeypatch):
+def test_readable_path_with_a_stats_reducer_equals_reference(estimator, monkeypatch):
     """The path sharded parameters take: rows reduced together, then the elementwise step."""
     calls = []
 
@@ -181,7 +180,7 @@ def test_fused_diagnostics_equal_the_readable_path():
 # -- non-finite gradient entries -------------------------------------------------------------
 
 MASKED = ["diagonal", "none"]  # the coordinate-wise estimators
-PATHS = ["readable", "readable_reduced", "one_pass", "two_phase"]
+PATHS = ["readable", "readable_reduced"]
 
 
 def _identity_reducer(self, params):
@@ -189,12 +188,11 @@ def _identity_reducer(self, params):
 
 
 def _optimizer(params, path, monkeypatch, **kwargs):
-    """TrainableOptimizer on ``path``: the readable path, or the fused kernels' one-pass or
-    two-phase branch; ``*_reduced`` and ``two_phase`` pass the rows through a stats reducer
-    (the identity), as for sharded parameters."""
-    if path in ("readable_reduced", "two_phase"):
+    """TrainableOptimizer on the readable path; ``readable_reduced`` passes the rows through a
+    stats reducer (the identity), as for sharded parameters."""
+    if path == "readable_reduced":
         monkeypatch.setattr(TrainableOptimizer, "_stats_reducer", _identity_reducer)
-    return TrainableOptimizer(params, lr=0.01, fused=path in ("one_pass", "two_phase"), **kwargs)
+    return TrainableOptimizer(params, lr=0.01, fused=False, **kwargs)
 
 
 def _snapshot(opt, p):
@@ -216,20 +214,6 @@ def test_nonfinite_entries_keep_weight_and_state_bitwise_and_the_rest_steps_like
     estimator, form, path, monkeypatch
 ):
     _check_masked_steps_against_reference(estimator, form, path, monkeypatch)
-
-
-@pytest.mark.parametrize("path", ["one_pass", "two_phase"])
-def test_compiled_kernels_mask_nonfinite_entries_bitwise(path, monkeypatch):
-    """The masked step compiled (Inductor): no nan leaks through the selects, old bits kept."""
-    monkeypatch.delenv("HF_TO_COMPILE")
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    monkeypatch.setattr(kernels, "_compiled", {})
-    before = kernels.compile_seconds()
-    if not kernels.compile_available():
-        pytest.skip("torch.compile is not available in this torch build")
-    _check_masked_steps_against_reference("diagonal", "default", path, monkeypatch)
-    assert kernels.compile_available(), "compilation failed and fell back to eager"
-    assert kernels.compile_seconds() > before
 
 
 def _check_masked_steps_against_reference(estimator, form, path, monkeypatch):
@@ -278,13 +262,7 @@ _LOW_PRECISION = {
 
 @pytest.mark.parametrize(
     ("path", "param_dtype", "state_dtype"),
-    [
-        pytest.param(path, *dtypes, id=f"{path}-{name}")
-        for path in PATHS
-        for name, dtypes in _LOW_PRECISION.items()
-        # bfloat16 state always takes the kernels: the readable path has no such combination
-        if not (dtypes[1] == torch.bfloat16 and path.startswith("readable"))
-    ],
+    [pytest.param(path, *dtypes, id=f"{path}-{name}") for path in PATHS for name, dtypes in _LOW_PRECISION.items()],
 )
 @pytest.mark.parametrize("estimator", MASKED)
 def test_nonfinite_entries_stay_bitwise_with_low_precision_params_and_state(
@@ -391,55 +369,15 @@ def test_diagnostics_count_masked_tensors_and_sum_finite_entries_only(path, monk
     assert diag["estimate_sq"] == pytest.approx(sum((0.25 * (a + b) ** 2).sum().item() for a, b in pairs), rel=1e-6)
 
 
-def test_fallback_runs_eagerly_and_correctly_when_torch_compile_raises(monkeypatch, caplog):
-    monkeypatch.delenv("HF_TO_COMPILE")
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    monkeypatch.setattr(kernels, "_compiled", {})
+def test_cpu_groups_never_import_the_triton_step(monkeypatch):
+    """fused=True without the C kernel is the readable path on a CPU; triton is not needed."""
+    import sys
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler (simulated)")
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    eager_calls = []
-    original = kernels._ONE_PASS["diagonal"]
-    monkeypatch.setitem(kernels._ONE_PASS, "diagonal", lambda *a: eager_calls.append(1) or original(*a))
-    with caplog.at_level(logging.WARNING, logger="hf_to.kernels"):
-        fast, ref, _, _ = _run_pair(torch.float32, {"estimator": "diagonal"}, steps=10)
-    assert not kernels.compile_available()
-    assert "running them eagerly" in caplog.text
-    assert len(eager_calls) == 10 * len(ODD_SHAPES)
+    monkeypatch.delitem(sys.modules, "hf_to.gpu", raising=False)
+    fast, ref, _, _ = _run_pair(torch.float32, {"estimator": "rank_one"}, steps=3)
+    assert "hf_to.gpu" not in sys.modules
     for pf, pr in zip(fast, ref):
         torch.testing.assert_close(pf.detach(), pr.detach(), **TOLERANCE[torch.float32])
-
-
-def test_compiled_kernels_equal_reference_and_report_compile_time(monkeypatch):
-    """The one test that compiles (tens of seconds on two cores)."""
-    monkeypatch.delenv("HF_TO_COMPILE")
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    if not kernels.compile_available():
-        pytest.skip("torch.compile is not available in this torch build")
-    before = kernels.compile_seconds()
-    fast, ref, _, _ = _run_pair(torch.float32, {"estimator": "diagonal"}, steps=8, shapes=[(33, 5)])
-    assert kernels.compile_available(), "compilation failed and fell back to eager"
-    assert kernels.compile_seconds() > before
-    torch.testing.assert_close(fast[0].detach(), ref[0].detach(), **TOLERANCE[torch.float32])
-
-
-def test_auto_dispatch_compiles_only_large_cpu_groups(monkeypatch):
-    monkeypatch.delenv("HF_TO_COMPILE")
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    small = [torch.zeros(10)]
-    state32 = [{"b": torch.zeros(10)}]
-    state16 = [{"b": torch.zeros(10, dtype=torch.bfloat16)}]
-    assert use_fused(None, "diagonal", small, state32) == (False, False)
-    assert use_fused(False, "diagonal", small, state32) == (False, False)
-    assert use_fused(True, "diagonal", small, state32) == (True, True)
-    assert use_fused(None, "diagonal", small, state16) == (True, False)  # bf16 state: kernels, eager
-    assert use_fused(True, "full", small, state32) == (False, False)
-    monkeypatch.setattr(kernels, "AUTO_MIN_NUMEL", 10)
-    assert use_fused(None, "rank_one", small, state32) == (True, True)
-    monkeypatch.setenv("HF_TO_COMPILE", "0")
-    assert use_fused(None, "rank_one", small, state32) == (False, False)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_fast_paths import FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
 
-from hf_to import TrainableOptimizer, kernels, native
+from hf_to import TrainableOptimizer, native
+from hf_to.settings import env_switch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
 
@@ -214,20 +215,21 @@ def test_nonfinite_entries(estimator, param_dtype, state_dtype, monkeypatch):
     assert torch.equal(params[0].detach(), p0) and s0["step"] == state_before["step"] + 1
 
 
-def test_bf16_state_matches_the_eager_kernels(monkeypatch):
-    """Both paths draw the same stochastic-rounding noise; the results agree to bf16 precision."""
+def test_bf16_state_matches_the_readable_path(monkeypatch):
+    """Both paths draw the same stochastic-rounding noise: most stored values are the same bits
+    (with other noise about half would differ), and all agree to bf16 precision; float32
+    arithmetic in another order flips a rare rounding, which the next steps carry on."""
     fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
     opt_fast = _train(fast, 20, state_dtype=torch.bfloat16)
     monkeypatch.setenv("HF_TO_NATIVE", "0")
-    monkeypatch.setenv("HF_TO_COMPILE", "0")
     opt_slow = _train(slow, 20, state_dtype=torch.bfloat16)
     for pf, ps in zip(fast, slow):
         assert opt_fast.state[pf]["b"].dtype == torch.bfloat16
         torch.testing.assert_close(pf, ps, rtol=1e-3, atol=1e-4)
         for key in ("b", "a", "exp_avg_sq"):
-            torch.testing.assert_close(
-                opt_fast.state[pf][key].float(), opt_slow.state[ps][key].float(), rtol=2**-6, atol=1e-5
-            )
+            got, want = opt_fast.state[pf][key], opt_slow.state[ps][key]
+            assert (got == want).float().mean() > 0.95, key
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-3)
 
 
 def test_a_failed_build_falls_back_to_the_readable_path_with_one_warning(monkeypatch, caplog):
@@ -386,18 +388,18 @@ def test_float16_groups_build_the_kernel_when_nothing_else_did(monkeypatch):
     assert native._lib is not None
 
 
-@pytest.mark.parametrize("name", ["HF_TO_NATIVE", "HF_TO_COMPILE"])
+@pytest.mark.parametrize("name", ["HF_TO_NATIVE", "HF_TO_TRITON"])
 def test_a_switch_that_is_neither_on_nor_off_raises_naming_it(name, monkeypatch):
     monkeypatch.setenv(name, "maybe")
-    if name == "HF_TO_COMPILE":
-        monkeypatch.setenv("HF_TO_NATIVE", "0")  # so that the step reaches the torch.compile kernels
+    if name == "HF_TO_TRITON":
+        monkeypatch.setenv("HF_TO_NATIVE", "0")  # so that the step asks whether to take the Triton step
     with pytest.raises(ValueError, match=rf"{name}='maybe': expected one of"):
         _train(_params(ODD_SHAPES), 3, fused=True)
     for off in ("0", "off", "False"):
         monkeypatch.setenv(name, off)
-        assert not kernels.env_switch(name)
+        assert not env_switch(name)
     monkeypatch.setenv(name, "1")
-    assert kernels.env_switch(name)
+    assert env_switch(name)
 
 
 def test_a_compiler_asked_for_that_does_not_exist_is_not_replaced(monkeypatch, caplog):

@@ -46,7 +46,7 @@ LABELS = {
     "adamw_fused": "AdamW (fused)",
     "to_diagonal_readable": "TO-diag, fused=False (readable path)",
 }
-#: Whether this hf_to has the ``fused`` switch (compiled kernels vs the readable path).
+#: Whether this hf_to has the ``fused`` switch (the fast kernels vs the readable path).
 HAS_FUSED = "fused" in inspect.signature(TrainableOptimizer.__init__).parameters
 
 

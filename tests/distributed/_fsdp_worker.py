@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -121,7 +120,8 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counter: CollectiveCounter) -> dict:
     res: dict = {}
-    # "<estimator>+fused": the fused kernels of hf_to.kernels on local shards.
+    # "<estimator>+fused": fused=True on local shards (on a CPU: the readable path; on CUDA the
+    # Triton step of hf_to.gpu, its sums through the group's one all-reduce).
     name, _, variant = estimator.partition("+")
     kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
 
@@ -337,7 +337,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # The fused kernels run eagerly here: compiling them in every rank takes a minute on a
-    # small CPU; what matters for sharding is the kernels' use of local shards and sums.
-    os.environ.setdefault("HF_TO_COMPILE", "0")
     main()
