@@ -361,7 +361,11 @@ __attribute__((always_inline)) static inline void pre_block(const to_tensor *T, 
 
 static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     double t = (double)*T->step + 1.0, n = (double)T->n;
-    double beta = cfg->warmup ? fmax(cfg->beta, 1.0 / t) : cfg->beta;
+    /* beta_warmup: 1 running mean, max(beta, 1/t); 2 Adam's bias correction as a rate,
+       beta / (1 - (1 - beta)^t) (the readable path's formula, same libm calls); 0 constant. */
+    double beta = cfg->warmup == 2   ? (cfg->beta < 1.0 ? cfg->beta / -expm1(t * log1p(-cfg->beta)) : 1.0)
+                  : cfg->warmup == 1 ? fmax(cfg->beta, 1.0 / t)
+                                     : cfg->beta;
     S->beta = (float)beta;
     S->bc2 = (float)(1.0 - pow(cfg->beta2, t));
     S->c = (float)(T->ww / n + cfg->floor + TINY);

@@ -359,7 +359,7 @@ def native_step(
     weight_decay: float,
     normalize: bool,
     floor: float,
-    beta_warmup: bool,
+    beta_warmup: bool | str,
     diagnostics: bool,
     plans: dict | None = None,
 ) -> dict[str, Tensor] | None:
@@ -454,7 +454,7 @@ def native_step(
         beta2=beta2,
         eps=eps,
         floor=floor,
-        warmup=int(beta_warmup),
+        warmup=2 if beta_warmup == "adam" and not isinstance(beta_warmup, bool) else int(beta_warmup),
         adam=int(adam),
         normalize=int(normalize),
         diagnostics=int(diagnostics),

@@ -550,19 +550,9 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
             f"Invalid slope_input: 'displacement' with estimator={group['estimator']!r} "
             f"(expected estimator in {sorted(DISPLACEMENT_ESTIMATORS)})"
         )
-    if group["state_dtype"] == torch.bfloat16 and not _fast_form(group):
-        raise ValueError(
-            f"Invalid state_dtype: torch.bfloat16 with slope_input={group['slope_input']!r}, "
-            f"beta_warmup={group['beta_warmup']!r} (bfloat16 state needs slope_input='weights' and a bool beta_warmup)"
-        )
     if group["preconditioner"] == "adam" and group["eps"] == 0:
         # eps = 0 divides by zero where a gradient coordinate has always been zero.
         raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
-
-
-def _fast_form(group: dict[str, Any]) -> bool:
-    """Whether the group's form is one the fast paths (C kernel, Triton kernels) implement."""
-    return group["slope_input"] == "weights" and isinstance(group["beta_warmup"], bool)
 
 
 def _num(x: Any) -> bool:
@@ -698,9 +688,9 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
-    # The C kernel implements the weights form with a bool warm-up; the Triton kernels every
-    # form of the diagonal, rank-one and none estimators.  The rest take the readable path.
-    native_form = slope_input == "weights" and isinstance(beta_warmup, bool)
+    # The C kernel implements the weights form (every warm-up); the Triton kernels every form
+    # of the diagonal, rank-one and none estimators.  The rest take the readable path.
+    native_form = slope_input == "weights"
     if fused is not False:
         if (
             native_form
@@ -725,16 +715,9 @@ def trainable_to(
             "installed), and the readable path reads step counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
-    if not native_form:
-        return _single_tensor_trainable_to(
-            params,
-            grads,
-            states,
-            estimator=get_estimator(estimator, slope_input),
-            anchor_rate=anchor_rate,
-            **common,
-        )
-    return _readable_trainable_to(params, grads, states, estimator=estimator, **common)
+    return _readable_trainable_to(
+        params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
+    )
 
 
 #: ``HF_TO_TRITON=0`` keeps CUDA groups off the Triton step (then they take the readable path).
@@ -772,22 +755,26 @@ def _readable_trainable_to(
     states: list[dict[str, Tensor]],
     *,
     estimator: str,
+    slope_input: str = "weights",
+    anchor_rate: float = 0.1,
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
     for p, state in zip(params, states):
         if p.dtype == torch.float64 and state["b"].dtype != torch.float64:
             _check_state_dtype(state["b"].dtype, [p])  # e.g. a model made float64 after its first step
+    strategy = get_estimator(estimator, slope_input)
     if states[0]["b"].dtype == torch.bfloat16:
         return with_float32_state(
             _single_tensor_trainable_to,
             states,
             params=params,
             grads=grads,
-            estimator=get_estimator(estimator),
+            estimator=strategy,
+            anchor_rate=anchor_rate,
             **common,
         )
-    return _single_tensor_trainable_to(params, grads, states, estimator=get_estimator(estimator), **common)
+    return _single_tensor_trainable_to(params, grads, states, estimator=strategy, anchor_rate=anchor_rate, **common)
 
 
 def _native_trainable_to(

@@ -213,7 +213,6 @@ def test_checkpoint_resumes_exactly_under_another_default_form(written_with):
         ({"anchor_rate": 1.5}, "Invalid anchor_rate"),
         ({"beta_warmup": "bias"}, "Invalid beta_warmup"),
         ({"beta_warmup": 1}, "Invalid beta_warmup"),
-        ({"slope_input": "displacement", "state_dtype": torch.bfloat16}, "Invalid state_dtype"),
     ],
 )
 def test_invalid_form_arguments_raise_naming_them(kwargs, message):
