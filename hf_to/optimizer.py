@@ -10,7 +10,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -183,7 +183,7 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: str = "normalized",
         norm_floor: float = 1e-3,
         intercept_init: str = "gradient",
-        beta_warmup: bool | str = True,
+        beta_warmup: bool | Literal["adam"] = True,
         slope_input: str = "weights",
         anchor_rate: float = 0.1,
         max_full_numel: int = 4096,

@@ -116,6 +116,8 @@ def _keyword_type(param: inspect.Parameter) -> tuple[type | None, bool]:
     default = param.default
     if default is not inspect.Parameter.empty and default is not None:
         typ = type(default)
+        if typ is str and bool in typing.get_args(param.annotation):
+            typ = bool  # ``bool | Literal["adam"] = "adam"``: the strings are the Literal's choices
         return (typ if typ in _PARSERS else None), False
     annotation = param.annotation
     members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
@@ -151,16 +153,28 @@ def optim_arg_types() -> dict[str, type]:
     return {name: _keyword_type(param)[0] or str for name, param in _keywords().items()}
 
 
+def _literal_choices(param: inspect.Parameter) -> tuple[str, ...]:
+    """The string values a ``Literal`` in the keyword's annotation allows (``bool | Literal["adam"]``)."""
+    members = typing.get_args(param.annotation) or (param.annotation,)
+    return tuple(
+        v for a in members if typing.get_origin(a) is typing.Literal for v in typing.get_args(a) if isinstance(v, str)
+    )
+
+
 def _convert(key: str, raw: str, param: inspect.Parameter) -> Any:
     typ, nullable = _keyword_type(param)
     if nullable and raw.lower() in _NONE:
         return None
+    if raw in _literal_choices(param):
+        return raw
     typ = typ or str
     try:
         return _PARSERS[typ](raw)
     except ValueError as exc:
         name = "dtype" if typ is torch.dtype else typ.__name__
         expected = f"{name} or none" if nullable else name
+        if _literal_choices(param):
+            expected += " or one of " + ", ".join(map(repr, _literal_choices(param)))
         raise OptimArgsError(
             f"Invalid value for --optim_args key {key!r}: {raw!r} is not a valid {expected} ({exc})"
         ) from None
