@@ -40,8 +40,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trainable_to": {},
     **{f"to_{e}": {"estimator": e} for e in ("diagonal", "rank_one", "full", "none")},
     **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in ("diagonal", "rank_one", "full", "none")},
-    # The slope regressed on the weights' displacement from their EMA (docs/design-decisions.md).
-    "to_displacement": {"estimator": "diagonal", "slope_input": "displacement", "beta_warmup": "adam"},
     # The intercept's running-mean warm-up β_t = max(β, 1/t) (the default until 2026-11-30).
     "to_running_mean": {"estimator": "diagonal", "beta_warmup": True},
 }
