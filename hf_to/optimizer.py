@@ -220,9 +220,9 @@ class TrainableOptimizer(Optimizer):
         # The native kernel's per-group descriptors and carried sums (hf_to.native): owned
         # here so that they, and the state tensors they reference, go with the optimizer.
         self._native_plans: dict = {}
-        # (estimator, preconditioner, slope_input) of each param group (by id) whose state was last checked
-        # against it: a group changed between steps has its state checked again.
-        self._forms: dict[int, tuple[str, str]] = {}
+        # Per param group index: the group and the (estimator, preconditioner, slope_input) its
+        # state was last checked against; a group changed (or replaced) between steps is checked again.
+        self._forms: dict[int, tuple[dict, tuple[str, str, str]]] = {}
 
     # -- torch.optim plumbing -------------------------------------------------------------
 
@@ -362,9 +362,10 @@ class TrainableOptimizer(Optimizer):
             self._diag += [_empty_stats() for _ in range(len(self.param_groups) - len(self._diag))]
         for i, group in enumerate(self.param_groups):
             form = (group["estimator"], group["preconditioner"], group["slope_input"])
-            if self._forms.get(id(group)) != form:
+            checked = self._forms.get(i)
+            if checked is None or checked[0] is not group or checked[1] != form:
                 self._check_state_form(i, group)
-                self._forms[id(group)] = form
+                self._forms[i] = (group, form)
             params, grads, states = self._init_group(group)
             if not params:
                 continue
