@@ -73,8 +73,8 @@ class TrainableOptimizer(Optimizer):
         &\quad r_t = A_t w_t + b_t - g_t                         && \text{residual} \\
         &\quad A_{t+1} = A_t - \alpha\, \partial_A \tfrac12\lVert r_t\rVert^2,\quad
                b_{t+1} = b_t - \beta_t\, r_t                     && \text{estimator step} \\
-        &\quad \beta_t = \max(\beta, 1/(t+1)) \ \text{(warm-up, default) or } \beta
-               \ \text{(paper)}                                 && \text{intercept rate} \\
+        &\quad \beta_t = \beta / (1 - (1-\beta)^{t+1}) \ \text{(default)},\
+               \max(\beta, 1/(t+1)) \text{ or } \beta \ \text{(paper)} && \text{intercept rate} \\
         &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
         &\quad d_t = \hat G_t \ \text{(paper)}\quad\text{or}\quad
                d_t = \hat G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
@@ -113,11 +113,24 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
         norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
             slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
-        beta_warmup: use :math:`\beta_t = \max(\beta, 1/(t+1))` (default ``True``): the
-            intercept is the running mean of the residual-corrected gradients for the first
-            :math:`1/\beta` steps and an EMA after, the analogue of Adam's bias correction; the
-            first step then sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
-            ``False`` is the paper's constant :math:`\beta`.
+        beta_warmup: the intercept rate of the first steps (see
+            :func:`hf_to.estimators.intercept_rate`).  ``"adam"`` (default):
+            :math:`\beta_t = \beta/(1-(1-\beta)^{t+1})`, Adam's bias correction written as a
+            rate, so that with :math:`A \equiv 0` the optimizer *is* AdamW and the slope term is
+            a trained correction on top of it; ``True``: :math:`\max(\beta, 1/(t+1))`, the
+            running mean of the first :math:`1/\beta` corrected gradients (the default before
+            2026-11-30, ``"to_running_mean"`` in the registry; it lags Adam's EMA early on);
+            ``False``: the paper's constant :math:`\beta`.  With ``True`` or ``"adam"`` the first
+            step sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
+        slope_input: what the slope multiplies: ``"weights"`` (default, the paper's
+            :math:`A w`) or ``"displacement"`` (:math:`A (w - \bar w)`, :math:`\bar w` an EMA of
+            the weights at ``anchor_rate``; ``estimator="diagonal"`` only; see
+            :class:`hf_to.estimators.DisplacementDiagonalEstimator`).  Experimental: it lost
+            to the default in the fine-tuning study, and its normalisation has no floor, so at a
+            constant lr near convergence, where the displacement collapses, :math:`a` can grow
+            until the step diverges.
+        anchor_rate: the rate :math:`\gamma` of the anchor's EMA with
+            ``slope_input="displacement"`` (default: 0.1).
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -183,7 +196,7 @@ class TrainableOptimizer(Optimizer):
         alpha_scaling: str = "normalized",
         norm_floor: float = 1e-3,
         intercept_init: str = "gradient",
-        beta_warmup: bool | Literal["adam"] = True,
+        beta_warmup: bool | Literal["adam"] = "adam",
         slope_input: str = "weights",
         anchor_rate: float = 0.1,
         max_full_numel: int = 4096,
@@ -648,7 +661,7 @@ def trainable_to(
     alpha_scaling: str = "normalized",
     norm_floor: float = 1e-3,
     intercept_init: str = "gradient",
-    beta_warmup: bool | str = True,
+    beta_warmup: bool | str = "adam",
     slope_input: str = "weights",
     anchor_rate: float = 0.1,
     diagnostics: bool = False,

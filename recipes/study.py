@@ -58,8 +58,9 @@ from peers import PEERS, build_optimizer, needs_train_eval
 
 __all__ = ["CONFIGS", "GRID", "TASKS", "Config", "Task", "main", "run_one"]
 
-#: Learning-rate grid, as multiples of a task's base lr (× the peer's lr_scale).
-GRID = (1 / 3, 1.0, 3.0)
+#: Learning-rate grid, as multiples of a task's base lr (× the peer's lr_scale): four points, since
+#: small models take larger rates than the usual defaults.
+GRID = (1 / 3, 1.0, 3.0, 9.0)
 EVAL_EVERY = 20
 #: The proxy: a Llama of SmolLM2's design, smaller, pretrained by :func:`proxy_checkpoint`.
 PROXY_CONFIG = dict(
@@ -75,7 +76,8 @@ class Task:
     name: str
     text: str  #: "pydoc" or "code"
     mode: str  #: "lora" or "full"
-    base_lr: float  #: AdamW's usual rate for this kind of job
+    base_lr: float  #: AdamW's usual rate for this kind of job (SmolLM2-135M)
+    proxy_base_lr: float = 0.0  #: the same for the proxy (small models take larger rates)
     steps: int = 200
     batch: int = 4
     seq: int = 64
@@ -86,9 +88,9 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("pydoc_lora", "pydoc", "lora", 3e-4),
-        Task("code_lora", "code", "lora", 3e-4),
-        Task("pydoc_full", "pydoc", "full", 3e-5),
+        Task("pydoc_lora", "pydoc", "lora", 3e-4, 3e-3),
+        Task("code_lora", "code", "lora", 3e-4, 3e-3),
+        Task("pydoc_full", "pydoc", "full", 3e-5, 3e-4),
     )
 }
 
@@ -105,11 +107,11 @@ class Config:
 
 
 _DISP = (("estimator", "diagonal"), ("slope_input", "displacement"), ("beta_warmup", "adam"))
-_TO_GRID = tuple(
-    (("alpha", a), ("beta", b), *((("anchor_rate", b),) if disp else ()))
-    for disp in (True,)
-    for a, b in ((0.03, 0.1), (0.3, 0.1), (0.1, 0.05), (0.1, 0.2))
-)
+#: The α/β grid of the TO forms (run at the form's best lr); the displacement form moves its
+#: anchor at the intercept's rate (anchor_rate = β).
+_AB = ((0.01, 0.1), (0.03, 0.1), (0.3, 0.1), (0.1, 0.05), (0.1, 0.2))
+_TO_GRID = tuple((("alpha", a), ("beta", b)) for a, b in _AB)
+_DISP_GRID = tuple((("alpha", a), ("beta", b), ("anchor_rate", b)) for a, b in _AB)
 
 CONFIGS: dict[str, Config] = {
     c.label: c
@@ -120,10 +122,10 @@ CONFIGS: dict[str, Config] = {
         Config("lion", "lion"),
         Config("sf_adamw", "sf_adamw"),
         # TO: today's default form, the bias-corrected intercept, the displacement-regressed slope.
-        Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True))),
+        Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True)), _TO_GRID),
         Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"))),
-        Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam"))),
-        Config("to_disp", "to", _DISP, _TO_GRID),
+        Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam")), _TO_GRID),
+        Config("to_disp", "to", _DISP, _DISP_GRID),
     )
 }
 
@@ -402,9 +404,10 @@ def _load(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _lr_grid(task: Task, config: Config) -> list[float]:
+def _lr_grid(task: Task, config: Config, kind: str = "real") -> list[float]:
     scale = PEERS[config.peer].lr_scale
-    return [task.base_lr * scale * m for m in GRID]
+    base = task.proxy_base_lr if kind == "proxy" and task.proxy_base_lr else task.base_lr
+    return [base * scale * m for m in GRID]
 
 
 def _select(records: list[dict[str, Any]], task: str, config: str) -> dict[str, Any] | None:
@@ -446,12 +449,14 @@ def table_runs(records: list[dict], task: str, table: str, seeds: set[int]) -> d
     return out
 
 
-def _plan(phase: str, tasks: list[Task], configs: list[Config], seeds: list[int], records: list[dict]) -> list:
+def _plan(
+    phase: str, tasks: list[Task], kind: str, configs: list[Config], seeds: list[int], records: list[dict]
+) -> list:
     jobs = []
     for task in tasks:
         for config in configs:
             if phase == "tune":
-                jobs += [(task, config, lr, seeds[0], {}) for lr in _lr_grid(task, config)]
+                jobs += [(task, config, lr, seeds[0], {}) for lr in _lr_grid(task, config, kind)]
             elif phase == "tune_extra" and config.extra_grid:
                 best = _select(records, task.name, config.label)
                 if best is None:
@@ -463,9 +468,10 @@ def _plan(phase: str, tasks: list[Task], configs: list[Config], seeds: list[int]
                     jobs += [(task, config, best["lr"], s, best["overrides"]) for s in seeds]
             elif phase == "dropin":
                 base = _select(records, task.name, "adamw")
-                lr = base["lr"] if base is not None else task.base_lr
+                lr = base["lr"] if base is not None else _lr_grid(task, CONFIGS["adamw"], kind)[1]
                 jobs += [(task, config, lr, s, {}) for s in seeds]
-    return jobs
+    # Seed-major order: a phase cut short still leaves paired runs.
+    return sorted(jobs, key=lambda j: (j[0].name, j[3])) if phase in ("final", "dropin") else jobs
 
 
 def _worker(args: tuple) -> dict[str, Any]:
@@ -482,7 +488,8 @@ def run_phase(
     records = _load(out)
     done = {_key(r) for r in records}
     jobs = []
-    for task, config, lr, seed, overrides in _plan(phase, tasks, configs, seeds, records):
+    records = [r for r in records if r["model"] == kind]
+    for task, config, lr, seed, overrides in _plan(phase, tasks, kind, configs, seeds, records):
         probe = {
             "task": task.name,
             "model": kind,
@@ -656,7 +663,9 @@ def _plots(records: list[dict[str, Any]], out: Path, kind: str, seeds: set[int])
             axes[0].set_ylim(lo - 0.02, hi + 0.05)
             axes[1].set_ylim(lo - 0.02, hi + 0.05)
             axes[2].legend(fontsize=8)
-            fig.suptitle(f"SmolLM2-135M ({kind}) — {task} — {table} — seeds {run_seeds}")
+            model = "SmolLM2-135M-Instruct" if kind == "real" else "proxy (3-layer Llama, SmolLM2 tokenizer)"
+            what = "tuned" if table == "final" else "drop-in at AdamW's lr"
+            fig.suptitle(f"{model} — {task} ({TASKS[task].steps} steps) — {what} — seeds {run_seeds}")
             fig.tight_layout()
             fig.savefig(out / f"{task}-{table}.png", dpi=90)
             plt.close(fig)

@@ -20,7 +20,7 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
     monkeypatch.setattr(study, "PROXY_PRETRAIN", {**study.PROXY_PRETRAIN, "steps": 2, "max_chars": 20_000})
     monkeypatch.setattr(study, "EVAL_EVERY", 2)
     monkeypatch.setitem(
-        study.TASKS, "pydoc_lora", study.Task("pydoc_lora", "pydoc", "lora", 3e-4, val_blocks=4, test_blocks=4)
+        study.TASKS, "pydoc_lora", study.Task("pydoc_lora", "pydoc", "lora", 3e-4, 3e-3, val_blocks=4, test_blocks=4)
     )
     out = tmp_path / "out"
     argv = ["--model", "proxy", "--tasks", "pydoc_lora", "--optimizers", "adamw", "to_disp"]
@@ -28,9 +28,9 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
     assert study.main([*argv, "--out", str(out)]) == 0
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     tune = [r for r in runs if r["phase"] == "tune"]
-    assert len(tune) == 2 * 3, "each optimizer on its three-point lr grid"
-    lion = study._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS["lion"])
-    assert lion == pytest.approx([3e-5 * m for m in study.GRID]), "grids are centred on each peer's documented lr"
+    assert len(tune) == 2 * len(study.GRID), "each optimizer on its lr grid"
+    lion = study._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS["lion"], "proxy")
+    assert lion == pytest.approx([3e-4 * m for m in study.GRID]), "grids are centred on each peer's documented lr"
     assert len([r for r in runs if r["phase"] == "tune_extra"]) == len(study.CONFIGS["to_disp"].extra_grid)
     for label in ("adamw",):
         best = min((r for r in tune if r["config"] == label), key=lambda r: r["final_val"])
