@@ -345,10 +345,12 @@ def test_finite_gradient_whose_sum_overflows_takes_the_step(estimator, path, mon
 
 @pytest.mark.parametrize("path", PATHS)
 def test_diagnostics_count_masked_tensors_and_sum_finite_entries_only(path, monkeypatch):
-    """estimator='none', plain step: after b_1 = g_0 the second step has r = g_0 - g_1 and
-    Ĝ = (g_0 + g_1)/2 (β_2 = 1/2), so the sums are known in closed form."""
+    """estimator='none', plain step, running-mean warm-up: after b_1 = g_0 the second step has
+    r = g_0 - g_1 and Ĝ = (g_0 + g_1)/2 (β_2 = 1/2), so the sums are known in closed form."""
     params = [torch.nn.Parameter(w) for w in _params(torch.float32, [(8, 3), (5,), (6,)])]
-    opt = _optimizer(params, path, monkeypatch, estimator="none", preconditioner="none", diagnostics=True)
+    opt = _optimizer(
+        params, path, monkeypatch, estimator="none", preconditioner="none", beta_warmup=True, diagnostics=True
+    )
     gen = torch.Generator().manual_seed(0)
     g0 = [torch.randn(p.shape, generator=gen) for p in params]
     g1 = [torch.randn(p.shape, generator=gen) for p in params]
