@@ -438,6 +438,10 @@ def table_runs(records: list[dict], task: str, table: str, seeds: set[int]) -> d
     """Per config, the runs of the ``final`` (tuned) or ``dropin`` table."""
     out = {}
     base = _select(records, task, "adamw")
+    if base is None:  # a drop-in phase run without tuning (the real model): AdamW's drop-in lr
+        base = next(
+            (r for r in records if r["task"] == task and r["config"] == "adamw" and r.get("phase") == "dropin"), None
+        )
     for label in CONFIGS:
         if table == "final":
             best = _select(records, task, label)
