@@ -573,7 +573,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
         title = (
             "Tuned (best validation config per optimizer)"
             if table == "final"
-            else "Drop-in (AdamW's tuned lr, own defaults)"
+            else "Drop-in (AdamW's lr: its tuned one where a tuning phase ran; own defaults)"
         )
         for task in TASKS:
             by_config = table_runs(records, task, table, seeds)

@@ -40,7 +40,7 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
         )
     report = (out / "REPORT.md").read_text()
     assert "Tuned (best validation config per optimizer): pydoc_lora" in report
-    assert "Drop-in (AdamW's tuned lr, own defaults): pydoc_lora" in report
+    assert "Drop-in (AdamW's lr: its tuned one where a tuning phase ran; own defaults): pydoc_lora" in report
     assert all(r["test"] == r["test"] and r["state_bytes_per_param"] > 0 for r in runs)
     assert (out / "pydoc_lora-final.png").is_file()
 
