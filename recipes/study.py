@@ -372,12 +372,7 @@ def run_one(task: Task, kind: str, config: Config, lr: float, seed: int, overrid
         if isinstance(v, torch.Tensor) and v.numel() > 1
     )
     return {
-        "task": task.name,
-        "model": kind,
-        "config": config.label,
-        "lr": lr,
-        "seed": seed,
-        "overrides": overrides,
+        **_run_id(task, kind, config, lr, seed, overrides),
         "val_curve": curve,
         "train_losses": train_losses,
         "final_val": curve[-1][1] if not diverged else float("inf"),
@@ -391,6 +386,11 @@ def run_one(task: Task, kind: str, config: Config, lr: float, seed: int, overrid
 
 
 # -- phases --------------------------------------------------------------------------------
+
+
+def _run_id(task: Task, kind: str, config: Config, lr: float, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The fields that name a run (its record starts with them; :func:`_key` reads them)."""
+    return {"task": task.name, "model": kind, "config": config.label, "lr": lr, "seed": seed, "overrides": overrides}
 
 
 def _key(rec: dict[str, Any]) -> tuple:
@@ -494,14 +494,7 @@ def run_phase(
     jobs = []
     records = [r for r in records if r["model"] == kind]
     for task, config, lr, seed, overrides in _plan(phase, tasks, kind, configs, seeds, records):
-        probe = {
-            "task": task.name,
-            "model": kind,
-            "config": config.label,
-            "lr": lr,
-            "seed": seed,
-            "overrides": overrides,
-        }
+        probe = _run_id(task, kind, config, lr, seed, overrides)
         if _key(probe) not in done:
             done.add(_key(probe))
             jobs.append((task.name, kind, config.label, lr, seed, overrides, phase))
