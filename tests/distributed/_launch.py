@@ -25,8 +25,20 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240) -> subpr
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and _crashed(proc):
+        # A rank aborted inside the C++ runtime ("terminate called without an active exception",
+        # SIGABRT), which gloo does now and then on a heavily loaded 2-core machine whatever the
+        # worker computes: run once more. An assertion or Python error is never retried.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def _crashed(proc: subprocess.CompletedProcess) -> bool:
+    """Whether a rank died by SIGABRT in the C++ runtime, with no Python error before it (the
+    launcher's own traceback, printed after, does not count)."""
+    marker = "terminate called without an active exception"
+    return marker in proc.stderr and "Traceback (most recent call last)" not in proc.stderr.split(marker)[0]
