@@ -41,7 +41,7 @@ from typing import Any
 
 import runtime_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 from compare_plots import plot_title, write_plots
-from peers import PEERS, PeerError
+from peers import PEERS, PeerError, optimizer_kwargs
 from peers import peer as peer_spec
 from recipe_lib import (
     CONFIG_DIR,
@@ -181,11 +181,10 @@ def _peer_optimizer(variant: Variant, args: TrainingArguments) -> tuple[type, di
     """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` when the variant is a peer."""
     if variant.peer is None:
         return None
-    kwargs = {"lr": args.learning_rate, "weight_decay": args.weight_decay, **_peer_kwargs(variant.optim_args or "", "")}
-    if variant.peer == "mars":
-        kwargs.setdefault("lr_1d", kwargs["lr"])
-        kwargs.setdefault("weight_decay_1d", kwargs["weight_decay"])
-    return peer_spec(variant.peer).load(), {**dict(peer_spec(variant.peer).defaults), **kwargs}
+    extra = _peer_kwargs(variant.optim_args or "", "")
+    lr, decay = extra.pop("lr", args.learning_rate), extra.pop("weight_decay", args.weight_decay)
+    kwargs = optimizer_kwargs(variant.peer, lr, weight_decay=decay, **extra)
+    return peer_spec(variant.peer).load(), kwargs
 
 
 def parse_args(

@@ -105,6 +105,18 @@ def _band(ax: Any, xs: list[float], means: list[float], stds: list[float], color
         ax.fill_between(xs, lower, upper, color=color, alpha=0.2)
 
 
+def _finish(fig: Any, title: str, path: str) -> str:
+    """Title, lay out, save and close ``fig``; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(runs: list[dict[str, Any]], output_dir: str, *, title: str = "", baseline: str = "adamw") -> list[str]:
     """Write ``loss_vs_step.png`` and ``loss_vs_wall_time.png`` into ``output_dir``; returns their paths."""
     import matplotlib
@@ -152,12 +164,7 @@ def write_plots(runs: list[dict[str, Any]], output_dir: str, *, title: str = "",
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "loss_vs_step.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, title, os.path.join(output_dir, "loss_vs_step.png")))
 
     # Against training time, evaluations excluded.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
@@ -171,12 +178,7 @@ def write_plots(runs: list[dict[str, Any]], output_dir: str, *, title: str = "",
         ax.set(xlabel="training time, evaluations excluded (s)", ylabel=name, title=name)
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "loss_vs_wall_time.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, title, os.path.join(output_dir, "loss_vs_wall_time.png")))
     return paths
 
 

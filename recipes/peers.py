@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEERS", "Peer", "PeerError", "build_optimizer", "needs_train_eval", "peer"]
+__all__ = ["PEERS", "Peer", "PeerError", "build_optimizer", "needs_train_eval", "optimizer_kwargs", "peer"]
 
 
 class PeerError(ValueError):
@@ -91,15 +91,23 @@ def build_optimizer(
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Construct peer ``name`` at ``lr`` with its package defaults, overridden by ``kwargs``."""
+    cls: Callable[..., torch.optim.Optimizer] = peer(name).load()
+    return cls(params, **optimizer_kwargs(name, lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs))
+
+
+def optimizer_kwargs(
+    name: str, lr: float, *, weight_decay: float = 0.0, warmup_steps: int = 0, **kwargs: Any
+) -> dict[str, Any]:
+    """The keywords peer ``name`` is built with: its defaults, ``lr``, ``weight_decay`` (MARS's 1-d
+    rate and decay follow them), schedule-free AdamW's ``warmup_steps``, then ``kwargs``."""
     spec = peer(name)
-    cls: Callable[..., torch.optim.Optimizer] = spec.load()
-    options = {**dict(spec.defaults), "weight_decay": weight_decay, **kwargs}
+    options = {**dict(spec.defaults), "lr": lr, "weight_decay": weight_decay, **kwargs}
     if name == "mars":
-        options.setdefault("lr_1d", lr)
-        options.setdefault("weight_decay_1d", weight_decay)
+        options.setdefault("lr_1d", options["lr"])
+        options.setdefault("weight_decay_1d", options["weight_decay"])
     if spec.schedule_free:
         options.setdefault("warmup_steps", warmup_steps)
-    return cls(params, lr=lr, **options)
+    return options
 
 
 def needs_train_eval(optimizer: torch.optim.Optimizer) -> bool:

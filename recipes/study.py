@@ -562,6 +562,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
     ]
     records = [r for r in records if r["model"] == kind]
     seeds = {r["seed"] for r in records if r.get("phase") in ("final", "dropin")}
+    tables = {(table, task): table_runs(records, task, table, seeds) for table in ("final", "dropin") for task in TASKS}
     for table in ("final", "dropin"):
         title = (
             "Tuned (best validation config per optimizer)"
@@ -569,10 +570,9 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
             else "Drop-in (AdamW's lr: its tuned one where a tuning phase ran; own defaults)"
         )
         for task in TASKS:
-            by_config = table_runs(records, task, table, seeds)
+            by_config = tables[table, task]
             if len(by_config) < 2 or "adamw" not in by_config:
                 continue
-            [r for rs in by_config.values() for r in rs]
             base = {r["seed"]: r for r in by_config["adamw"]}
             target = {s: r["final_val"] for s, r in base.items()}
             lines += [f"## {title}: {task}", ""]
@@ -607,11 +607,12 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
             ]
     text = "\n".join(lines)
     (out / "REPORT.md").write_text(text)
-    _plots(records, out, kind, seeds)
+    _plots(tables, out, kind)
     return text
 
 
-def _plots(records: list[dict[str, Any]], out: Path, kind: str, seeds: set[int]) -> None:
+def _plots(tables: dict[tuple[str, str], dict[str, list[dict]]], out: Path, kind: str) -> None:
+    """Per (table, task) with two optimizers or more: validation loss vs step, vs wall time, minus AdamW's."""
     try:
         import matplotlib
 
@@ -619,11 +620,8 @@ def _plots(records: list[dict[str, Any]], out: Path, kind: str, seeds: set[int])
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    for table in ("final", "dropin"):
-        for task in TASKS:
-            by_config = table_runs(records, task, table, seeds)
-            if len(by_config) < 2:
-                continue
+    for (table, task), by_config in tables.items():
+        if len(by_config) >= 2:
             recs = [r for rs in by_config.values() for r in rs]
             fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
             base = [r for r in recs if r["config"] == "adamw"]
