@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-study = pytest.importorskip("study")
+import study  # a broken study.py fails here: never skipped
 
 pytestmark = pytest.mark.slow
 
