@@ -19,7 +19,10 @@ Phases (each appends one JSON line per run to ``<out>/runs.jsonl`` and skips run
 there, so a phase can be interrupted and rerun):
 
 * ``tune``: every optimizer on a learning-rate grid of ``GRID`` × (task base lr) × (the
-  peer's documented lr ratio to AdamW), one seed; TO forms additionally on their α/β grid;
+  peer's documented lr ratio to AdamW), one seed; where an optimizer's best rate is at an
+  edge of the rates it has tried, the grid goes on past that edge (× or ÷ 3, at most
+  ``EDGE_EXTENSIONS`` times), the same rule for every optimizer;
+* ``tune_extra``: TO forms on their α/β grid at their best rate;
 * ``final``: each optimizer at its best validation config, ``--seeds`` (≥ 3);
 * ``dropin``: each optimizer at AdamW's tuned lr with its own defaults, ``--seeds``;
 * ``report``: tables (tuned and drop-in per task; test loss mean ± std, paired differences
@@ -61,7 +64,10 @@ __all__ = ["CONFIGS", "GRID", "TASKS", "Config", "Task", "main", "run_one"]
 #: Learning-rate grid, as multiples of a task's base lr (× the peer's lr_scale): four points, since
 #: small models take larger rates than the usual defaults.
 GRID = (1 / 3, 1.0, 3.0, 9.0)
-EVAL_EVERY = 20
+#: How often the grid may go on past an edge where the best rate sits (per optimizer and task).
+EDGE_EXTENSIONS = 2
+#: Validation every this many steps (the 'steps to AdamW' column's resolution).
+EVAL_EVERY = 10
 #: The proxy: a Llama of SmolLM2's design, smaller, pretrained by :func:`proxy_checkpoint`.
 PROXY_CONFIG = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
@@ -109,7 +115,7 @@ class Config:
 _DISP = (("estimator", "diagonal"), ("slope_input", "displacement"), ("beta_warmup", "adam"))
 #: The α/β grid of the TO forms (run at the form's best lr); the displacement form moves its
 #: anchor at the intercept's rate (anchor_rate = β).
-_AB = ((0.01, 0.1), (0.03, 0.1), (0.3, 0.1), (0.1, 0.05), (0.1, 0.2))
+_AB = ((0.01, 0.1), (0.03, 0.1), (0.3, 0.1), (1.0, 0.1), (0.1, 0.05), (0.1, 0.2))
 _TO_GRID = tuple((("alpha", a), ("beta", b)) for a, b in _AB)
 _DISP_GRID = tuple((("alpha", a), ("beta", b), ("anchor_rate", b)) for a, b in _AB)
 
@@ -123,7 +129,10 @@ CONFIGS: dict[str, Config] = {
         Config("sf_adamw", "sf_adamw"),
         # TO: today's default form, the bias-corrected intercept, the displacement-regressed slope.
         Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True)), _TO_GRID),
-        Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"))),
+        Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam")), _TO_GRID),
+        # Candidates for the default's slope rate α (drop-in rows: their own lr grid, no α/β grid).
+        Config("to_a03", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 0.3))),
+        Config("to_a1", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 1.0))),
         Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam")), _TO_GRID),
         Config("to_disp", "to", _DISP, _DISP_GRID),
     )
@@ -410,6 +419,26 @@ def _lr_grid(task: Task, config: Config, kind: str = "real") -> list[float]:
     return [base * scale * m for m in GRID]
 
 
+def _edge_rate(records: list[dict[str, Any]], task: str, config: str) -> float | None:
+    """The next rate past the edge of the tried rates where the best one sits; None if it is inside.
+
+    Only learning-rate runs count (no α/β overrides); the step is the grid's ratio, 3, and the
+    grid goes past its edges at most ``EDGE_EXTENSIONS`` times.
+    """
+    pool = [
+        r for r in records if r["task"] == task and r["config"] == config and r.get("phase") == "tune" and not r["overrides"]
+    ]
+    lrs = sorted({r["lr"] for r in pool})
+    if not pool or len(lrs) >= len(GRID) + EDGE_EXTENSIONS:
+        return None
+    best = min(pool, key=lambda r: r["final_val"])["lr"]
+    if math.isclose(best, lrs[-1], rel_tol=1e-9):
+        return best * 3
+    if math.isclose(best, lrs[0], rel_tol=1e-9):
+        return best / 3
+    return None
+
+
 def _select(records: list[dict[str, Any]], task: str, config: str) -> dict[str, Any] | None:
     """The tuning run (lr grid, then α/β grid) with the lowest final validation loss (one seed)."""
     pool = [
@@ -461,6 +490,10 @@ def _plan(
         for config in configs:
             if phase == "tune":
                 jobs += [(task, config, lr, seeds[0], {}) for lr in _lr_grid(task, config, kind)]
+            elif phase == "tune_edge":
+                lr = _edge_rate(records, task.name, config.label)
+                if lr is not None:
+                    jobs.append((task, config, lr, seeds[0], {}))
             elif phase == "tune_extra" and config.extra_grid:
                 best = _select(records, task.name, config.label)
                 if best is None:
@@ -497,7 +530,8 @@ def run_phase(
         probe = _run_id(task, kind, config, lr, seed, overrides)
         if _key(probe) not in done:
             done.add(_key(probe))
-            jobs.append((task.name, kind, config.label, lr, seed, overrides, phase))
+            # A run past the grid's edge is a tuning run like the others.
+            jobs.append((task.name, kind, config.label, lr, seed, overrides, "tune" if phase == "tune_edge" else phase))
     print(f"[study] phase {phase}: {len(jobs)} runs", flush=True)
     if kind == "proxy" and jobs:
         proxy_checkpoint()  # once, before any worker needs it
@@ -535,6 +569,14 @@ def _steps_to(curve: list, target: float) -> float | None:
     return None
 
 
+def _steps_vs_adamw(curve: list, target: float, adamw_steps: float | None) -> str:
+    """'k (k / AdamW's k)': when a run first reached AdamW's final validation loss; '—' if never."""
+    steps = _steps_to(curve, target)
+    if steps is None:
+        return "—"
+    return f"{steps} ({steps / adamw_steps:.2f})" if adamw_steps else str(steps)
+
+
 def _fmt(xs: list[float], digits: int = 4) -> str:
     if not xs:
         return "—"
@@ -554,9 +596,10 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
         "",
         f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `recipes/study.py` "
         f"({platform.machine()}, torch {torch.__version__}). Test loss mean ± std over seeds; Δ = paired "
-        "difference to AdamW per seed (negative: better than AdamW); 'steps to AdamW' = first evaluation "
-        f"step (every {EVAL_EVERY}) whose validation loss is at or below AdamW's final validation loss "
-        "(mean over seeds, per seed); wall = training seconds per run (other jobs shared the machine: "
+        "difference to AdamW per seed (negative: better than AdamW); 'steps to AdamW' = per seed, the first "
+        f"evaluation step (every {EVAL_EVERY}) whose validation loss is at or below AdamW's final validation "
+        "loss in the same seed, and in brackets that step over the step where AdamW itself first got there "
+        "(below 1: faster than AdamW); wall = training seconds per run (other jobs shared the machine: "
         "indicative only).",
         "",
     ]
@@ -575,6 +618,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
                 continue
             base = {r["seed"]: r for r in by_config["adamw"]}
             target = {s: r["final_val"] for s, r in base.items()}
+            own = {s: _steps_to(r["val_curve"], target[s]) for s, r in base.items()}
             lines += [f"## {title}: {task}", ""]
             lines += [
                 "| optimizer | config | test loss | Δ test vs AdamW (per seed) | steps to AdamW (per seed) | wall (s) | state B/param |",
@@ -582,11 +626,14 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
             ]
             for label, rs in by_config.items():
                 deltas = [r["test"] - base[r["seed"]]["test"] for r in rs if r["seed"] in base]
-                steps = [_steps_to(r["val_curve"], target[r["seed"]]) if r["seed"] in target else None for r in rs]
+                steps = [
+                    _steps_vs_adamw(r["val_curve"], target[r["seed"]], own[r["seed"]]) if r["seed"] in target else "—"
+                    for r in rs
+                ]
                 lines.append(
                     f"| {label} | {_describe(label, rs[0]['lr'], rs[0]['overrides'])} | {_fmt([r['test'] for r in rs])} "
                     f"| {' '.join(f'{d:+.4f}' for d in deltas) or '—'} "
-                    f"| {' '.join('—' if s is None else str(s) for s in steps)} "
+                    f"| {' '.join(steps)} "
                     f"| {statistics.mean(r['wall_s'] for r in rs):.0f} | {rs[0]['state_bytes_per_param']:.1f} |"
                 )
             lines.append("")
@@ -704,6 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for phase in args.phase:
         if phase == "report":
             print(report(_load(out), out, args.model))
+        elif phase == "tune":
+            run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
+            for _ in range(EDGE_EXTENSIONS):
+                run_phase("tune_edge", tasks, args.model, configs, args.seeds, out, args.workers)
         else:
             run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
     print(f"[study] wrote {out}/runs.jsonl, {out}/REPORT.md and plots", flush=True)
