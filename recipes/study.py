@@ -139,6 +139,24 @@ CONFIGS: dict[str, Config] = {
 }
 
 
+#: Candidates for the default form (diagonal, Adam's bias correction as the intercept's rate):
+#: the slope rate α × the floor δ² of its normalisation (``norm_floor``). Phase ``candidates``
+#: runs each drop-in (at AdamW's tuned lr) on every task and seed; the report ranks them by the
+#: mean paired difference of *validation* loss to AdamW (the test split plays no part).
+CANDIDATE_ALPHAS = (0.1, 0.3, 1.0)
+CANDIDATE_FLOORS = (1e-3, 1e-4, 1e-5)
+CANDIDATES: dict[str, Config] = {
+    f"cand_a{a:g}_f{f:g}": Config(
+        f"cand_a{a:g}_f{f:g}",
+        "to",
+        (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", a), ("norm_floor", f)),
+    )
+    for a in CANDIDATE_ALPHAS
+    for f in CANDIDATE_FLOORS
+}
+_ALL = {**CONFIGS, **CANDIDATES}
+
+
 # -- data ----------------------------------------------------------------------------------
 
 _CODE_PACKAGES = ("asyncio", "email", "json", "http", "logging", "concurrent", "importlib", "unittest", "xml")
@@ -419,22 +437,25 @@ def _lr_grid(task: Task, config: Config, kind: str = "real") -> list[float]:
     return [base * scale * m for m in GRID]
 
 
-def _edge_rate(records: list[dict[str, Any]], task: str, config: str) -> float | None:
+def _edge_rate(records: list[dict[str, Any]], task: Task, config: Config, kind: str) -> float | None:
     """The next rate past the edge of the tried rates where the best one sits; None if it is inside.
 
-    Only learning-rate runs count (no α/β overrides); the step is the grid's ratio, 3, and the
-    grid goes past its edges at most ``EDGE_EXTENSIONS`` times.
+    Only learning-rate runs count (no α/β overrides); the step is the grid's ratio, 3, and at
+    most ``EDGE_EXTENSIONS`` rates are tried past each end of :func:`_lr_grid`.
     """
     pool = [
-        r for r in records if r["task"] == task and r["config"] == config and r.get("phase") == "tune" and not r["overrides"]
+        r
+        for r in records
+        if r["task"] == task.name and r["config"] == config.label and r.get("phase") == "tune" and not r["overrides"]
     ]
+    grid = _lr_grid(task, config, kind)
     lrs = sorted({r["lr"] for r in pool})
-    if not pool or len(lrs) >= len(GRID) + EDGE_EXTENSIONS:
+    if not pool:
         return None
     best = min(pool, key=lambda r: r["final_val"])["lr"]
-    if math.isclose(best, lrs[-1], rel_tol=1e-9):
+    if math.isclose(best, lrs[-1], rel_tol=1e-9) and sum(lr > max(grid) * 1.01 for lr in lrs) < EDGE_EXTENSIONS:
         return best * 3
-    if math.isclose(best, lrs[0], rel_tol=1e-9):
+    if math.isclose(best, lrs[0], rel_tol=1e-9) and sum(lr < min(grid) / 1.01 for lr in lrs) < EDGE_EXTENSIONS:
         return best / 3
     return None
 
@@ -491,7 +512,7 @@ def _plan(
             if phase == "tune":
                 jobs += [(task, config, lr, seeds[0], {}) for lr in _lr_grid(task, config, kind)]
             elif phase == "tune_edge":
-                lr = _edge_rate(records, task.name, config.label)
+                lr = _edge_rate(records, task, config, kind)
                 if lr is not None:
                     jobs.append((task, config, lr, seeds[0], {}))
             elif phase == "tune_extra" and config.extra_grid:
@@ -503,7 +524,7 @@ def _plan(
                 best = _select(records, task.name, config.label)
                 if best is not None:
                     jobs += [(task, config, best["lr"], s, best["overrides"]) for s in seeds]
-            elif phase == "dropin":
+            elif phase in ("dropin", "candidates"):
                 base = _select(records, task.name, "adamw")
                 lr = base["lr"] if base is not None else _lr_grid(task, CONFIGS["adamw"], kind)[1]
                 jobs += [(task, config, lr, s, {}) for s in seeds]
@@ -514,7 +535,7 @@ def _plan(
 def _worker(args: tuple) -> dict[str, Any]:
     task_name, kind, label, lr, seed, overrides, phase = args
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
-    rec = run_one(TASKS[task_name], kind, CONFIGS[label], lr, seed, overrides)
+    rec = run_one(TASKS[task_name], kind, _ALL[label], lr, seed, overrides)
     rec["phase"] = phase
     return rec
 
@@ -637,6 +658,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
                     f"| {statistics.mean(r['wall_s'] for r in rs):.0f} | {rs[0]['state_bytes_per_param']:.1f} |"
                 )
             lines.append("")
+    lines += _candidates_section(records, tables, seeds)
     tune = [r for r in records if r.get("phase") in ("tune", "tune_extra") and r["model"] == kind]
     if tune:
         lines += ["## Tuning runs (validation loss, one seed)", ""]
@@ -656,6 +678,47 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
     (out / "REPORT.md").write_text(text)
     _plots(tables, out, kind)
     return text
+
+
+def candidate_ranking(records: list[dict], tables: dict, seeds: set[int]) -> list[tuple[str, dict[str, float], float]]:
+    """Per default candidate: the mean paired validation-loss difference to AdamW's drop-in runs
+    per task, and its mean over tasks (sorted, best first; only candidates run on every task)."""
+    ranking = []
+    for label in CANDIDATES:
+        per_task = {}
+        for task in TASKS:
+            base = {r["seed"]: r["final_val"] for r in tables["dropin", task].get("adamw", [])}
+            rs = [r for r in records if r["task"] == task and r["config"] == label and r["seed"] in base]
+            if rs:
+                per_task[task] = statistics.mean(r["final_val"] - base[r["seed"]] for r in rs)
+        if per_task and len(per_task) == len([t for t in TASKS if tables["dropin", t].get("adamw")]):
+            ranking.append((label, per_task, statistics.mean(per_task.values())))
+    return sorted(ranking, key=lambda x: x[2])
+
+
+def _candidates_section(records: list[dict], tables: dict, seeds: set[int]) -> list[str]:
+    ranking = candidate_ranking(records, tables, seeds)
+    if not ranking:
+        return []
+    tasks = list(ranking[0][1])
+    lines = [
+        "## Choosing the default: candidates drop-in at AdamW's lr (validation loss)",
+        "",
+        "Diagonal TO with Adam's bias correction as the intercept's rate, the slope rate α × the floor δ² of "
+        "its normalisation (`norm_floor`); mean over seeds of the paired difference of final *validation* "
+        "loss to AdamW (negative: better); best first.",
+        "",
+        "| candidate | α | δ² | " + " | ".join(tasks) + " | mean |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for label, per_task, mean in ranking:
+        kw = dict(CANDIDATES[label].kwargs)
+        lines.append(
+            f"| {label} | {kw['alpha']:g} | {kw['norm_floor']:g} | "
+            + " | ".join(f"{per_task[t]:+.4f}" for t in tasks)
+            + f" | {mean:+.4f} |"
+        )
+    return [*lines, ""]
 
 
 def _plots(tables: dict[tuple[str, str], dict[str, list[dict]]], out: Path, kind: str) -> None:
@@ -727,7 +790,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--phase",
         nargs="+",
         default=["tune", "tune_extra", "final", "dropin", "report"],
-        choices=("tune", "tune_extra", "final", "dropin", "report"),
+        choices=("tune", "tune_extra", "final", "dropin", "candidates", "report"),
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
@@ -751,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for phase in args.phase:
         if phase == "report":
             print(report(_load(out), out, args.model))
+        elif phase == "candidates":
+            run_phase(phase, tasks, args.model, list(CANDIDATES.values()), args.seeds, out, args.workers)
         elif phase == "tune":
             run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
             for _ in range(EDGE_EXTENSIONS):

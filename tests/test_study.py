@@ -28,7 +28,12 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
     assert study.main([*argv, "--out", str(out)]) == 0
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     tune = [r for r in runs if r["phase"] == "tune"]
-    assert len(tune) == 2 * len(study.GRID), "each optimizer on its lr grid"
+    for label in ("adamw", "to_disp"):
+        grid = study._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS[label], "proxy")
+        lrs = sorted(r["lr"] for r in tune if r["config"] == label)
+        on_grid = [lr for lr in lrs if any(lr == pytest.approx(g) for g in grid)]
+        assert len(on_grid) == len(study.GRID), "each optimizer on its lr grid"
+        assert len(lrs) - len(on_grid) <= 2 * study.EDGE_EXTENSIONS, "edge extensions are bounded"
     lion = study._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS["lion"], "proxy")
     assert lion == pytest.approx([3e-4 * m for m in study.GRID]), "grids are centred on each peer's documented lr"
     assert len([r for r in runs if r["phase"] == "tune_extra"]) == len(study.CONFIGS["to_disp"].extra_grid)
@@ -50,3 +55,22 @@ def test_unknown_optimizer_is_refused_naming_the_known_ones(capsys):
         study.parse_args(["--optimizers", "adamx"])
     assert exc.value.code == 2
     assert "adamx" in capsys.readouterr().err
+
+
+def _tune(lr: float, val: float) -> dict:
+    return {"task": "pydoc_lora", "config": "adamw", "phase": "tune", "overrides": {}, "lr": lr, "final_val": val}
+
+
+def test_the_grid_goes_past_an_edge_where_the_best_rate_sits_at_most_twice():
+    task, config = study.TASKS["pydoc_lora"], study.CONFIGS["adamw"]
+    grid = study._lr_grid(task, config, "proxy")
+    falling = [_tune(lr, 5.0 - i) for i, lr in enumerate(grid)]  # best at the top
+    assert study._edge_rate(falling, task, config, "proxy") == pytest.approx(grid[-1] * 3)
+    rising = [_tune(lr, 5.0 + i) for i, lr in enumerate(grid)]  # best at the bottom
+    assert study._edge_rate(rising, task, config, "proxy") == pytest.approx(grid[0] / 3)
+    inside = [_tune(lr, abs(i - 1)) for i, lr in enumerate(grid)]
+    assert study._edge_rate(inside, task, config, "proxy") is None
+    extended = falling + [_tune(grid[-1] * 3, 0.5), _tune(grid[-1] * 9, 0.1)]
+    assert study._edge_rate(extended, task, config, "proxy") is None, "two extensions past an end at most"
+    tuned_alpha = [*inside, {**_tune(grid[-1], -1.0), "overrides": {"alpha": 0.3}}]
+    assert study._edge_rate(tuned_alpha, task, config, "proxy") is None, "α/β runs do not move the lr edge"

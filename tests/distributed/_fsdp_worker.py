@@ -118,12 +118,21 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
 
 
+def optimizer_kwargs(form: str) -> dict:
+    """``"<estimator>[+fused]"``; the estimator ``displacement`` is the diagonal one regressed on
+    the weights' displacement (``slope_input="displacement"``)."""
+    name, _, variant = form.partition("+")
+    kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
+    if name == "displacement":
+        kw.update(estimator="diagonal", slope_input="displacement")
+    return kw
+
+
 def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counter: CollectiveCounter) -> dict:
     res: dict = {}
     # "<estimator>+fused": fused=True on local shards (on a CPU: the readable path; on CUDA the
     # Triton step of hf_to.gpu, its sums through the group's one all-reduce).
-    name, _, variant = estimator.partition("+")
-    kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
+    kw = optimizer_kwargs(estimator)
 
     # Reference: one process, full batch.
     ref = make_model(0)
@@ -231,8 +240,7 @@ def run_nonfinite(estimator: str, mesh, rank: int, world: int) -> dict:
     the rest on every rank; rank_one skips fc1.weight on every rank, also where the local
     shard is finite; the all-non-finite tensors are skipped everywhere (no rank sees them whole).
     """
-    name, _, variant = estimator.partition("+")
-    kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
+    kw = optimizer_kwargs(estimator)
     ref = make_model(0)
     ref_opt = TrainableOptimizer(param_groups(ref, kw["weight_decay"]), **kw)
     model = shard(make_model(0), mesh)
@@ -270,7 +278,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
-        "--estimators", nargs="+", default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused"]
+        "--estimators",
+        nargs="+",
+        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused", "displacement", "displacement+fused"],
     )
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -283,8 +293,8 @@ def main() -> None:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
     results["nonfinite"] = {
         est: run_nonfinite(est, mesh, rank, world)
-        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
-    }
+        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused", "displacement")
+    }  # the names of test_fsdp.NONFINITE
 
     # Diagnostics: local shard sums, summed over the shard group on request.
     ref = make_model(0)
