@@ -23,17 +23,20 @@ there, so a phase can be interrupted and rerun):
   edge of the rates it has tried, the grid goes on past that edge (× or ÷ 3, at most
   ``EDGE_EXTENSIONS`` times), the same rule for every optimizer;
 * ``tune_extra``: TO forms on their α/β grid at their best rate;
-* ``final``: each optimizer at its best validation config, ``--seeds`` (≥ 3);
+* ``final``: each optimizer at its best validation config, ``--seeds`` (≥ 3; fresh seeds,
+  not the tuning one, ``--tune-seed``);
 * ``dropin``: each optimizer at AdamW's tuned lr with its own defaults, ``--seeds``;
+* ``candidates``: the default's candidate forms (``CANDIDATES``) drop-in, ``--seeds``;
 * ``report``: tables (tuned and drop-in per task; test loss mean ± std, paired differences
   against AdamW, steps to reach AdamW's final validation loss, wall time, state bytes per
-  parameter) into ``<out>/REPORT.md`` and loss plots (vs step and vs wall time).
+  parameter; the candidates ranked on validation) into ``<out>/REPORT.md`` and loss plots (vs
+  step and vs wall time).
 
 Usage (from the repository root)::
 
-    python recipes/study.py --model proxy --phase tune final dropin report --out runs/study-proxy
+    python recipes/study.py --model proxy --workers 2 --out runs/study-proxy
     python recipes/study.py --model real --tasks pydoc_lora --phase dropin report --out runs/study-real \\
-        --optimizers adamw to to_default --seeds 0 1 2
+        --optimizers adamw to_adamwarm --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -789,10 +792,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--phase",
         nargs="+",
-        default=["tune", "tune_extra", "final", "dropin", "report"],
+        default=["tune", "tune_extra", "final", "dropin", "candidates", "report"],
         choices=("tune", "tune_extra", "final", "dropin", "candidates", "report"),
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[1, 2, 3], help="the reported seeds (final, dropin, candidates)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
     parser.add_argument("--out", default="runs/study")
@@ -816,10 +822,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report(_load(out), out, args.model))
         elif phase == "candidates":
             run_phase(phase, tasks, args.model, list(CANDIDATES.values()), args.seeds, out, args.workers)
-        elif phase == "tune":
-            run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
-            for _ in range(EDGE_EXTENSIONS):
-                run_phase("tune_edge", tasks, args.model, configs, args.seeds, out, args.workers)
+        elif phase in ("tune", "tune_extra"):
+            run_phase(phase, tasks, args.model, configs, [args.tune_seed], out, args.workers)
+            for _ in range(EDGE_EXTENSIONS if phase == "tune" else 0):
+                run_phase("tune_edge", tasks, args.model, configs, [args.tune_seed], out, args.workers)
         else:
             run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
     print(f"[study] wrote {out}/runs.jsonl, {out}/REPORT.md and plots", flush=True)
