@@ -131,6 +131,13 @@ class TrainableOptimizer(Optimizer):
             until the step diverges.
         anchor_rate: the rate :math:`\gamma` of the anchor's EMA with
             ``slope_input="displacement"`` (default: 0.1).
+        nesterov: step along :math:`\hat G_{t+1}(w_t) + \beta_t (g_t - \hat G_{t+1}(w_t))`, the
+            estimate after one more intercept step on the same gradient (the estimator's
+            look-ahead, as Nesterov's momentum looks one step ahead), instead of
+            :math:`\hat G_{t+1}(w_t)`.  With ``estimator="none"`` and the Adam preconditioner it
+            is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
+            :math:`\beta_1`.  Default ``False``; experimental: it runs on the readable path
+            only (no C or Triton kernel yet), see the fine-tuning study.
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -199,6 +206,7 @@ class TrainableOptimizer(Optimizer):
         beta_warmup: bool | Literal["adam"] = "adam",
         slope_input: str = "weights",
         anchor_rate: float = 0.1,
+        nesterov: bool = False,
         max_full_numel: int = 4096,
         diagnostics: bool = False,
         fused: bool | None = None,
@@ -220,6 +228,7 @@ class TrainableOptimizer(Optimizer):
             beta_warmup=beta_warmup,
             slope_input=slope_input,
             anchor_rate=anchor_rate,
+            nesterov=nesterov,
             max_full_numel=max_full_numel,
             fused=fused,
             state_dtype=state_dtype,
@@ -273,6 +282,7 @@ class TrainableOptimizer(Optimizer):
             group.setdefault("beta_warmup", True)
             group.setdefault("slope_input", "weights")
             group.setdefault("anchor_rate", 0.1)
+            group.setdefault("nesterov", False)
             group.setdefault("max_full_numel", 4096)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
@@ -400,6 +410,7 @@ class TrainableOptimizer(Optimizer):
                 beta_warmup=group["beta_warmup"],
                 slope_input=group["slope_input"],
                 anchor_rate=group["anchor_rate"],
+                nesterov=group["nesterov"],
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
                 fused=group["fused"],
@@ -556,6 +567,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     )
     checks.append(("fused", group["fused"], group["fused"] in (None, True, False), "None, True or False"))
     checks.append(("capturable", group["capturable"], isinstance(group["capturable"], bool), "True or False"))
+    checks.append(("nesterov", group["nesterov"], isinstance(group["nesterov"], bool), "True or False"))
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
@@ -664,6 +676,7 @@ def trainable_to(
     beta_warmup: bool | str = "adam",
     slope_input: str = "weights",
     anchor_rate: float = 0.1,
+    nesterov: bool = False,
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,
@@ -703,9 +716,10 @@ def trainable_to(
         reduce_stats=reduce_stats,
     )
     # The C kernel implements the weights form (every warm-up); the Triton kernels every form
-    # of the diagonal, rank-one and none estimators.  The rest take the readable path.
+    # of the diagonal, rank-one and none estimators.  The rest, and the Nesterov direction
+    # (experimental), take the readable path.
     native_form = slope_input == "weights"
-    if fused is not False:
+    if fused is not False and not nesterov:
         if (
             native_form
             and reduce_stats is None
@@ -724,13 +738,20 @@ def trainable_to(
     if capturable and local_view(params[0]).device.type == "cuda":
         raise RuntimeError(
             f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
-            f"slope_input={slope_input!r}) cannot take the Triton step of hf_to.gpu (estimators "
+            f"slope_input={slope_input!r}, nesterov={nesterov!r}) cannot take the Triton step of hf_to.gpu (estimators "
             f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
             "installed), and the readable path reads step counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
     return _readable_trainable_to(
-        params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
+        params,
+        grads,
+        states,
+        estimator=estimator,
+        slope_input=slope_input,
+        anchor_rate=anchor_rate,
+        nesterov=nesterov,
+        **common,
     )
 
 
@@ -771,6 +792,7 @@ def _readable_trainable_to(
     estimator: str,
     slope_input: str = "weights",
     anchor_rate: float = 0.1,
+    nesterov: bool = False,
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
@@ -786,9 +808,12 @@ def _readable_trainable_to(
             grads=grads,
             estimator=strategy,
             anchor_rate=anchor_rate,
+            nesterov=nesterov,
             **common,
         )
-    return _single_tensor_trainable_to(params, grads, states, estimator=strategy, anchor_rate=anchor_rate, **common)
+    return _single_tensor_trainable_to(
+        params, grads, states, estimator=strategy, anchor_rate=anchor_rate, nesterov=nesterov, **common
+    )
 
 
 def _native_trainable_to(
@@ -846,6 +871,7 @@ def _single_tensor_trainable_to(
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
     anchor_rate: float = 0.1,
+    nesterov: bool = False,
 ) -> dict[str, Tensor] | None:
     device = grads[0].device
     move_anchor = getattr(estimator, "move_anchor", None)
@@ -896,6 +922,7 @@ def _single_tensor_trainable_to(
         first = state["step"].item() == 0
         state["step"] += 1
         named = {k: v.to(bf.device) for k, v in zip(estimator.stat_names, row[1:])}
+        rate = intercept_rate(beta, state["step"].item(), beta_warmup)
         g_hat, r = estimator.step(
             state,
             w,
@@ -904,7 +931,7 @@ def _single_tensor_trainable_to(
             named,
             n=n,
             alpha=alpha,
-            beta=intercept_rate(beta, state["step"].item(), beta_warmup),
+            beta=rate,
             normalize=normalize,
             floor=floor,
             first=first,
@@ -918,6 +945,9 @@ def _single_tensor_trainable_to(
             stats["grad_sq"] += torch.dot(gf, gf).to(device)
             h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
             stats["estimate_sq"] += torch.dot(h, h).to(device)
+        if nesterov:
+            # One more intercept step on this gradient: Ĝ + β_t (g − Ĝ) (see TrainableOptimizer).
+            g_hat.add_(gf - g_hat, alpha=rate)
 
         if adam:
             v = state["exp_avg_sq"].view(-1)

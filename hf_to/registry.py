@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in ("diagonal", "rank_one", "full", "none")},
     # The intercept's running-mean warm-up β_t = max(β, 1/t) (the default until 2026-11-30).
     "to_running_mean": {"estimator": "diagonal", "beta_warmup": True},
+    # The estimator's look-ahead (experimental, readable path): Ĝ + β_t (g − Ĝ).
+    "to_nesterov": {"estimator": "diagonal", "nesterov": True},
 }
 
 

@@ -14,6 +14,8 @@ adan        ``Adan``                            pytorch-optimizer     1
 mars        ``MARS`` (``mars_type="adamw"``)    pytorch-optimizer     3
 lion        ``Lion``                            pytorch-optimizer     0.1
 sf_adamw    ``AdamWScheduleFree``               schedulefree          2.5
+nadamw      ``torch.optim.NAdam``               torch                 2
+            (``decoupled_weight_decay=True``)
 to          ``hf_to.TrainableOptimizer``        hf_to                 1
 =========== =================================== ===================== ========
 
@@ -68,6 +70,8 @@ PEERS: dict[str, Peer] = {
         Peer("mars", "pytorch_optimizer", "MARS", "pytorch-optimizer", 3.0, (("mars_type", "adamw"),)),
         Peer("lion", "pytorch_optimizer", "Lion", "pytorch-optimizer", 0.1),
         Peer("sf_adamw", "schedulefree", "AdamWScheduleFree", "schedulefree", 2.5, schedule_free=True),
+        # AdamW with Nesterov momentum (torch's default lr 2e-3); the peer for TO's look-ahead.
+        Peer("nadamw", "torch.optim", "NAdam", "torch", 2.0, (("decoupled_weight_decay", True),)),
         Peer("to", "hf_to", "TrainableOptimizer", "hf-to", 1.0),
     )
 }

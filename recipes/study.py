@@ -130,6 +130,7 @@ CONFIGS: dict[str, Config] = {
         Config("mars", "mars"),
         Config("lion", "lion"),
         Config("sf_adamw", "sf_adamw"),
+        Config("nadamw", "nadamw"),
         # TO: today's default form, the bias-corrected intercept, the displacement-regressed slope.
         Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True)), _TO_GRID),
         Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam")), _TO_GRID),
@@ -138,6 +139,9 @@ CONFIGS: dict[str, Config] = {
         Config("to_a1", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 1.0))),
         Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam")), _TO_GRID),
         Config("to_disp", "to", _DISP, _DISP_GRID),
+        # The estimator's look-ahead (nesterov=True), with and without the slope (ablation).
+        Config("to_nesterov", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("nesterov", True)), _TO_GRID),
+        Config("to_none_nesterov", "to", (("estimator", "none"), ("beta_warmup", "adam"), ("nesterov", True))),
     )
 }
 

@@ -3,7 +3,8 @@
 * ``slope_input="displacement"``: :math:`\\hat G(w) = a\\odot(w-\\bar w) + b`, the anchor
   :math:`\\bar w` an EMA of the weights (same model class as the paper's, reparametrised);
 * ``beta_warmup="adam"``: :math:`\\beta_t = \\beta/(1-(1-\\beta)^t)`, Adam's bias correction as
-  an intercept rate (with ``estimator="none"`` the optimizer is AdamW).
+  an intercept rate (with ``estimator="none"`` the optimizer is AdamW);
+* ``nesterov=True``: the step along :math:`\\hat G + \\beta_t (g - \\hat G)`, the estimator's look-ahead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ FORMS = {
     "adam_warmup_diagonal": {"beta_warmup": "adam"},
     "adam_warmup_rank_one": {"estimator": "rank_one", "beta_warmup": "adam"},
     "adam_warmup_none": {"estimator": "none", "beta_warmup": "adam"},
+    "nesterov_diagonal": {"nesterov": True},
+    "nesterov_rank_one": {"estimator": "rank_one", "nesterov": True, "weight_decay": 0.1},
+    "nesterov_none": {"estimator": "none", "nesterov": True},
+    "nesterov_paper": {"nesterov": True, "preconditioner": "none", "alpha_scaling": "none", "beta_warmup": False},
 }
 
 
@@ -213,8 +218,57 @@ def test_checkpoint_resumes_exactly_under_another_default_form(written_with):
         ({"anchor_rate": 1.5}, "Invalid anchor_rate"),
         ({"beta_warmup": "bias"}, "Invalid beta_warmup"),
         ({"beta_warmup": 1}, "Invalid beta_warmup"),
+        ({"nesterov": 1}, "Invalid nesterov"),
     ],
 )
 def test_invalid_form_arguments_raise_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainableOptimizer([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_nesterov_steps_along_the_estimate_after_one_more_intercept_step():
+    """One step, by hand: with A ≡ 0, no preconditioner and a constant β the direction is
+    b₂ + β (g₂ − b₂), b₂ = b₁ + β (g₂ − b₁) and b₁ = g₁; without ``nesterov`` it is b₂."""
+    g1, g2 = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])
+    beta, lr = 0.25, 0.1
+    moved = {}
+    for nesterov in (False, True):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = TrainableOptimizer(
+            [p], lr=lr, estimator="none", beta=beta, preconditioner="none", beta_warmup=False, nesterov=nesterov
+        )
+        for g in (g1, g2):
+            p.grad = g.clone()
+            opt.step()
+        moved[nesterov] = p.detach().clone()
+    b2 = g1 + beta * (g2 - g1)
+    torch.testing.assert_close(moved[False], -lr * g1 - lr * b2)
+    torch.testing.assert_close(moved[True], -lr * (g1 + beta * (g1 - g1)) - lr * (b2 + beta * (g2 - b2)))
+
+
+def test_a_checkpoint_without_nesterov_resumes_without_it():
+    """Checkpoints written before the keyword existed carry no ``nesterov``: they resume as
+    they were written (the plain step), whatever the new optimizer was constructed with."""
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4, 3, generator=gen) for _ in range(8)]
+    p = torch.nn.Parameter(w0.clone())
+    straight = TrainableOptimizer([p], lr=0.01)
+    q = torch.nn.Parameter(w0.clone())
+    first = TrainableOptimizer([q], lr=0.01)
+    for i, g in enumerate(grads):
+        for x, o in ((p, straight), (q, first)):
+            if i < 4 or o is straight:
+                x.grad = g.clone()
+                o.step()
+    saved = first.state_dict()
+    for group in saved["param_groups"]:
+        del group["nesterov"]
+    resumed = TrainableOptimizer([q], lr=0.01, nesterov=True)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["nesterov"] is False
+    for g in grads[4:]:
+        q.grad = g.clone()
+        resumed.step()
+    assert torch.equal(p, q)
