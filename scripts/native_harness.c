@@ -1,8 +1,9 @@
 /* Times hf_to/native.c's to_step on 8 x 2M float32 parameters, without Python (best of 9).
  *
  *   gcc -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math scripts/native_harness.c -o /tmp/harness -lm
- *   /tmp/harness ESTIMATOR ADAM BF16_STATE     # ESTIMATOR: 0 diagonal, 1 rank-one, 2 none
+ *   /tmp/harness ESTIMATOR ADAM BF16_STATE [NORMALIZE]  # ESTIMATOR: 0 diagonal, 1 rank-one, 2 none
  *   /tmp/harness 0 1 0; /tmp/harness 0 1 1     # the default form, fp32 and bf16 state
+ *   /tmp/harness 0 0 0 0                       # the paper diagonal (no Adam, raw rate)
  *
  * Add -DHF_TO_CONSTANT_ROUNDING_NOISE to replace the stochastic-rounding hash by a constant
  * (what docs/speed.md uses to show that the hash is not what bf16 state costs).  One thread.
@@ -20,7 +21,7 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     if (argc < 4) { fprintf(stderr, "usage: %s ESTIMATOR ADAM BF16_STATE\n", argv[0]); return 2; }
-    int est = atoi(argv[1]), adam = atoi(argv[2]), bf16 = atoi(argv[3]);
+    int est = atoi(argv[1]), adam = atoi(argv[2]), bf16 = atoi(argv[3]), norm = argc > 4 ? atoi(argv[4]) : 1;
     enum { K = 8 };
     const int64_t n = 2048 * 1024;
     static double scratch[1 << 20];
@@ -38,7 +39,7 @@ int main(int argc, char **argv) {
         grads[t] = g;
     }
     to_config cfg = {.lr = 1e-3, .decay = 1.0, .alpha = 0.1, .beta = 0.1, .beta2 = 0.999, .eps = 1e-8,
-                     .floor = 1e-3, .warmup = 1, .adam = adam, .normalize = 1, .diagnostics = 0,
+                     .floor = 1e-3, .warmup = 1, .adam = adam, .normalize = norm, .diagnostics = 0,
                      .pdtype = F32, .sdtype = bf16 ? BF16 : F32, .estimator = est, .nthreads = 1};
     for (int r = 0; r < 3; ++r) to_step(ts, K, &cfg, scratch, 1 << 20, grads);
     double best = 1e9;
@@ -48,6 +49,7 @@ int main(int argc, char **argv) {
         double dt = now() - t0;
         if (dt < best) best = dt;
     }
-    printf("estimator %d adam %d bf16 state %d: %.2f ms\n", est, adam, bf16, best * 1e3);
+    if (argc > 4) printf("estimator %d adam %d bf16 state %d normalize %d: %.2f ms\n", est, adam, bf16, norm, best * 1e3);
+    else printf("estimator %d adam %d bf16 state %d: %.2f ms\n", est, adam, bf16, best * 1e3);
     return 0;
 }
