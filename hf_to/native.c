@@ -10,8 +10,9 @@
  *   A <- A - alpha_t * dA(r, w)            (diagonal: a -= alpha r w / (w^2 + mean(w^2) + floor))
  *   b <- b - beta_t r                      (beta_t = max(beta, 1/t) with the warm-up)
  *   G  = A w + b                           (the estimate, after the estimator step)
+ *   d  = G, or G + beta_t (g - G)          (nesterov: one more intercept step on the same g)
  *   v2 <- beta2 v2 + (1 - beta2) g^2       (Adam preconditioner, optional)
- *   w <- (1 - lr wd) w - lr G / (sqrt(v2 / (1 - beta2^t)) + eps)
+ *   w <- (1 - lr wd) w - lr d / (sqrt(v2 / (1 - beta2^t)) + eps)
  *
  * Whole-tensor sums that the step needs *before* it writes (w'w for the normalised rate;
  * v'w, u'u, u'b for rank-one) are sums of values the previous step wrote, so the previous
@@ -76,6 +77,7 @@ typedef struct {
     double lr, decay, alpha, beta, beta2, eps, floor;
     int32_t warmup, adam, normalize, diagnostics;
     int32_t pdtype, sdtype, estimator, nthreads;
+    int32_t nesterov;    /* step along gh + beta_t (g - gh) instead of gh */
 } to_config;
 
 /* -- storage conversions ------------------------------------------------------------- */
@@ -303,7 +305,7 @@ typedef struct {  /* per-tensor scalars of one step, float32 as in the readable 
 
 __attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
                               int64_t hi, double *out, const int pt, const int st, const int est,
-                              const int adam, const int norm) {
+                              const int nest, const int adam, const int norm) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
     /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
@@ -361,13 +363,14 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             gh = bn;
         }
         store_state(B, i, bn, ok, st, seed_b);
-        float d = gh;
+        /* Nesterov: one more intercept step on the same gradient (the readable path's add_) */
+        float d = nest ? gh + beta * (g - gh) : gh;
         if (adam) {
             float v2 = load(V2, i, st);
             /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
             float v2n = v2 * beta2 + (one_minus_beta2 * g) * g;
             store_state(V2, i, v2n, ok, st, seed_v2);
-            d = gh / (sqrtf(v2n / bc2) + eps);
+            d = d / (sqrtf(v2n / bc2) + eps);
         }
         store_param(W, i, w * decay - lr * d, ok, pt);
         bad += ok ? 0.0f : 1.0f;
@@ -420,13 +423,15 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     S->seed_v2 = seed_of(*T->step, 5);
 }
 
-#define STEP_CASE(PT, ST, EST, ADAM, NORM)                                                    \
-    case EST * 4 + ADAM * 2 + NORM:                                                           \
-        step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST, ADAM, NORM);                 \
+#define STEP_CASE(PT, ST, EST, NEST, ADAM, NORM)                                              \
+    case EST * 8 + NEST * 4 + ADAM * 2 + NORM:                                                \
+        step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST, NEST, ADAM, NORM);           \
         break;
 #define STEP_CASES(PT, ST, EST)                                                               \
-    STEP_CASE(PT, ST, EST, 0, 0) STEP_CASE(PT, ST, EST, 0, 1)                                  \
-    STEP_CASE(PT, ST, EST, 1, 0) STEP_CASE(PT, ST, EST, 1, 1)
+    STEP_CASE(PT, ST, EST, 0, 0, 0) STEP_CASE(PT, ST, EST, 0, 0, 1)                            \
+    STEP_CASE(PT, ST, EST, 0, 1, 0) STEP_CASE(PT, ST, EST, 0, 1, 1)                            \
+    STEP_CASE(PT, ST, EST, 1, 0, 0) STEP_CASE(PT, ST, EST, 1, 0, 1)                            \
+    STEP_CASE(PT, ST, EST, 1, 1, 0) STEP_CASE(PT, ST, EST, 1, 1, 1)
 
 /* One step of every tensor (none is on its first step), grads[t] the gradient of ts[t].  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
@@ -435,6 +440,8 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     int rc = 0;
     const int est = cfg->estimator;
     if (k <= 0) return 0;
+    /* Flags select the compiled variant: anything but 0/1 would match none of them. */
+    if ((uint32_t)cfg->nesterov > 1u || (uint32_t)cfg->adam > 1u || (uint32_t)cfg->normalize > 1u) return -3;
     /* The gradients are new tensors at most steps: their pointers come as one array. */
     for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
     if (!descriptors_ok(ts, k, cfg, 1)) return -3;
@@ -474,7 +481,7 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
         int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
         if (!run[t]) continue;                                                                \
         double *out = &L.part[j * NSUMS];                                                     \
-        switch (est * 4 + cfg->adam * 2 + cfg->normalize) {                                    \
+        switch (est * 8 + cfg->nesterov * 4 + cfg->adam * 2 + cfg->normalize) {               \
         STEP_CASES(PT, ST, EST_DIAGONAL)                                                      \
         STEP_CASES(PT, ST, EST_RANK_ONE)                                                      \
         STEP_CASES(PT, ST, EST_NONE)                                                          \
@@ -503,5 +510,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 4; }
+int to_abi_version(void) { return 5; }
 int to_has_float16(void) { return HAS_F16; }

@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 4
+_ABI = 5
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -91,7 +91,17 @@ class _Config(ctypes.Structure):
         *((name, ctypes.c_double) for name in ("lr", "decay", "alpha", "beta", "beta2", "eps", "floor")),
         *(
             (name, ctypes.c_int32)
-            for name in ("warmup", "adam", "normalize", "diagnostics", "pdtype", "sdtype", "estimator", "nthreads")
+            for name in (
+                "warmup",
+                "adam",
+                "normalize",
+                "diagnostics",
+                "pdtype",
+                "sdtype",
+                "estimator",
+                "nthreads",
+                "nesterov",
+            )
         ),
     ]
 
@@ -362,6 +372,7 @@ def native_step(
     beta_warmup: bool | str,
     diagnostics: bool,
     plans: dict | None = None,
+    nesterov: bool = False,
 ) -> dict[str, Tensor] | None:
     """One TO step of tensors past their first step (same math and result as the readable path).
 
@@ -462,6 +473,7 @@ def native_step(
         sdtype=_SDTYPES[sdtype],
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
+        nesterov=int(nesterov),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))

@@ -136,8 +136,9 @@ class TrainableOptimizer(Optimizer):
             look-ahead, as Nesterov's momentum looks one step ahead), instead of
             :math:`\hat G_{t+1}(w_t)`.  With ``estimator="none"`` and the Adam preconditioner it
             is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
-            :math:`\beta_1`.  Default ``False``; experimental: it runs on the readable path
-            only (no C or Triton kernel yet), see the fine-tuning study.
+            :math:`\beta_1`.  Default ``False``; experimental (see the fine-tuning study): the C
+            kernel and the readable path have it, the Triton step not yet (CUDA groups take
+            the readable path).
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -715,11 +716,11 @@ def trainable_to(
         diagnostics=diagnostics,
         reduce_stats=reduce_stats,
     )
-    # The C kernel implements the weights form (every warm-up); the Triton kernels every form
-    # of the diagonal, rank-one and none estimators.  The rest, and the Nesterov direction
-    # (experimental), take the readable path.
+    # The C kernel implements the weights form (every warm-up, the Nesterov direction); the
+    # Triton kernels every form of the diagonal, rank-one and none estimators but the Nesterov
+    # direction.  The rest take the readable path.
     native_form = slope_input == "weights"
-    if fused is not False and not nesterov:
+    if fused is not False:
         if (
             native_form
             and reduce_stats is None
@@ -727,8 +728,10 @@ def trainable_to(
             and native.available()
         ):
             common["lr"] = float(lr)
-            return _native_trainable_to(params, grads, states, estimator=estimator, plans=native_plans, **common)
-        gpu = _gpu_step(estimator, params)
+            return _native_trainable_to(
+                params, grads, states, estimator=estimator, plans=native_plans, nesterov=nesterov, **common
+            )
+        gpu = None if nesterov else _gpu_step(estimator, params)
         if gpu is not None:
             out = gpu.triton_trainable_to(
                 params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
@@ -823,6 +826,7 @@ def _native_trainable_to(
     *,
     estimator: str,
     plans: dict | None,
+    nesterov: bool = False,
     **common: Any,
 ) -> dict[str, Tensor] | None:
     """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
@@ -832,7 +836,7 @@ def _native_trainable_to(
     if any(first):
         pick = [i for i, f in enumerate(first) if f]
         sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _readable_trainable_to(*sub, estimator=estimator, **common)
+        out = _readable_trainable_to(*sub, estimator=estimator, nesterov=nesterov, **common)
     if not all(first):
         pick = [i for i, f in enumerate(first) if not f]
         skip = ("intercept_from_gradient", "reduce_stats")
@@ -842,6 +846,7 @@ def _native_trainable_to(
             [states[i] for i in pick],
             estimator=estimator,
             plans=plans,
+            nesterov=nesterov,
             **{k: v for k, v in common.items() if k not in skip},
         )
         if out is None:

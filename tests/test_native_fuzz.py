@@ -59,9 +59,10 @@ def _config(rng: random.Random) -> dict:
         preconditioner=rng.choice(["adam", "adam", "none"]),
         weight_decay=rng.choice([0.0, 0.1]),
         alpha_scaling=rng.choice(["normalized", "normalized", "none"]),
-        beta_warmup=rng.random() < 0.8,
+        beta_warmup=rng.choice([True, True, "adam", "adam", False]),
         pdtype=rng.choice(pdtypes),
         state_dtype=rng.choice([None, None, torch.bfloat16]),
+        nesterov=rng.random() < 0.3,
     )
 
 
