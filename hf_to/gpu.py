@@ -367,7 +367,7 @@ def _update_tile(
     live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
     lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
     EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
-    PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr,
+    PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
     """One tile of the step.  Entries not stepped (a non-finite gradient entry of diagonal/none,
     every entry of a skipped tensor) are written back as they were, bit for bit, so that full
@@ -412,10 +412,12 @@ def _update_tile(
         h = tl.where(ok, g_hat, 0.0)
         d_hh += h * h
     d = g_hat
+    if NESTEROV:  # one more intercept step on the same gradient
+        d = g_hat + beta_t * (gz - g_hat)
     if ADAM:
         v2 = _load(v2p, idx, m, MASKED)
         v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
-        d = g_hat / (tl.sqrt(v2_new / bc2) + eps)
+        d = d / (tl.sqrt(v2_new / bc2) + eps)
         _store_state(v2p, idx, tl.where(ok, v2_new, v2), m, step_i64, 5, SD, MASKED)
     w_new = w * decay - lr * d
     _store_param(wp, idx, tl.where(ok, w_new, w), m, PD, MASKED)
@@ -466,6 +468,7 @@ def _update(
     WARMUP: tl.constexpr,
     SEED_INTERCEPT: tl.constexpr,
     DIAGNOSTICS: tl.constexpr,
+    NESTEROV: tl.constexpr,
     PD: tl.constexpr,
     GD: tl.constexpr,
     SD: tl.constexpr,
@@ -548,14 +551,14 @@ def _update(
             wp, gp, bp, s1p, s2p, v2p, tl.multiple_of(off, BLOCK_), end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
             lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
-            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False,
+            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False, NESTEROV,
         )  # fmt: skip
     if full < end:  # the tail
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, full, end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
             lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
-            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True,
+            EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True, NESTEROV,
         )  # fmt: skip
     if DIAGNOSTICS:
         tl.store(D + 3 * c, _sum(d_rr, 0))
@@ -659,6 +662,7 @@ def triton_trainable_to(
     reduce_stats: Callable[[Tensor], Tensor] | None,
     slope_input: str = "weights",
     anchor_rate: float = 0.1,
+    nesterov: bool = False,
     chunk: int | None = None,
     block: int | None = None,
 ) -> dict[str, Tensor] | None:
@@ -783,6 +787,7 @@ def triton_trainable_to(
             WARMUP=_WARMUPS[beta_warmup],
             SEED_INTERCEPT=intercept_from_gradient,
             DIAGNOSTICS=diagnostics,
+            NESTEROV=bool(nesterov),
             **codes,
         )
     if not diagnostics:

@@ -136,9 +136,7 @@ class TrainableOptimizer(Optimizer):
             look-ahead, as Nesterov's momentum looks one step ahead), instead of
             :math:`\hat G_{t+1}(w_t)`.  With ``estimator="none"`` and the Adam preconditioner it
             is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
-            :math:`\beta_1`.  Default ``False``; experimental (see the fine-tuning study): the C
-            kernel and the readable path have it, the Triton step not yet (CUDA groups take
-            the readable path).
+            :math:`\beta_1`.  Default ``False``; experimental (see the fine-tuning study).
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -717,8 +715,8 @@ def trainable_to(
         reduce_stats=reduce_stats,
     )
     # The C kernel implements the weights form (every warm-up, the Nesterov direction); the
-    # Triton kernels every form of the diagonal, rank-one and none estimators but the Nesterov
-    # direction.  The rest take the readable path.
+    # Triton kernels every form of the diagonal, rank-one and none estimators.  The rest take
+    # the readable path.
     native_form = slope_input == "weights"
     if fused is not False:
         if (
@@ -731,10 +729,17 @@ def trainable_to(
             return _native_trainable_to(
                 params, grads, states, estimator=estimator, plans=native_plans, nesterov=nesterov, **common
             )
-        gpu = None if nesterov else _gpu_step(estimator, params)
+        gpu = _gpu_step(estimator, params)
         if gpu is not None:
             out = gpu.triton_trainable_to(
-                params, grads, states, estimator=estimator, slope_input=slope_input, anchor_rate=anchor_rate, **common
+                params,
+                grads,
+                states,
+                estimator=estimator,
+                slope_input=slope_input,
+                anchor_rate=anchor_rate,
+                nesterov=nesterov,
+                **common,
             )
             if out is not NotImplemented:
                 return out

@@ -58,6 +58,7 @@ def variants(quick: bool) -> list[tuple[str, dict]]:
                 out.append(("_partials", dict(EST=est, K=k, NORMALIZE=bool(norm), **codes)))
                 flags = dict(ROWS_GIVEN=bool(rows), LR_TENSOR=bool(lr_t), NORMALIZE=bool(norm), ADAM=bool(adam))
                 flags |= dict(WARMUP=bool(warm), SEED_INTERCEPT=bool(seed), DIAGNOSTICS=bool(diag))
+                flags |= dict(NESTEROV=warm == 2)  # the "adam" warm-up form also with the Nesterov direction
                 out.append(("_update", dict(EST=est, K=k, KP=kp, RB=64, **flags, **codes)))
         out.append(("_rows", dict(K=k, KP=kp, RB=64)))
     unique = {(name, tuple(sorted(c.items()))): (name, c) for name, c in out}

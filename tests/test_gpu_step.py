@@ -432,6 +432,9 @@ FORMS_OF_MAIN = {
     "displacement": {"slope_input": "displacement", "anchor_rate": 0.2},
     "displacement_raw_paper": {**PAPER, "slope_input": "displacement"},
     "adam_warmup": {"beta_warmup": "adam", "weight_decay": 0.1},
+    "nesterov": {"nesterov": True, "weight_decay": 0.1},
+    "nesterov_displacement": {"slope_input": "displacement", "nesterov": True},
+    "nesterov_rank_one": {"nesterov": True, "beta_warmup": "adam"},
 }
 
 
@@ -439,6 +442,7 @@ FORMS_OF_MAIN = {
 @pytest.mark.parametrize("form", sorted(FORMS_OF_MAIN))
 def test_displacement_slope_and_adam_warmup_forms_equal_the_reference_over_50_steps(form, dtype):
     estimator = "none" if form == "adam_warmup" and dtype == torch.bfloat16 else "diagonal"
+    estimator = "rank_one" if form == "nesterov_rank_one" else estimator
     groups = [([(0,), (9, 11), (7,)], FORMS_OF_MAIN[form])]
     (fast, opt_fast), (ref, opt_ref) = _pair(groups, dtype, estimator=estimator)
     launches = gpu.launches
