@@ -76,8 +76,10 @@ class TrainableOptimizer(Optimizer):
         &\quad \beta_t = \beta / (1 - (1-\beta)^{t+1}) \ \text{(default)},\
                \max(\beta, 1/(t+1)) \text{ or } \beta \ \text{(paper)} && \text{intercept rate} \\
         &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
-        &\quad d_t = \hat G_t \ \text{(paper)}\quad\text{or}\quad
-               d_t = \hat G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
+        &\quad \tilde G_t = \hat G_t + \beta_t (g_t - \hat G_t) \ \text{(default)}
+               \ \text{or}\ \hat G_t \ \text{(paper)}              && \text{look-ahead} \\
+        &\quad d_t = \tilde G_t \ \text{(paper)}\quad\text{or}\quad
+               d_t = \tilde G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
                v_{t+1} = \beta_2 v_t + (1-\beta_2) g_t^2     && \text{preconditioner} \\
         &\quad w_{t+1} = (1 - \gamma\lambda)\, w_t - \gamma\, d_t && \text{weights}
         \end{aligned}
@@ -85,7 +87,7 @@ class TrainableOptimizer(Optimizer):
     The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.estimators`):
     ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
     ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
-    with ``preconditioner="none", beta_warmup=False`` it is
+    with ``preconditioner="none", beta_warmup=False, nesterov=False`` it is
     ``SGD(momentum=1-β, dampening=1-β)``).  With the normalised slope rate (default) the
     :math:`\alpha` above is divided per structure by the squared norm of the estimator's input
     Jacobian plus a floor (see :mod:`hf_to.estimators`).
@@ -93,7 +95,8 @@ class TrainableOptimizer(Optimizer):
     The default ``preconditioner="adam"`` makes the step size independent of the gradient
     scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
     paper-literal update is ``preconditioner="none", alpha_scaling="none",
-    intercept_init="zero", beta_warmup=False`` (registered as ``"to_paper_<estimator>"``).
+    intercept_init="zero", beta_warmup=False, nesterov=False`` (registered as
+    ``"to_paper_<estimator>"``).
     The measurements behind each default are in ``docs/design-decisions.md``.
 
     Args:
@@ -136,7 +139,9 @@ class TrainableOptimizer(Optimizer):
             look-ahead, as Nesterov's momentum looks one step ahead), instead of
             :math:`\hat G_{t+1}(w_t)`.  With ``estimator="none"`` and the Adam preconditioner it
             is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
-            :math:`\beta_1`.  Default ``False``; experimental (see the fine-tuning study).
+            :math:`\beta_1`.  Default ``True`` since 2026-11-30 (chosen by the fine-tuning study;
+            ``False`` is the paper's step, ``"to_without_nesterov"`` in the registry).
+            Checkpoints written before the keyword existed resume with ``False``.
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
@@ -205,7 +210,7 @@ class TrainableOptimizer(Optimizer):
         beta_warmup: bool | Literal["adam"] = "adam",
         slope_input: str = "weights",
         anchor_rate: float = 0.1,
-        nesterov: bool = False,
+        nesterov: bool = True,
         max_full_numel: int = 4096,
         diagnostics: bool = False,
         fused: bool | None = None,

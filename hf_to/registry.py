@@ -34,16 +34,17 @@ PAPER_LITERAL: dict[str, Any] = {
     "alpha_scaling": "none",
     "intercept_init": "zero",
     "beta_warmup": False,
+    "nesterov": False,
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "trainable_to": {},
     **{f"to_{e}": {"estimator": e} for e in ("diagonal", "rank_one", "full", "none")},
     **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in ("diagonal", "rank_one", "full", "none")},
-    # The intercept's running-mean warm-up β_t = max(β, 1/t) (the default until 2026-11-30).
-    "to_running_mean": {"estimator": "diagonal", "beta_warmup": True},
-    # The estimator's look-ahead (experimental, readable path): Ĝ + β_t (g − Ĝ).
-    "to_nesterov": {"estimator": "diagonal", "nesterov": True},
+    # The defaults of before: the intercept's running-mean warm-up β_t = max(β, 1/t) and the step
+    # along Ĝ (until 2026-11-30 morning); Adam's bias correction and the step along Ĝ (that day).
+    "to_running_mean": {"estimator": "diagonal", "beta_warmup": True, "nesterov": False},
+    "to_without_nesterov": {"estimator": "diagonal", "nesterov": False},
 }
 
 

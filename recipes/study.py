@@ -115,7 +115,9 @@ class Config:
     extra_grid: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
 
-_DISP = (("estimator", "diagonal"), ("slope_input", "displacement"), ("beta_warmup", "adam"))
+#: The step along Ĝ (no look-ahead): every TO form of the study but the ``nesterov`` rows.
+_PLAIN = ("nesterov", False)
+_DISP = (("estimator", "diagonal"), ("slope_input", "displacement"), ("beta_warmup", "adam"), _PLAIN)
 #: The α/β grid of the TO forms (run at the form's best lr); the displacement form moves its
 #: anchor at the intercept's rate (anchor_rate = β).
 _AB = ((0.01, 0.1), (0.03, 0.1), (0.3, 0.1), (1.0, 0.1), (0.1, 0.05), (0.1, 0.2))
@@ -132,12 +134,12 @@ CONFIGS: dict[str, Config] = {
         Config("sf_adamw", "sf_adamw"),
         Config("nadamw", "nadamw"),
         # TO: today's default form, the bias-corrected intercept, the displacement-regressed slope.
-        Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True)), _TO_GRID),
-        Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam")), _TO_GRID),
+        Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True), _PLAIN), _TO_GRID),
+        Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), _PLAIN), _TO_GRID),
         # Candidates for the default's slope rate α (drop-in rows: their own lr grid, no α/β grid).
-        Config("to_a03", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 0.3))),
-        Config("to_a1", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 1.0))),
-        Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam")), _TO_GRID),
+        Config("to_a03", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 0.3), _PLAIN)),
+        Config("to_a1", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 1.0), _PLAIN)),
+        Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam"), _PLAIN), _TO_GRID),
         Config("to_disp", "to", _DISP, _DISP_GRID),
         # The estimator's look-ahead (nesterov=True), with and without the slope (ablation).
         Config("to_nesterov", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("nesterov", True)), _TO_GRID),
@@ -156,7 +158,7 @@ CANDIDATES: dict[str, Config] = {
     f"cand_a{a:g}_f{f:g}": Config(
         f"cand_a{a:g}_f{f:g}",
         "to",
-        (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", a), ("norm_floor", f)),
+        (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", a), ("norm_floor", f), _PLAIN),
     )
     for a in CANDIDATE_ALPHAS
     for f in CANDIDATE_FLOORS

@@ -80,7 +80,9 @@ def test_estimator_none_with_adam_warmup_is_adamw():
     """β_t = β/(1−(1−β)^t) is Adam's bias correction: TO with A ≡ 0 is then AdamW, to rounding."""
     w0 = torch.randn(5, 3, dtype=torch.float64)
     p_to, p_adamw = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    to = TrainableOptimizer([p_to], lr=0.01, estimator="none", beta=0.1, beta_warmup="adam", weight_decay=0.1)
+    to = TrainableOptimizer(
+        [p_to], lr=0.01, estimator="none", beta=0.1, beta_warmup="adam", weight_decay=0.1, nesterov=False
+    )
     adamw = torch.optim.AdamW([p_adamw], lr=0.01, betas=(0.9, 0.999), weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -89,6 +91,27 @@ def test_estimator_none_with_adam_warmup_is_adamw():
         to.step()
         adamw.step()
     torch.testing.assert_close(p_to, p_adamw, rtol=0, atol=1e-12)
+
+
+def test_estimator_none_with_nesterov_is_adamw_stepping_one_ema_step_ahead():
+    """The default's look-ahead with A ≡ 0: Adam's bias-corrected m̂_t, moved once more towards
+    g_t at the same rate, β_t = (1−β₁)/(1−β₁^t), divided by √v̂_t + ε (float64, by hand)."""
+    beta1, beta2, eps, lr, wd = 0.9, 0.999, 1e-8, 0.01, 0.1
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+    p_to = torch.nn.Parameter(w0.clone())
+    to = TrainableOptimizer([p_to], lr=lr, estimator="none", beta=1 - beta1, weight_decay=wd)  # defaults otherwise
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 101):
+        g = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        p_to.grad = g.clone()
+        to.step()
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, rate = m / (1 - beta1**t), (1 - beta1) / (1 - beta1**t)
+        d = m_hat + rate * (g - m_hat)
+        w = w * (1 - lr * wd) - lr * d / ((v / (1 - beta2**t)).sqrt() + eps)
+    torch.testing.assert_close(p_to.detach(), w, rtol=0, atol=1e-12)
 
 
 def test_intercept_rates_of_the_three_schedules():
@@ -254,9 +277,9 @@ def test_a_checkpoint_without_nesterov_resumes_without_it():
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(4, 3, generator=gen) for _ in range(8)]
     p = torch.nn.Parameter(w0.clone())
-    straight = TrainableOptimizer([p], lr=0.01)
+    straight = TrainableOptimizer([p], lr=0.01, nesterov=False)  # what the old code did
     q = torch.nn.Parameter(w0.clone())
-    first = TrainableOptimizer([q], lr=0.01)
+    first = TrainableOptimizer([q], lr=0.01, nesterov=False)
     for i, g in enumerate(grads):
         for x, o in ((p, straight), (q, first)):
             if i < 4 or o is straight:

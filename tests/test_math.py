@@ -39,7 +39,9 @@ def test_estimator_none_is_sgd_with_dampened_momentum():
     h = torch.randn(13, 13, dtype=torch.float64)
     h = h @ h.T
     p_to, p_sgd = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    to = TrainableOptimizer([p_to], lr=lr, estimator="none", beta=beta, preconditioner="none", beta_warmup=False)
+    to = TrainableOptimizer(
+        [p_to], lr=lr, estimator="none", beta=beta, preconditioner="none", beta_warmup=False, nesterov=False
+    )
     sgd = torch.optim.SGD([p_sgd], lr=lr, momentum=1 - beta, dampening=1 - beta)
     for t in range(100):
         quadratic_grads([p_to], [h], t)
