@@ -723,6 +723,7 @@ def trainable_to(
     # Triton kernels every form of the diagonal, rank-one and none estimators.  The rest take
     # the readable path.
     native_form = slope_input == "weights"
+    form = dict(slope_input=slope_input, anchor_rate=anchor_rate, nesterov=nesterov)  # Triton and readable
     if fused is not False:
         if (
             native_form
@@ -736,36 +737,18 @@ def trainable_to(
             )
         gpu = _gpu_step(estimator, params)
         if gpu is not None:
-            out = gpu.triton_trainable_to(
-                params,
-                grads,
-                states,
-                estimator=estimator,
-                slope_input=slope_input,
-                anchor_rate=anchor_rate,
-                nesterov=nesterov,
-                **common,
-            )
+            out = gpu.triton_trainable_to(params, grads, states, estimator=estimator, **form, **common)
             if out is not NotImplemented:
                 return out
     if capturable and local_view(params[0]).device.type == "cuda":
         raise RuntimeError(
             f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
-            f"slope_input={slope_input!r}, nesterov={nesterov!r}) cannot take the Triton step of hf_to.gpu (estimators "
+            f"slope_input={slope_input!r}) cannot take the Triton step of hf_to.gpu (estimators "
             f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
             "installed), and the readable path reads step counts and non-finite counts on the host"
         )
     common["lr"] = float(lr)
-    return _readable_trainable_to(
-        params,
-        grads,
-        states,
-        estimator=estimator,
-        slope_input=slope_input,
-        anchor_rate=anchor_rate,
-        nesterov=nesterov,
-        **common,
-    )
+    return _readable_trainable_to(params, grads, states, estimator=estimator, **form, **common)
 
 
 #: ``HF_TO_TRITON=0`` keeps CUDA groups off the Triton step (then they take the readable path).

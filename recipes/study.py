@@ -759,10 +759,9 @@ def _plots(tables: dict[tuple[str, str], dict[str, list[dict]]], out: Path, kind
                 walls = [statistics.mean(dict((a, c) for a, _, c in r["val_curve"])[s] for r in rs) for s in steps]
                 axes[0].plot(steps, mean, marker=".", label=label)
                 axes[1].plot(walls, mean, marker=".", label=label)
-                if base_curve is not None:
-                    axes[2].plot(
-                        steps[1:], [m - base_curve[s] for s, m in zip(steps[1:], mean[1:])], marker=".", label=label
-                    )
+                if base_curve is not None:  # at the steps both evaluated (runs may differ in EVAL_EVERY)
+                    both = [(s, m - base_curve[s]) for s, m in zip(steps[1:], mean[1:]) if s in base_curve]
+                    axes[2].plot([s for s, _ in both], [d for _, d in both], marker=".", label=label)
             run_seeds = sorted({r["seed"] for r in recs})
             axes[0].set(xlabel="step", ylabel="validation loss", title="validation loss vs step")
             axes[1].set(xlabel="training seconds (evaluation excluded)", ylabel="validation loss", title="vs wall time")

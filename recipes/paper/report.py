@@ -518,7 +518,7 @@ def build_report(
             f"torch {prov['torch']}; TO defaults at run time: "
             + ", ".join(
                 f"{k}={prov['to_defaults'][k]}"
-                for k in ("alpha", "beta", "estimator", "preconditioner", "alpha_scaling", "beta_warmup", "norm_floor")
+                for k in ("alpha", "beta", "estimator", "preconditioner", "alpha_scaling", "beta_warmup", "nesterov")
                 if k in prov["to_defaults"]
             )
             + ".",
