@@ -95,3 +95,33 @@ def test_llm_claim_reads_the_summary_rows_of_recipes_compare(data_dir, tmp_path)
     assert "final_eval_loss: to_diagonal 2.5000 vs adamw 2.0000 (1 seed each)" in text
     assert "to_diagonal 0.50×" in text
     assert "TO fine-tunes an LLM faster than AdamW |" in text and "| **does not hold** |" in text
+
+
+def test_llm_claim_pairs_the_seeds_of_recipes_compare(data_dir, tmp_path):
+    """Seeds share data order and initialisation in compare.py: a TO run 0.01 below AdamW in
+    every seed holds paired, although the seed-to-seed spread (0.1) hides it unpaired."""
+    summary = [
+        {"label": "adamw", "optim": "adamw_torch_fused", "final_eval_loss": 2.0, "final_eval_loss_std": 0.1},
+        {
+            "label": "to_diagonal",
+            "optim": "trainable_to",
+            "optim_args": "estimator=diagonal",
+            "final_eval_loss": 1.99,
+            "final_eval_loss_std": 0.1,
+            "seeds": [0, 1, 2],
+        },
+    ]
+    summary[0]["seeds"] = [0, 1, 2]
+    losses = {0: 1.9, 1: 2.0, 2: 2.1}
+    runs = [{"optim": "adamw_torch_fused", "optim_args": None, "seed": k, "final_eval_loss": v} for k, v in losses.items()]
+    runs += [
+        {"optim": "trainable_to", "optim_args": "estimator=diagonal", "seed": k, "final_eval_loss": v - 0.01 - 0.001 * k}
+        for k, v in losses.items()
+    ]
+    llm = tmp_path / "results.json"
+    llm.write_text(json.dumps({"compare_args": {"baseline": "adamw"}, "summary": summary, "runs": runs}))
+    text = report.build_report(data_dir, tmp_path / "d", llm, plots=False).read_text()
+    assert "paired by seed, TO − AdamW: to_diagonal -0.0100 -0.0110 -0.0120" in text
+    assert "TO fine-tunes an LLM faster than AdamW |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| TO fine-tunes an LLM"))
+    assert row.endswith("| **holds** |")

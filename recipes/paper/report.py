@@ -80,6 +80,21 @@ def _beats(a: dict[str, float], b: dict[str, float], n: int) -> int:
     return 0
 
 
+def _beats_paired(diffs: list[float]) -> int:
+    """+1 if the paired differences (a − b per seed) are below 0 by more than 2 standard errors
+    of their mean, −1 if above, 0 otherwise (needs 2 seeds or more)."""
+    n = len(diffs)
+    if n < 2:
+        return 0
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    if mean < -2 * se:
+        return 1
+    if mean > 2 * se:
+        return -1
+    return 0
+
+
 def _relative(a: float, b: float, tol: float = 0.05) -> int:
     """+1 if a < (1 − tol)·b, −1 if a > (1 + tol)·b, 0 (a tie) otherwise."""
     if a < (1 - tol) * b:
@@ -249,6 +264,7 @@ def _llm_methods(data: Any) -> dict[str, dict[str, float]]:
     if isinstance(data, dict) and isinstance(data.get("summary"), list):
         rows = _llm_methods(data["summary"])
         baseline = (data.get("compare_args") or {}).get("baseline")
+        runs = data.get("runs") if isinstance(data.get("runs"), list) else []
         for row in data["summary"]:
             name = str(row.get("label"))
             if name in rows:
@@ -256,6 +272,15 @@ def _llm_methods(data: Any) -> dict[str, dict[str, float]]:
                 rows[name]["_trainable"] = float("trainable" in str(row.get("optim", "")))
                 rows[name]["n_seeds"] = float(len(row.get("seeds") or [1]))
                 rows[name].pop("seeds (last)", None)
+                # Per seed (compare.py runs every variant on the same seeds: paired by seed).
+                same = (row.get("optim"), row.get("optim_args") or None)
+                rows[name]["_per_seed"] = {  # type: ignore[assignment]
+                    int(r["seed"]): float(r["final_eval_loss"])
+                    for r in runs
+                    if isinstance(r, dict)
+                    and (r.get("optim"), r.get("optim_args") or None) == same
+                    and isinstance(r.get("final_eval_loss"), (int, float))
+                }
         return rows
     for key in ("runs", "results", "methods", "optimizers"):
         if isinstance(data, dict) and key in data:
@@ -315,6 +340,19 @@ def _llm_claim(rows: dict[str, dict[str, float]]) -> tuple[str, str]:
                     if rows[t].get("steps_per_s") and rows[adam[0]].get("steps_per_s")
                 ]
                 meas = f"{cand}: {', '.join(parts)} vs {adam[0]} {b:.4f} ({int(n)} seed{'s' if n > 1 else ''} each)"
+                base_seeds = rows[adam[0]].get("_per_seed") or {}
+                paired = {
+                    t: [rows[t]["_per_seed"][k] - base_seeds[k] for k in sorted(base_seeds) if k in rows[t]["_per_seed"]]
+                    for t in to
+                    if cand == "final_eval_loss" and rows[t].get("_per_seed")
+                }
+                if paired and all(len(d) >= 2 for d in paired.values()):
+                    # Seeds share data order and initialisation: the paired test is the right one.
+                    scores = [_beats_paired(paired[t]) for t in to]
+                    meas += "; paired by seed, TO − AdamW: " + "; ".join(
+                        f"{t} {' '.join(f'{d:+.4f}' for d in paired[t])}" for t in to
+                    )
+                    meas += " (verdict on the paired differences, > 2 s.e. of their mean)"
                 if speed:
                     meas += f"; training steps/s relative to {adam[0]} (wall clock of whole runs): {', '.join(speed)}"
                 return meas, _verdict(scores)
