@@ -21,9 +21,8 @@ the Python language reference, about 7 minutes on 2 idle CPU cores)::
 A variant is ``label=optim[:optim_args]`` (the label is optional).  ``optim`` is any Trainer
 optimizer name (``--optim``) or a peer of ``recipes/peers.py``: ``adan``, ``mars``, ``lion``
 (pytorch-optimizer), ``nadamw`` (torch's NAdam, decoupled decay) or ``sf_adamw`` (schedulefree),
-built from their package defaults at the
-run's learning rate and weight decay; ``optim_args`` then sets their keywords
-(``lion:betas=0.95/0.98``).
+built from their package defaults at the run's learning rate and weight decay; ``optim_args``
+then sets their keywords (``lion:betas=0.95/0.98``).
 """
 
 from __future__ import annotations

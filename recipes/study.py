@@ -36,7 +36,7 @@ Usage (from the repository root)::
 
     python recipes/study.py --model proxy --workers 2 --out runs/study-proxy
     python recipes/study.py --model real --tasks pydoc_lora --phase dropin report --out runs/study-real \\
-        --optimizers adamw to_adamwarm --seeds 0 1 2
+        --optimizers adamw to_adamwarm to_nesterov --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ CONFIGS: dict[str, Config] = {
         Config("lion", "lion"),
         Config("sf_adamw", "sf_adamw"),
         Config("nadamw", "nadamw"),
-        # TO: today's default form, the bias-corrected intercept, the displacement-regressed slope.
+        # TO forms, each explicit about every keyword the defaults changed on: the default until
+        # 2026-11-30 (running-mean warm-up), Adam's bias correction without the look-ahead, ...
         Config("to_default", "to", (("estimator", "diagonal"), ("beta_warmup", True), _PLAIN), _TO_GRID),
         Config("to_adamwarm", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), _PLAIN), _TO_GRID),
         # Candidates for the default's slope rate α (drop-in rows: their own lr grid, no α/β grid).
@@ -141,7 +142,7 @@ CONFIGS: dict[str, Config] = {
         Config("to_a1", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("alpha", 1.0), _PLAIN)),
         Config("to_rank_one", "to", (("estimator", "rank_one"), ("beta_warmup", "adam"), _PLAIN), _TO_GRID),
         Config("to_disp", "to", _DISP, _DISP_GRID),
-        # The estimator's look-ahead (nesterov=True), with and without the slope (ablation).
+        # ... and with it (nesterov=True: the default since 2026-11-30), with and without the slope.
         Config("to_nesterov", "to", (("estimator", "diagonal"), ("beta_warmup", "adam"), ("nesterov", True)), _TO_GRID),
         Config("to_none_nesterov", "to", (("estimator", "none"), ("beta_warmup", "adam"), ("nesterov", True))),
     )
@@ -457,10 +458,10 @@ def _edge_rate(records: list[dict[str, Any]], task: Task, config: Config, kind: 
         for r in records
         if r["task"] == task.name and r["config"] == config.label and r.get("phase") == "tune" and not r["overrides"]
     ]
-    grid = _lr_grid(task, config, kind)
-    lrs = sorted({r["lr"] for r in pool})
     if not pool:
         return None
+    grid = _lr_grid(task, config, kind)
+    lrs = sorted({r["lr"] for r in pool})
     best = min(pool, key=lambda r: r["final_val"])["lr"]
     if math.isclose(best, lrs[-1], rel_tol=1e-9) and sum(lr > max(grid) * 1.01 for lr in lrs) < EDGE_EXTENSIONS:
         return best * 3
@@ -667,7 +668,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
                     f"| {statistics.mean(r['wall_s'] for r in rs):.0f} | {rs[0]['state_bytes_per_param']:.1f} |"
                 )
             lines.append("")
-    lines += _candidates_section(records, tables, seeds)
+    lines += _candidates_section(records, tables)
     tune = [r for r in records if r.get("phase") in ("tune", "tune_extra") and r["model"] == kind]
     if tune:
         lines += ["## Tuning runs (validation loss, one seed)", ""]
@@ -689,7 +690,7 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
     return text
 
 
-def candidate_ranking(records: list[dict], tables: dict, seeds: set[int]) -> list[tuple[str, dict[str, float], float]]:
+def candidate_ranking(records: list[dict], tables: dict) -> list[tuple[str, dict[str, float], float]]:
     """Per default candidate: the mean paired validation-loss difference to AdamW's drop-in runs
     per task, and its mean over tasks (sorted, best first; only candidates run on every task)."""
     ranking = []
@@ -705,8 +706,8 @@ def candidate_ranking(records: list[dict], tables: dict, seeds: set[int]) -> lis
     return sorted(ranking, key=lambda x: x[2])
 
 
-def _candidates_section(records: list[dict], tables: dict, seeds: set[int]) -> list[str]:
-    ranking = candidate_ranking(records, tables, seeds)
+def _candidates_section(records: list[dict], tables: dict) -> list[str]:
+    ranking = candidate_ranking(records, tables)
     if not ranking:
         return []
     tasks = list(ranking[0][1])
@@ -827,9 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report(_load(out), out, args.model))
         elif phase == "candidates":
             run_phase(phase, tasks, args.model, list(CANDIDATES.values()), args.seeds, out, args.workers)
-        elif phase in ("tune", "tune_extra"):
+        elif phase == "tune_extra":
             run_phase(phase, tasks, args.model, configs, [args.tune_seed], out, args.workers)
-            for _ in range(EDGE_EXTENSIONS if phase == "tune" else 0):
+        elif phase == "tune":
+            run_phase(phase, tasks, args.model, configs, [args.tune_seed], out, args.workers)
+            for _ in range(EDGE_EXTENSIONS):  # each pass goes one rate further where needed
                 run_phase("tune_edge", tasks, args.model, configs, [args.tune_seed], out, args.workers)
         else:
             run_phase(phase, tasks, args.model, configs, args.seeds, out, args.workers)
