@@ -680,7 +680,7 @@ def trainable_to(
     beta_warmup: bool | str = "adam",
     slope_input: str = "weights",
     anchor_rate: float = 0.1,
-    nesterov: bool = False,
+    nesterov: bool = True,
     diagnostics: bool = False,
     reduce_stats: Callable[[Tensor], Tensor] | None = None,
     fused: bool | None = None,

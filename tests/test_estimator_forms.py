@@ -295,3 +295,17 @@ def test_a_checkpoint_without_nesterov_resumes_without_it():
         q.grad = g.clone()
         resumed.step()
     assert torch.equal(p, q)
+
+
+def test_the_functional_step_has_the_optimizers_defaults():
+    """``hf_to.trainable_to`` is the class's math: a keyword both take defaults alike (a default
+    changed in one place only would make the functional API step another form)."""
+    import inspect
+
+    from hf_to import trainable_to
+
+    cls = inspect.signature(TrainableOptimizer.__init__).parameters
+    fun = inspect.signature(trainable_to).parameters
+    shared = [k for k in fun if k in cls and fun[k].default is not inspect.Parameter.empty]
+    assert {"beta_warmup", "nesterov", "slope_input", "norm_floor"} <= set(shared)
+    assert {k: fun[k].default for k in shared} == {k: cls[k].default for k in shared}
