@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = study.Config(
         f"online_alpha_k{args.kappa:g}",
         "to",
-        (("estimator", NAME), ("beta_warmup", "adam"), ("alpha", args.alpha), ("fused", False)),
+        # The form it was measured against: the step along Ĝ (no look-ahead), Adam's bias correction.
+        (("estimator", NAME), ("beta_warmup", "adam"), ("nesterov", False), ("alpha", args.alpha), ("fused", False)),
     )
     rows = []
     for task in study.TASKS.values():
