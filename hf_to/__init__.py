@@ -1,17 +1,26 @@
 """hf_to: the Trainable Optimizer (Wang & Klabjan, arXiv:2508.01764) for PyTorch and Hugging Face."""
 
-from .estimators import ESTIMATORS
-from .optimizer import TrainableOptimizer, trainable_to
+from .config import StepConfig
+from .forms import FORMS, Form, register_form
+from .functional import trainable_to
+from .optimizer import TrainableOptimizer
 from .reference import ReferenceTrainableOptimizer
 from .registry import VARIANTS, create_optimizer, load_optimizer
 
+#: The estimator forms by name (``estimator=``); see :mod:`hf_to.forms`.
+ESTIMATORS = FORMS
+
 __all__ = [
     "ESTIMATORS",
+    "FORMS",
     "VARIANTS",
+    "Form",
     "ReferenceTrainableOptimizer",
+    "StepConfig",
     "TrainableOptimizer",
     "create_optimizer",
     "load_optimizer",
+    "register_form",
     "trainable_to",
 ]
 __version__ = "0.1.0"

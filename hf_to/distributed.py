@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - older torch
 
 __all__ = [
     "ELEMENT_SUMS",
-    "WHOLE_TENSOR_ESTIMATORS",
     "all_reduce_diagnostics",
     "check_unflattened",
     "flattened_reason",
@@ -35,10 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Estimators whose slope couples all elements of one parameter tensor (the rank-one
-#: estimator's sums vᵀw, uᵀr; the full estimator's n×n matrix).
-WHOLE_TENSOR_ESTIMATORS = ("rank_one", "full")
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -163,7 +158,9 @@ def check_unflattened(p: Tensor, given: Container[Tensor], *, estimator: str, al
     reason = flattened_reason(p, given)
     if reason is None:
         return
-    if estimator in WHOLE_TENSOR_ESTIMATORS:
+    from .forms import get_form
+
+    if not get_form(estimator).coordinatewise:  # its slope couples all elements of a tensor
         raise ValueError(
             f"estimator={estimator!r} cannot run on param group {index}: {reason}. The {estimator} "
             "estimator couples all elements of one parameter tensor (whole-tensor sums such as v^T w, "

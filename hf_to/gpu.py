@@ -17,7 +17,7 @@ two launches:
 2. ``_update``: each program first adds up the partial rows of its tensor's chunks (the
    segmented reduction, in a fixed order, so every chunk of a tensor sees the same bits and a
    run is deterministic), decides the tensor's action (step / mask non-finite entries / skip,
-   :func:`hf_to.estimators.nonfinite_action`), and does the residual, the estimator step, the
+   :func:`hf_to.forms.nonfinite_action`), and does the residual, the estimator step, the
    estimate, the Adam preconditioner and the weight update in one pass: it reads ``w``, ``g``
    and the ``k`` state tensors once and writes ``w`` and the ``k`` states once.  The program of
    a tensor's first chunk advances its ``step``.
@@ -34,11 +34,11 @@ a warm-up step the launches reuse the same device buffers: the step can be captu
 graph.  A ``lr`` given as a tensor is read from the device; a float ``lr`` is a kernel argument
 (as in ``torch.optim.Adam(capturable=True)``, a captured float is replayed as captured).
 
-*Estimators.*  Each structure of ``A`` is a small device function below (``_step_*``: residual,
-estimator step and estimate of one tile; rank-one also ``_sums_rank_one``, its partial sums)
-and one branch in ``_partials_tile`` (which sums it needs) and ``_update_tile`` (which state it
-loads and stores); a new structure, e.g. with one more state tensor or sum, is one more such
-block, a table column and a ``_NSUMS`` entry.
+*Forms.*  Each form's per-element step is the plain arithmetic function of :mod:`hf_to.forms`
+(``diagonal_step``, ``rank_one_step``, ``none_step``), compiled here as a device function: the
+readable path runs the same function on whole tensors.  A form with a Triton step also has
+a code in :data:`_CODES` and a branch in ``_partials_tile`` (which sums it needs) and
+``_update_tile`` (which state it loads and stores).
 
 *Tuning* (not done: nothing has run on a GPU yet): :data:`CHUNK`, :data:`BLOCK`, ``num_warps``;
 full tiles load and store without masks, with 16-byte vectors when every address of a bucket
@@ -62,28 +62,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import forms
+from .config import StepConfig
 from .distributed import is_dtensor, local_view
+from .forms import Form
 
-__all__ = ["BLOCK", "CHUNK", "ESTIMATORS", "INTERPRETED", "eligible", "launches", "triton_trainable_to"]
+__all__ = ["BLOCK", "CHUNK", "INTERPRETED", "launches", "misfit", "triton_trainable_to"]
 
 #: Whether these kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when imported).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-
-#: Estimators with a Triton step (``full`` is matrix-vector bound and takes the readable path);
-#: ``diagonal`` also with ``slope_input="displacement"``, all with every ``beta_warmup``.
-ESTIMATORS = ("diagonal", "rank_one", "none")
 
 #: Elements per program (one chunk); a tensor of n elements has max(1, ceil(n / CHUNK)) chunks.
 CHUNK = 1 << 16
 #: Elements per tile (the vector width of one loop iteration).
 BLOCK = 1024
 
-# Forms: (estimator, slope_input) -> kernel code, sums per tensor (column 0 is the non-finite
-# count, then ``Estimator.stat_names``) and slope-state keys (the table's s1, s2 columns).
-_EST = {("diagonal", "weights"): 0, ("rank_one", "weights"): 1, ("none", "weights"): 2, ("diagonal", "displacement"): 3}
-_NSUMS = {0: 2, 1: 6, 2: 1, 3: 2}
-_SLOPE_KEYS = {0: ("a",), 1: ("u", "v"), 2: (), 3: ("a", "w_bar")}
-_WARMUPS = {False: 0, True: 1, "adam": 2}
+# The forms with a Triton step -> kernel code (the ``EST`` constant of the kernels).  A form's
+# sums per tensor are column 0, the non-finite count, then its ``stat_names``; its slope-state
+# tensors are the table's s1, s2 columns.
+_CODES = {"diagonal": 0, "rank_one": 1, "none": 2}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Columns of the tensor table.
 _W, _G, _B, _S1, _S2, _V2, _STEP, _N, _FIRST, _NCH, _ROW = range(11)
@@ -180,7 +177,7 @@ def _store_param(ptr, idx, x, m, CODE: tl.constexpr, MASKED: tl.constexpr):
         _put(ptr, idx, x.to(ptr.dtype.element_ty), m, MASKED)
 
 
-# -- the estimators: partial sums and the elementwise step of one tile ----------------------
+# -- the forms: partial sums and the elementwise step of one tile --------------------------
 # A new structure of A is one more block here (its sums, its step) and one more branch in
 # _partials_tile / _update_tile.
 
@@ -190,49 +187,10 @@ def _sums_rank_one(w, g, b, u, v):
     return w * w, v * w, u * u, u * b, u * g
 
 
-@_device_fn
-def _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE: tl.constexpr):
-    r = a * w + b - gz
-    if NORMALIZE:
-        a_new = a - alpha * r * w / (w * w + (ww / nf + floor + 1e-30))
-    else:
-        a_new = a - alpha * (r * w)
-    b_new = b - beta_t * r
-    return r, a_new, b_new, a_new * w + b_new
-
-
-@_device_fn
-def _step_rank_one(w, gz, b, u, v, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE: tl.constexpr):
-    r = b - gz + u * vw
-    ur = uu * vw + ub - ug
-    if NORMALIZE:
-        rate = alpha / (vw * vw + uu * ww + nf * floor + 1e-30)
-    else:
-        rate = alpha
-    u_new = u - r * (rate * vw)
-    v_new = v - w * (rate * ur)
-    vw_new = vw - rate * ur * ww
-    b_new = b - beta_t * r
-    return r, u_new, v_new, b_new, b_new + u_new * vw_new
-
-
-@_device_fn
-def _step_displacement(x, gz, b, a, xx, nf, alpha, beta_t, NORMALIZE: tl.constexpr):
-    """Diagonal slope on the displacement x = w - w̄ (slope_input="displacement"); no floor."""
-    r = a * x + b - gz
-    if NORMALIZE:
-        a_new = a - alpha * r * x / (x * x + (xx / nf + 1e-30))
-    else:
-        a_new = a - alpha * (r * x)
-    b_new = b - beta_t * r
-    return r, a_new, b_new, a_new * x + b_new
-
-
-@_device_fn
-def _step_none(gz, b, beta_t):
-    r = b - gz
-    b_new = b - beta_t * r
-    return r, b_new, b_new
+# The forms' per-element steps (hf_to.forms), compiled as device functions.
+_step_diagonal = _device_fn(forms.diagonal_step)
+_step_rank_one = _device_fn(forms.rank_one_step)
+_step_none = _device_fn(forms.none_step)
 
 
 # -- kernels -------------------------------------------------------------------------------
@@ -265,10 +223,6 @@ def _partials_tile(
         if NORMALIZE:
             w = _load(wp, idx, m, MASKED)
             s1 += w * w
-    elif EST == 3:
-        if NORMALIZE:
-            x = _load(wp, idx, m, MASKED) - _load(vp, idx, m, MASKED)  # w - w̄ (w̄ in the s2 column)
-            s1 += x * x
     return s0, s1, s2, s3, s4, s5
 
 
@@ -365,7 +319,7 @@ def _rows(TAB, P, R, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
 def _update_tile(
     wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
     live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
+    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
     EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
     PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
@@ -385,12 +339,9 @@ def _update_tile(
         gz = tl.where(ok, g, 0.0)
     if EST == 0:
         a = _load(s1p, idx, m, MASKED)
-        r, a_new, b_new, g_hat = _step_diagonal(w, gz, b, a, ww, nf, alpha, floor, beta_t, NORMALIZE)
-        a_new = tl.where(seeding, a, a_new)
-    elif EST == 3:
-        a = _load(s1p, idx, m, MASKED)
-        w_bar = _load(s2p, idx, m, MASKED)
-        r, a_new, b_new, g_hat = _step_displacement(w - w_bar, gz, b, a, ww, nf, alpha, beta_t, NORMALIZE)
+        r, a_new, _, b_new, g_hat = _step_diagonal(
+            w, gz, b, a, a, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE
+        )
         a_new = tl.where(seeding, a, a_new)
     elif EST == 1:
         u = _load(s1p, idx, m, MASKED)
@@ -402,7 +353,7 @@ def _update_tile(
         u_new = tl.where(seeding, u, u_new)
         v_new = tl.where(seeding, v_first, v_new)
     else:
-        r, b_new, g_hat = _step_none(gz, b, beta_t)
+        r, _, _, b_new, g_hat = _step_none(w, gz, b, b, b, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE)
     b_new = tl.where(seeding, gz, b_new)
     g_hat = tl.where(seeding, gz, g_hat)
     if DIAGNOSTICS:
@@ -421,13 +372,9 @@ def _update_tile(
         _store_state(v2p, idx, tl.where(ok, v2_new, v2), m, step_i64, 5, SD, MASKED)
     w_new = w * decay - lr * d
     _store_param(wp, idx, tl.where(ok, w_new, w), m, PD, MASKED)
-    if EST == 3:  # the anchor follows the weights; b is re-expressed so that Ĝ(·) is unchanged
-        delta = anchor_rate * (w_new - w_bar)
-        b_new = b_new + a_new * delta
-        _store_state(s2p, idx, tl.where(ok, w_bar + delta, w_bar), m, step_i64, 6, SD, MASKED)
-    # (salts of hf_to.rounding.SALTS: b 1, a 2, u 3, v 4, exp_avg_sq 5, w_bar 6)
+    # (salts of hf_to.rounding.SALTS: b 1, a 2, u 3, v 4, exp_avg_sq 5)
     _store_state(bp, idx, tl.where(ok, b_new, b), m, step_i64, 1, SD, MASKED)
-    if EST == 0 or EST == 3:
+    if EST == 0:
         _store_state(s1p, idx, tl.where(ok, a_new, a), m, step_i64, 2, SD, MASKED)
     elif EST == 1:
         _store_state(s1p, idx, tl.where(ok, u_new, u), m, step_i64, 3, SD, MASKED)
@@ -455,7 +402,6 @@ def _update(
     log_beta2,
     eps,
     floor,
-    anchor_rate,
     log1m_beta,
     EST: tl.constexpr,
     K: tl.constexpr,
@@ -550,14 +496,14 @@ def _update(
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, tl.multiple_of(off, BLOCK_), end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False, NESTEROV,
         )  # fmt: skip
     if full < end:  # the tail
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, full, end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, anchor_rate,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True, NESTEROV,
         )  # fmt: skip
     if DIAGNOSTICS:
@@ -626,52 +572,54 @@ def _plan(key: tuple, rows: list[list[int]], device: torch.device, k: int, chunk
 INTERPRET_ON_CPU = False
 
 
-def eligible(estimator: str, params: list[Tensor]) -> bool:
-    """Whether a group may take this step: a Triton estimator and CUDA parameters (or CPU ones
-    with :data:`INTERPRET_ON_CPU`).  The tensors themselves are checked by
-    :func:`triton_trainable_to`, which declines a group it cannot step."""
-    if estimator not in ESTIMATORS or not params:
-        return False
-    p = params[0]
-    kind = (p.to_local() if is_dtensor(p) else p).device.type
-    return kind == "cuda" or (kind == "cpu" and INTERPRET_ON_CPU)
-
-
 _PARAM_DTYPES = frozenset(_DTYPES)
 _STATE_DTYPES = frozenset((torch.float32, torch.bfloat16))
+
+
+def _state_keys(form: Form, adam: bool) -> tuple[str, ...]:
+    return ("b", *form.slope_keys, *(("exp_avg_sq",) if adam else ()))
+
+
+def misfit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], form: Form) -> str | None:
+    """Why this step cannot take a group (``None``: it can): a form without a Triton code,
+    parameters that are not contiguous or not float32/bfloat16/float16, state not
+    float32/bfloat16 or not contiguous, tensors on several devices.  No host read."""
+    if form.name not in _CODES:
+        return f"estimator={form.name!r} has no Triton step"
+    view = local_view if any(map(is_dtensor, params)) else (lambda t: t)
+    index = view(params[0]).get_device()
+    keys = _state_keys(form, "exp_avg_sq" in states[0])
+    for p, g, state in zip(params, grads, states):
+        w, gl = view(p), view(g)
+        if w.dtype not in _PARAM_DTYPES or gl.dtype not in _PARAM_DTYPES:
+            return f"parameters and gradients must be float32, bfloat16 or float16, got {w.dtype} and {gl.dtype}"
+        if not w.is_contiguous():
+            return f"a parameter of shape {tuple(w.shape)} is not contiguous"
+        if w.get_device() != index or gl.get_device() != index:
+            return "the group's tensors are on several devices"
+        sd = view(state["b"]).dtype
+        for key in keys:
+            t = view(state[key])
+            if t.dtype != sd or sd not in _STATE_DTYPES or not t.is_contiguous() or t.get_device() != index:
+                return f"state {key!r} is not contiguous float32/bfloat16 on the parameters' device"
+    return None
 
 
 def triton_trainable_to(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
+    cfg: StepConfig,
     *,
-    lr: float | Tensor,
-    estimator: str,
-    alpha: float,
-    beta: float,
-    adam: bool,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    normalize: bool,
-    floor: float,
-    intercept_from_gradient: bool,
-    beta_warmup: bool | str,
     diagnostics: bool,
     reduce_stats: Callable[[Tensor], Tensor] | None,
-    slope_input: str = "weights",
-    anchor_rate: float = 0.1,
-    nesterov: bool = False,
     chunk: int | None = None,
     block: int | None = None,
 ) -> dict[str, Tensor] | None:
-    """One TO step of a param group with the Triton kernels (arguments of the readable path).
+    """One TO step of a param group with the Triton kernels, for a group that fits them
+    (:func:`misfit` is ``None``; :func:`hf_to.functional.choose_path` checks it).
 
-    Returns the diagnostic sums of this call (device tensors) or ``None``; ``NotImplemented``
-    (before touching anything) for a group it cannot step: parameters that are not contiguous
-    or not float32/bfloat16/float16, state not float32/bfloat16, tensors on other devices.
-    No host read.
+    Returns the diagnostic sums of this call (device tensors) or ``None``.  No host read.
     """
     sharded = any(map(is_dtensor, params))
     view = local_view if sharded else (lambda t: t)
@@ -680,32 +628,19 @@ def triton_trainable_to(
     chunk, block = chunk or CHUNK, block or BLOCK
     if chunk % block:
         raise ValueError(f"chunk={chunk} must be a multiple of block={block}")
-    form = _EST.get((estimator, slope_input))
-    if form is None:
-        return NotImplemented
-    k = _NSUMS[form]
-    slope_keys = _SLOPE_KEYS[form]
-    keys = ("b", *slope_keys, *(("exp_avg_sq",) if adam else ()))
+    form = forms.get_form(cfg.estimator)
+    code = _CODES[form.name]
+    k = 1 + len(form.stat_names)
+    adam, normalize = cfg.adam, cfg.normalize
+    slope_keys = form.slope_keys
+    keys = _state_keys(form, adam)
     # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
     buckets: dict[tuple, list[list[int]]] = {}
     temporaries = []  # contiguous copies of gradients: alive until the launches are queued
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         w, gl = view(p), view(g)
         st = [view(state[key]) for key in keys]
-        b = st[0]
-        sd = b.dtype
-        if (
-            w.dtype not in _PARAM_DTYPES
-            or gl.dtype not in _PARAM_DTYPES
-            or sd not in _STATE_DTYPES
-            or not w.is_contiguous()
-            or w.get_device() != index
-            or gl.get_device() != index
-        ):
-            return NotImplemented
-        for t in st:
-            if t.dtype != sd or not t.is_contiguous() or t.get_device() != index:
-                return NotImplemented
+        sd = st[0].dtype
         if not gl.is_contiguous():
             gl = gl.contiguous()
             temporaries.append(gl)
@@ -720,6 +655,7 @@ def triton_trainable_to(
         row = [w.data_ptr(), gl.data_ptr(), ptrs[0], s1, s2, v2, step.data_ptr(), w.numel(), 0, 0, i]
         buckets.setdefault((w.dtype, gl.dtype, sd), []).append(row)
 
+    lr, beta, beta2 = cfg.lr, cfg.beta, cfg.beta2
     lr_tensor = isinstance(lr, Tensor)
     lr_arg = lr.to(device=device) if lr_tensor else torch.empty((), device=device)
     lr_value = 0.0 if lr_tensor else float(lr)
@@ -742,7 +678,7 @@ def triton_trainable_to(
             plan.chunks,
             plan.partials,
             plan.steps,
-            EST=form,
+            EST=code,
             K=k,
             NORMALIZE=normalize,
             **codes,
@@ -765,18 +701,17 @@ def triton_trainable_to(
             plan.actions,
             lr_arg,
             lr_value,
-            1.0 - lr_value * weight_decay,
-            float(weight_decay),
-            float(alpha),
+            1.0 - lr_value * cfg.weight_decay,
+            float(cfg.weight_decay),
+            float(cfg.alpha),
             float(beta),
             float(beta2),
             1.0 - beta2,
             math.log(beta2) if beta2 > 0 else -math.inf,  # (float64 here, float32 in the kernel)
-            float(eps),
-            float(floor),
-            float(anchor_rate),
+            float(cfg.eps),
+            float(cfg.norm_floor),
             math.log1p(-beta) if beta < 1 else -math.inf,
-            EST=form,
+            EST=code,
             K=k,
             KP=kp,
             RB=64,
@@ -784,10 +719,10 @@ def triton_trainable_to(
             LR_TENSOR=lr_tensor,
             NORMALIZE=normalize,
             ADAM=adam,
-            WARMUP=_WARMUPS[beta_warmup],
-            SEED_INTERCEPT=intercept_from_gradient,
+            WARMUP=cfg.warmup_code,
+            SEED_INTERCEPT=cfg.intercept_from_gradient,
             DIAGNOSTICS=diagnostics,
-            NESTEROV=bool(nesterov),
+            NESTEROV=cfg.nesterov,
             **codes,
         )
     if not diagnostics:

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from .config import StepConfig
 from .settings import env_switch
 
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
@@ -358,21 +359,10 @@ def native_step(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
+    cfg: StepConfig,
     *,
-    lr: float,
-    estimator: str,
-    alpha: float,
-    beta: float,
-    adam: bool,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    normalize: bool,
-    floor: float,
-    beta_warmup: bool | str,
     diagnostics: bool,
     plans: dict | None = None,
-    nesterov: bool = False,
 ) -> dict[str, Tensor] | None:
     """One TO step of tensors past their first step (same math and result as the readable path).
 
@@ -392,6 +382,7 @@ def native_step(
     """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
+    estimator, adam, normalize, lr = cfg.estimator, cfg.adam, cfg.normalize, float(cfg.lr)
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
@@ -457,15 +448,15 @@ def native_step(
     if stale:
         plan.written = [x for p, held in zip(params, held_all) for x in (p, *held)]
     stale = stale_list
-    cfg = _Config(
+    config = _Config(
         lr=lr,
-        decay=1 - lr * weight_decay,
-        alpha=alpha,
-        beta=beta,
-        beta2=beta2,
-        eps=eps,
-        floor=floor,
-        warmup=2 if beta_warmup == "adam" and not isinstance(beta_warmup, bool) else int(beta_warmup),
+        decay=1 - lr * cfg.weight_decay,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        beta2=cfg.beta2,
+        eps=cfg.eps,
+        floor=cfg.norm_floor,
+        warmup=cfg.warmup_code,
         adam=int(adam),
         normalize=int(normalize),
         diagnostics=int(diagnostics),
@@ -473,15 +464,15 @@ def native_step(
         sdtype=_SDTYPES[sdtype],
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
-        nesterov=int(nesterov),
+        nesterov=int(cfg.nesterov),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
-        _check(lib.to_sums(sub, len(stale), ctypes.byref(cfg), plan.scratch, plan.cap))
+        _check(lib.to_sums(sub, len(stale), ctypes.byref(config), plan.scratch, plan.cap))
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
     plan.seen = [None] * len(plan.seen)  # until the step below has run
-    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
+    _check(lib.to_step(ts, k, ctypes.byref(config), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
     # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
     # in-place ops do (autograd's checks see the writes, and any other plan holding these
     # tensors finds its carried sums stale); the next call discounts this plan's own bumps.

@@ -1,61 +1,41 @@
 r"""The Trainable Optimizer (TO) as a ``torch.optim.Optimizer``.
 
 Paper: Ruiqi Wang and Diego Klabjan, "A Trainable Optimizer", arXiv:2508.01764.
+
+This module is the torch plumbing: param groups and their validation, state created on first
+use, checkpoints (``load_state_dict``, old checkpoints), diagnostics.  The step itself is the
+functional :func:`hf_to.functional.trainable_to`; each form's math is in :mod:`hf_to.forms`;
+every keyword with its default and check is in :mod:`hf_to.config`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
-import sys
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import native
+from .config import FIELDS, LEGACY_DEFAULTS, StepConfig, constructor_signature, validate
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
-from .estimators import (
-    BETA_WARMUPS,
-    DISPLACEMENT_ESTIMATORS,
-    ESTIMATORS,
-    SLOPE_INPUTS,
-    Estimator,
-    count_nonfinite,
-    get_estimator,
-    intercept_rate,
-    nonfinite_action,
-    valid_beta_warmup,
-)
-from .rounding import with_float32_state
-from .settings import FAST_ESTIMATORS, STATE_DTYPES, env_switch
+from .forms import FORMS, get_form
+from .functional import Path, empty_stats, trainable_to
 
-__all__ = [
-    "ALPHA_SCALINGS",
-    "BETA_WARMUPS",
-    "INTERCEPT_INITS",
-    "PRECONDITIONERS",
-    "SLOPE_INPUTS",
-    "TrainableOptimizer",
-    "trainable_to",
-]
+__all__ = ["TrainableOptimizer", "check_state_dtype"]
 
-#: ``"adam"``: divide the estimate by :math:`\sqrt{\hat v_t}+\epsilon` (Adam's second moment of
-#: the raw gradient); ``"none"``: the paper-literal step along :math:`\hat G_t`.
-PRECONDITIONERS = ("adam", "none")
-#: ``"normalized"``: normalised-LMS slope rate (see :mod:`hf_to.estimators`); ``"none"``: raw α.
-ALPHA_SCALINGS = ("normalized", "none")
-#: ``"gradient"``: :math:`b_0 = g_0 - A_0 w_0` (zero first residual); ``"zero"``: :math:`b_0 = 0`.
-INTERCEPT_INITS = ("gradient", "zero")
+logger = logging.getLogger("hf_to")
 
 #: Group key stamped into every param group so that a checkpoint of another optimizer is
 #: recognised on ``load_state_dict``.
 ALGORITHM_KEY = "algorithm"
 ALGORITHM = "trainable_to"
+#: Keys an older version kept in param groups and this one does not (dropped on load).
+_RETIRED_KEYS = {"slope_input": "weights", "anchor_rate": None}
 
 
 class TrainableOptimizer(Optimizer):
@@ -84,13 +64,13 @@ class TrainableOptimizer(Optimizer):
         &\quad w_{t+1} = (1 - \gamma\lambda)\, w_t - \gamma\, d_t && \text{weights}
         \end{aligned}
 
-    The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.estimators`):
+    The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.forms`):
     ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
     ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
     with ``preconditioner="none", beta_warmup=False, nesterov=False`` it is
     ``SGD(momentum=1-β, dampening=1-β)``).  With the normalised slope rate (default) the
     :math:`\alpha` above is divided per structure by the squared norm of the estimator's input
-    Jacobian plus a floor (see :mod:`hf_to.estimators`).
+    Jacobian plus a floor (see :mod:`hf_to.forms`).
 
     The default ``preconditioner="adam"`` makes the step size independent of the gradient
     scale so that AdamW's learning rates (1e-5 … 3e-4 for LLM fine-tuning) carry over; the
@@ -106,7 +86,8 @@ class TrainableOptimizer(Optimizer):
             ``"full"`` or ``"none"``.
         alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
             (default: 0.1; with ``alpha_scaling="normalized"`` the largest fraction of the
-            residual that the slope term absorbs per step).
+            residual that the slope term absorbs per step, below 2, where the normalised step
+            stops shrinking the residual and the estimator diverges).
         beta: intercept rate :math:`\beta`, the step of :math:`b` (default: 0.1; the
             ``1 - beta1`` of Adam).
         preconditioner: ``"adam"`` (default) or ``"none"`` (paper).
@@ -117,7 +98,7 @@ class TrainableOptimizer(Optimizer):
         norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
             slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
         beta_warmup: the intercept rate of the first steps (see
-            :func:`hf_to.estimators.intercept_rate`).  ``"adam"`` (default):
+            :func:`hf_to.forms.intercept_rate`).  ``"adam"`` (default):
             :math:`\beta_t = \beta/(1-(1-\beta)^{t+1})`, Adam's bias correction written as a
             rate, so that with :math:`A \equiv 0` the optimizer *is* AdamW and the slope term is
             a trained correction on top of it; ``True``: :math:`\max(\beta, 1/(t+1))`, the
@@ -125,15 +106,6 @@ class TrainableOptimizer(Optimizer):
             2026-11-30, ``"to_running_mean"`` in the registry; it lags Adam's EMA early on);
             ``False``: the paper's constant :math:`\beta`.  With ``True`` or ``"adam"`` the first
             step sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
-        slope_input: what the slope multiplies: ``"weights"`` (default, the paper's
-            :math:`A w`) or ``"displacement"`` (:math:`A (w - \bar w)`, :math:`\bar w` an EMA of
-            the weights at ``anchor_rate``; ``estimator="diagonal"`` only; see
-            :class:`hf_to.estimators.DisplacementDiagonalEstimator`).  Experimental: it lost
-            to the default in the fine-tuning study, and its normalisation has no floor, so at a
-            constant lr near convergence, where the displacement collapses, :math:`a` can grow
-            until the step diverges.
-        anchor_rate: the rate :math:`\gamma` of the anchor's EMA with
-            ``slope_input="displacement"`` (default: 0.1).
         nesterov: step along :math:`\hat G_{t+1}(w_t) + \beta_t (g_t - \hat G_{t+1}(w_t))`, the
             estimate after one more intercept step on the same gradient (the estimator's
             look-ahead, as Nesterov's momentum looks one step ahead), instead of
@@ -146,7 +118,7 @@ class TrainableOptimizer(Optimizer):
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its
             state holds ``n**2`` values (default: 4096, i.e. 64 MiB in fp32).
-        diagnostics: accumulate the estimator's health on the device (see
+        diagnostics: (``True`` or ``False``) accumulate the estimator's health on the device (see
             :meth:`diagnostics`); off by default, and then no step reads anything back.
         fused: ``None`` (default) or ``True``: the fastest step available.  On a CPU that is the
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
@@ -160,7 +132,8 @@ class TrainableOptimizer(Optimizer):
             :mod:`hf_to.gpu`: two kernel launches per param group whatever its tensor count
             (three with sharded parameters), no host sync.  Elsewhere (sharded CPU
             parameters, no C compiler, ``HF_TO_NATIVE=0``, no triton) the readable path.
-            ``False``: the readable per-tensor path.
+            ``False``: the readable per-tensor path.  Which path each group took, and why, is
+            logged at DEBUG level (logger ``hf_to``) and returned by :meth:`step_paths`.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
             memory, stored with stochastic rounding; not for ``estimator="full"``).  float64
@@ -195,60 +168,29 @@ class TrainableOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = StepConfig.lr,
         *,
-        estimator: str = "diagonal",
-        alpha: float = 0.1,
-        beta: float = 0.1,
-        preconditioner: str = "adam",
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        alpha_scaling: str = "normalized",
-        norm_floor: float = 1e-3,
-        intercept_init: str = "gradient",
-        beta_warmup: bool | Literal["adam"] = "adam",
-        slope_input: str = "weights",
-        anchor_rate: float = 0.1,
-        nesterov: bool = True,
-        max_full_numel: int = 4096,
         diagnostics: bool = False,
-        fused: bool | None = None,
-        state_dtype: torch.dtype | None = None,
-        capturable: bool = False,
+        **options: Any,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            estimator=estimator,
-            alpha=alpha,
-            beta=beta,
-            preconditioner=preconditioner,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            alpha_scaling=alpha_scaling,
-            norm_floor=norm_floor,
-            intercept_init=intercept_init,
-            beta_warmup=beta_warmup,
-            slope_input=slope_input,
-            anchor_rate=anchor_rate,
-            nesterov=nesterov,
-            max_full_numel=max_full_numel,
-            fused=fused,
-            state_dtype=state_dtype,
-            capturable=capturable,
-        )
-        _validate_hyperparameters(defaults)
+        unknown = sorted(set(options) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"TrainableOptimizer got unexpected keyword arguments {unknown}; valid: {list(FIELDS)}")
+        if not isinstance(diagnostics, bool):
+            raise ValueError(f"Invalid diagnostics: {diagnostics!r} (expected True or False)")
+        defaults = vars(StepConfig(lr=lr, **options)).copy()
+        validate(defaults)
         defaults[ALGORITHM_KEY] = ALGORITHM
-        self.track_diagnostics = bool(diagnostics)
+        self.track_diagnostics = diagnostics
         super().__init__(params, defaults)
         self._diag: list[dict[str, Tensor]] = []
         # The native kernel's per-group descriptors and carried sums (hf_to.native): owned
         # here so that they, and the state tensors they reference, go with the optimizer.
         self._native_plans: dict = {}
-        # Per param group index: the group and the (estimator, preconditioner, slope_input) its
-        # state was last checked against; a group changed (or replaced) between steps is checked again.
-        self._forms: dict[int, tuple[dict, tuple[str, str, str]]] = {}
+        # Per param group index: the group and the (estimator, preconditioner) its state was
+        # last checked against; a group changed (or replaced) between steps is checked again.
+        self._forms: dict[int, tuple[dict, tuple[str, str]]] = {}
+        self._paths: dict[int, Path] = {}
 
     # -- torch.optim plumbing -------------------------------------------------------------
 
@@ -256,9 +198,9 @@ class TrainableOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_hyperparameters(group)
+            validate(group)
             _check_full_size(group)
-            _check_state_dtype(group["state_dtype"], group["params"])
+            check_state_dtype(group["state_dtype"], group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -276,22 +218,10 @@ class TrainableOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("track_diagnostics", False)
         self.__dict__.setdefault("_diag", [])
-        self._native_plans = {}
-        self._forms = {}
+        self._native_plans, self._forms, self._paths = {}, {}, {}
         self._given_params = WeakIdKeyDictionary({p: True for g in self.param_groups for p in g["params"]})
         for group in self.param_groups:
-            group.setdefault("alpha_scaling", "normalized")
-            group.setdefault("norm_floor", 1e-3)
-            group.setdefault("intercept_init", "gradient")
-            group.setdefault("beta_warmup", True)
-            group.setdefault("slope_input", "weights")
-            group.setdefault("anchor_rate", 0.1)
-            group.setdefault("nesterov", False)
-            group.setdefault("max_full_numel", 4096)
-            group.setdefault("fused", None)
-            group.setdefault("state_dtype", None)
-            group.setdefault("capturable", False)
-            group.setdefault(ALGORITHM_KEY, ALGORITHM)
+            _upgrade_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, refusing one of another optimizer or another estimator.
@@ -301,7 +231,8 @@ class TrainableOptimizer(Optimizer):
         float64 parameters of a group with ``state_dtype=None`` get float64 state (widened, as a
         fresh start would make it).  Every state tensor is copied, the step count too (a 0-d
         float32 CPU tensor, also when saved as a Python number): the optimizer never shares
-        state with the dict it loaded.
+        state with the dict it loaded.  Keywords a checkpoint predates take the values of its
+        day (:data:`hf_to.config.LEGACY_DEFAULTS`), so it resumes exactly.
         """
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
@@ -316,7 +247,12 @@ class TrainableOptimizer(Optimizer):
                     f"(no '{ALGORITHM_KEY}: {ALGORITHM}' stamp; keys: {sorted(k for k in saved if k != 'params')}); "
                     "resume with the optimizer that wrote the checkpoint, or start the optimizer afresh"
                 )
-            # slope_input and beta_warmup need not match: the saved group's values (and state) win,
+            if saved.get("slope_input", "weights") != "weights":
+                raise ValueError(
+                    f"param group {i} was written with slope_input={saved['slope_input']!r}, an experimental form "
+                    "this version no longer has (it lost the fine-tuning study; docs/design-decisions.md)"
+                )
+            # beta_warmup and nesterov need not match: the saved group's values (and state) win,
             # so a checkpoint written under an older default resumes exactly.
             for key in ("estimator", "preconditioner"):
                 if saved.get(key) != group[key]:
@@ -327,6 +263,8 @@ class TrainableOptimizer(Optimizer):
         self._native_plans.clear()
         self._forms.clear()
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _upgrade_group(group)
         # The base class casts floating state to the parameter dtype; undo that from the source.
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
         params = chain.from_iterable(zip(g["params"], repeat(g)) for g in self.param_groups)
@@ -342,11 +280,12 @@ class TrainableOptimizer(Optimizer):
 
     # -- the step -------------------------------------------------------------------------
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+    # (Not ``_init_group``: torch.compile's Dynamo special-cases a method of that name on
+    # optimizers and expects torch's return convention from it.)
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
         """Collect the parameters with gradients; create their state on first use."""
-        estimator = get_estimator(group["estimator"], group["slope_input"])
+        form = get_form(group["estimator"])
         params, grads, states = [], [], []
-        full = group["estimator"] == "full"
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -357,9 +296,9 @@ class TrainableOptimizer(Optimizer):
                 raise RuntimeError(
                     "TrainableOptimizer does not support complex parameters; view them as real with torch.view_as_real"
                 )
-            if full and is_sharded(p):
+            if form.dense and is_sharded(p):
                 raise ValueError(
-                    f"estimator='full' cannot run on a sharded parameter of shape {tuple(p.shape)}: its "
+                    f"estimator={form.name!r} cannot run on a sharded parameter of shape {tuple(p.shape)}: its "
                     "n x n matrix A couples all shards. Use estimator='diagonal' or 'rank_one' with FSDP"
                 )
             state = self.state[p]
@@ -371,7 +310,7 @@ class TrainableOptimizer(Optimizer):
                     alpha_scaling=group["alpha_scaling"],
                     index=next(i for i, g in enumerate(self.param_groups) if g is group),
                 )
-                _init_state(state, p, estimator, group)
+                _init_state(state, p, group)
             params.append(p)
             grads.append(grad)
             states.append(state)
@@ -386,40 +325,25 @@ class TrainableOptimizer(Optimizer):
                 loss = closure()
         if self.track_diagnostics and len(self._diag) < len(self.param_groups):
             # Groups added since (add_param_group) start empty; the others keep their sums.
-            self._diag += [_empty_stats() for _ in range(len(self.param_groups) - len(self._diag))]
+            self._diag += [empty_stats() for _ in range(len(self.param_groups) - len(self._diag))]
         for i, group in enumerate(self.param_groups):
-            form = (group["estimator"], group["preconditioner"], group["slope_input"])
+            form = (group["estimator"], group["preconditioner"])
             checked = self._forms.get(i)
             if checked is None or checked[0] is not group or checked[1] != form:
                 self._check_state_form(i, group)
                 self._forms[i] = (group, form)
-            params, grads, states = self._init_group(group)
+            params, grads, states = self._gather(group)
             if not params:
                 continue
             stats = trainable_to(
                 params,
                 grads,
                 states,
-                lr=group["lr"],
-                estimator=group["estimator"],
-                alpha=group["alpha"],
-                beta=group["beta"],
-                preconditioner=group["preconditioner"],
-                beta2=group["beta2"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                alpha_scaling=group["alpha_scaling"],
-                norm_floor=group["norm_floor"],
-                intercept_init=group["intercept_init"],
-                beta_warmup=group["beta_warmup"],
-                slope_input=group["slope_input"],
-                anchor_rate=group["anchor_rate"],
-                nesterov=group["nesterov"],
+                StepConfig.from_group(group),
                 diagnostics=self.track_diagnostics,
                 reduce_stats=self._stats_reducer(params),
-                fused=group["fused"],
                 native_plans=self._native_plans,
-                capturable=group["capturable"],
+                on_path=lambda path, i=i: self._note_path(i, path),
             )
             if stats is not None:
                 acc = self._diag[i]
@@ -427,11 +351,26 @@ class TrainableOptimizer(Optimizer):
                     acc[key] = acc[key].to(value.device) + value
         return loss
 
+    def _stats_reducer(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """How to sum phase-1 partial sums across the ranks that hold shards of ``params``
+        (``None``: nothing to sum, for tensors on one process or replicated by DDP)."""
+        return make_stats_reducer(params)
+
+    def _note_path(self, index: int, path: Path) -> None:
+        if self._paths.get(index) != path:
+            logger.debug("hf_to: param group %d takes the %s path (%s)", index, path.name, path.reason)
+            self._paths[index] = path
+
+    def step_paths(self) -> list[Path | None]:
+        """Per param group, the path its last step took (``native``, ``triton`` or ``readable``) and
+        why (``None`` for a group that has not stepped): what :func:`hf_to.functional.choose_path` chose."""
+        return [self._paths.get(i) for i in range(len(self.param_groups))]
+
     def _check_state_form(self, index: int, group: dict[str, Any]) -> None:
         """Refuse a step whose group's ``estimator``/``preconditioner`` no longer match the state
         its parameters hold (changed in ``param_groups`` after a step): a clear ``ValueError``
         rather than a ``KeyError`` deep in the step, as ``load_state_dict`` refuses it."""
-        expected = {"step", "b", *get_estimator(group["estimator"], group["slope_input"]).state_keys}
+        expected = {"step", "b", *get_form(group["estimator"]).slope_keys}
         if group["preconditioner"] == "adam":
             expected.add("exp_avg_sq")
         for p in group["params"]:
@@ -440,18 +379,11 @@ class TrainableOptimizer(Optimizer):
                 missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
                 raise ValueError(
                     f"param group {index} has estimator={group['estimator']!r}, "
-                    f"preconditioner={group['preconditioner']!r}, slope_input={group['slope_input']!r}, but the state of its parameter of shape "
+                    f"preconditioner={group['preconditioner']!r}, but the state of its parameter of shape "
                     f"{tuple(p.shape)} was made for another form (missing {missing}, unexpected {extra}); "
-                    "estimator, preconditioner and slope_input cannot change under existing state: restore them, or "
+                    "estimator and preconditioner cannot change under existing state: restore them, or "
                     "start afresh with a new optimizer (or clear opt.state)"
                 )
-
-    def _stats_reducer(self, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """How to sum phase-1 partial sums across the ranks that hold shards of ``params``.
-
-        ``None`` (nothing to sum) for ordinary tensors on one process or replicated by DDP.
-        """
-        return make_stats_reducer(params)
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -486,7 +418,7 @@ class TrainableOptimizer(Optimizer):
             rec["relative_residual"] = rec["residual_sq"] / rec["grad_sq"] if rec["grad_sq"] > 0 else 0.0
             out.append(rec)
         if reset:
-            self._diag = [_empty_stats() for _ in self.param_groups] if self.track_diagnostics else []
+            self._diag = [empty_stats() for _ in self.param_groups] if self.track_diagnostics else []
         return out
 
     @torch.no_grad()
@@ -502,7 +434,7 @@ class TrainableOptimizer(Optimizer):
         state = self.state.get(p)  # not self.state[p]: a defaultdict would insert an empty entry
         if not state:
             raise ValueError("no estimator state for this parameter yet: call step() first")
-        return get_estimator(group["estimator"], group["slope_input"]).predict(state, p.detach() if w is None else w)
+        return get_form(group["estimator"]).predict(state, p.detach() if w is None else w)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (all parameters, ``step`` included)."""
@@ -511,88 +443,31 @@ class TrainableOptimizer(Optimizer):
         )
 
 
-# -- validation ----------------------------------------------------------------------------
+TrainableOptimizer.__init__.__signature__ = constructor_signature(  # type: ignore[attr-defined]
+    leading=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Iterable),
+    ],
+    trailing=[inspect.Parameter("diagnostics", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)],
+)
 
 
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the argument and value of the first invalid setting."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-        lr = float(lr)
-    checks = [
-        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "a finite number >= 0"),
-        ("alpha", group["alpha"], _num(group["alpha"]) and group["alpha"] >= 0, "a finite number >= 0"),
-        ("beta", group["beta"], _num(group["beta"]) and 0 < group["beta"] <= 1, "in (0, 1]"),
-        ("beta2", group["beta2"], _num(group["beta2"]) and 0 <= group["beta2"] < 1, "in [0, 1)"),
-        ("eps", group["eps"], _num(group["eps"]) and group["eps"] >= 0, "a finite number >= 0"),
-        (
-            "norm_floor",
-            group["norm_floor"],
-            _num(group["norm_floor"]) and group["norm_floor"] >= 0,
-            "a finite number >= 0",
-        ),
-        (
-            "weight_decay",
-            group["weight_decay"],
-            _num(group["weight_decay"]) and group["weight_decay"] >= 0,
-            "a finite number >= 0",
-        ),
-        ("estimator", group["estimator"], group["estimator"] in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
-        ("preconditioner", group["preconditioner"], group["preconditioner"] in PRECONDITIONERS, PRECONDITIONERS),
-        ("alpha_scaling", group["alpha_scaling"], group["alpha_scaling"] in ALPHA_SCALINGS, ALPHA_SCALINGS),
-        ("intercept_init", group["intercept_init"], group["intercept_init"] in INTERCEPT_INITS, INTERCEPT_INITS),
-        ("beta_warmup", group["beta_warmup"], valid_beta_warmup(group["beta_warmup"]), "True, False or 'adam'"),
-        ("slope_input", group["slope_input"], group["slope_input"] in SLOPE_INPUTS, SLOPE_INPUTS),
-        (
-            "anchor_rate",
-            group["anchor_rate"],
-            _num(group["anchor_rate"]) and 0 < group["anchor_rate"] <= 1,
-            "in (0, 1]",
-        ),
-        (
-            "max_full_numel",
-            group["max_full_numel"],
-            isinstance(group["max_full_numel"], int)
-            and not isinstance(group["max_full_numel"], bool)
-            and group["max_full_numel"] >= 1,
-            "an int >= 1",
-        ),
-    ]
-    checks.append(
-        (
-            "state_dtype",
-            group["state_dtype"],
-            group["state_dtype"] in STATE_DTYPES
-            and not (group["state_dtype"] == torch.bfloat16 and group["estimator"] not in FAST_ESTIMATORS),
-            f"one of {STATE_DTYPES}; bfloat16 with estimator in {FAST_ESTIMATORS}",
-        )
-    )
-    checks.append(("fused", group["fused"], group["fused"] in (None, True, False), "None, True or False"))
-    checks.append(("capturable", group["capturable"], isinstance(group["capturable"], bool), "True or False"))
-    checks.append(("nesterov", group["nesterov"], isinstance(group["nesterov"], bool), "True or False"))
-    for name, value, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
-    if group["slope_input"] == "displacement" and group["estimator"] not in DISPLACEMENT_ESTIMATORS:
-        raise ValueError(
-            f"Invalid slope_input: 'displacement' with estimator={group['estimator']!r} "
-            f"(expected estimator in {sorted(DISPLACEMENT_ESTIMATORS)})"
-        )
-    if group["preconditioner"] == "adam" and group["eps"] == 0:
-        # eps = 0 divides by zero where a gradient coordinate has always been zero.
-        raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+# -- groups and state ----------------------------------------------------------------------
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _upgrade_group(group: dict[str, Any]) -> None:
+    """A group of an older checkpoint: keywords it predates take the values of its day."""
+    for key, value in LEGACY_DEFAULTS.items():
+        group.setdefault(key, value)
+    for key in _RETIRED_KEYS:
+        group.pop(key, None)
+    group.setdefault(ALGORITHM_KEY, ALGORITHM)
 
 
-def _check_state_dtype(state_dtype: torch.dtype | None, params: Iterable[Tensor]) -> None:
+def check_state_dtype(state_dtype: torch.dtype | None, params: Iterable[Tensor]) -> None:
     """float64 parameters need float64 state: the step computes in the state's dtype and would
     round the weights to it every step.  (Computing in float64 beside narrower state would
-    need a second precision in every estimator and kernel, for a setting whose only use,
+    need a second precision in every form and kernel, for a setting whose only use,
     smaller state, contradicts the choice of float64 weights.)"""
     if state_dtype is None or state_dtype == torch.float64:
         return
@@ -615,8 +490,8 @@ def _step_count(value: Any) -> Tensor:
 
 
 def _check_full_size(group: dict[str, Any]) -> None:
-    """The dense estimator stores n² values per tensor: refuse tensors above the limit."""
-    if group["estimator"] != "full":
+    """The dense form stores n² values per tensor: refuse tensors above the limit."""
+    if not FORMS[group["estimator"]].dense:
         return
     limit = group["max_full_numel"]
     for p in group["params"]:
@@ -624,14 +499,11 @@ def _check_full_size(group: dict[str, Any]) -> None:
         if n > limit:
             gib = n * n * 4 / 2**30
             raise ValueError(
-                f"estimator='full' on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
+                f"estimator={group['estimator']!r} on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
                 f"{n}x{n} matrix A: {n * n} values, {gib:.2f} GiB in float32. The limit is "
                 f"max_full_numel={limit}; use estimator='diagonal' or 'rank_one' (O(n) memory), "
                 "put large tensors in another param group, or raise max_full_numel"
             )
-
-
-# -- state ---------------------------------------------------------------------------------
 
 
 def state_dtype_for(p: Tensor) -> torch.dtype:
@@ -639,331 +511,13 @@ def state_dtype_for(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _init_state(state: dict, p: Tensor, estimator: Estimator, group: dict[str, Any]) -> None:
+def _init_state(state: dict, p: Tensor, group: dict[str, Any]) -> None:
     w = p.detach().to(group.get("state_dtype") or state_dtype_for(p), copy=True)
     # ``step`` stays a CPU tensor where the host reads it (the readable path, the C kernel):
     # that costs no device sync.  The Triton step reads and advances it on the GPU.
     on_device = group.get("capturable", False) or local_view(p).device.type == "cuda"
     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=local_view(p).device if on_device else "cpu")
     state["b"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
-    estimator.init(state, w.contiguous())
+    get_form(group["estimator"]).init(state, w.contiguous())
     if group["preconditioner"] == "adam":
         state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
-
-
-_STAT_KEYS = ("steps", "residual_sq", "grad_sq", "estimate_sq", "skipped")
-
-
-def _empty_stats(device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
-
-
-# -- functional API ------------------------------------------------------------------------
-
-
-def trainable_to(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    *,
-    lr: float | Tensor,
-    estimator: str,
-    alpha: float,
-    beta: float,
-    preconditioner: str,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    alpha_scaling: str = "normalized",
-    norm_floor: float = 1e-3,
-    intercept_init: str = "gradient",
-    beta_warmup: bool | str = "adam",
-    slope_input: str = "weights",
-    anchor_rate: float = 0.1,
-    nesterov: bool = True,
-    diagnostics: bool = False,
-    reduce_stats: Callable[[Tensor], Tensor] | None = None,
-    fused: bool | None = None,
-    native_plans: dict | None = None,
-    capturable: bool = False,
-) -> dict[str, Tensor] | None:
-    """Functional TO step over a list of tensors (the math of :class:`TrainableOptimizer`).
-
-    The step runs in two phases.  Phase 1 computes, per tensor, partial sums over the
-    elements at hand: a non-finite sentinel (the number of non-finite gradient entries) and
-    the whole-tensor sums the estimator needs (``Estimator.stat_names``).  They are stacked
-    into one ``(tensors, sums)`` matrix, passed through ``reduce_stats`` (the identity on one
-    process; one all-reduce for all tensors when parameters are sharded, so the count is the
-    whole tensor's) and read back once to find the tensors to skip or mask (see
-    :func:`hf_to.estimators.nonfinite_action`).  Phase 2 is elementwise given those sums.
-
-    ``fused`` selects the path (see :class:`TrainableOptimizer`); unless it is ``False``: the
-    one-pass C kernel of :mod:`hf_to.native` for unsharded CPU groups, the Triton kernels of
-    :mod:`hf_to.gpu` for CUDA groups (which do both phases on the device, no host read); else
-    this readable path.  ``capturable`` makes a CUDA group that cannot take the Triton step raise.
-
-    Returns the local diagnostic sums of this call, or ``None`` when ``diagnostics`` is off.
-    """
-    common = dict(
-        lr=lr,
-        alpha=alpha,
-        beta=beta,
-        adam=preconditioner == "adam",
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        normalize=alpha_scaling == "normalized",
-        floor=norm_floor,
-        intercept_from_gradient=intercept_init == "gradient",
-        beta_warmup=beta_warmup,
-        diagnostics=diagnostics,
-        reduce_stats=reduce_stats,
-    )
-    # The C kernel implements the weights form (every warm-up, the Nesterov direction); the
-    # Triton kernels every form of the diagonal, rank-one and none estimators.  The rest take
-    # the readable path.
-    native_form = slope_input == "weights"
-    form = dict(slope_input=slope_input, anchor_rate=anchor_rate, nesterov=nesterov)  # Triton and readable
-    if fused is not False:
-        if (
-            native_form
-            and reduce_stats is None
-            and native.eligible(estimator, params, grads, states)
-            and native.available()
-        ):
-            common["lr"] = float(lr)
-            return _native_trainable_to(
-                params, grads, states, estimator=estimator, plans=native_plans, nesterov=nesterov, **common
-            )
-        gpu = _gpu_step(estimator, params)
-        if gpu is not None:
-            out = gpu.triton_trainable_to(params, grads, states, estimator=estimator, **form, **common)
-            if out is not NotImplemented:
-                return out
-    if capturable and local_view(params[0]).device.type == "cuda":
-        raise RuntimeError(
-            f"capturable=True: this CUDA param group (estimator={estimator!r}, fused={fused!r}, "
-            f"slope_input={slope_input!r}) cannot take the Triton step of hf_to.gpu (estimators "
-            f"{FAST_ESTIMATORS}, float32/bfloat16/float16 contiguous parameters, fused=None or True, triton "
-            "installed), and the readable path reads step counts and non-finite counts on the host"
-        )
-    common["lr"] = float(lr)
-    return _readable_trainable_to(params, grads, states, estimator=estimator, **form, **common)
-
-
-#: ``HF_TO_TRITON=0`` keeps CUDA groups off the Triton step (then they take the readable path).
-_ENV_TRITON = "HF_TO_TRITON"
-_gpu_import_failed = False
-
-
-def _gpu_step(estimator: str, params: list[Tensor]) -> Any:
-    """:mod:`hf_to.gpu` if this group can take its Triton step, else ``None``.
-
-    Imported on first use by a CUDA group (triton comes with it), so CPU-only use never needs
-    triton; the tests import it themselves to run it on CPU tensors in Triton's interpreter.
-    """
-    global _gpu_import_failed
-    if estimator not in FAST_ESTIMATORS or not env_switch(_ENV_TRITON):
-        return None
-    gpu = sys.modules.get(f"{__package__}.gpu")
-    if gpu is None:
-        if _gpu_import_failed or local_view(params[0]).device.type != "cuda":
-            return None
-        try:
-            from . import gpu
-        except ImportError as err:
-            logging.getLogger(__name__).warning(
-                "hf_to: cannot import the Triton step (%s); CUDA groups take the readable path", err
-            )
-            _gpu_import_failed = True
-            return None
-    return gpu if gpu.eligible(estimator, params) else None
-
-
-def _readable_trainable_to(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    *,
-    estimator: str,
-    slope_input: str = "weights",
-    anchor_rate: float = 0.1,
-    nesterov: bool = False,
-    **common: Any,
-) -> dict[str, Tensor] | None:
-    """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
-    for p, state in zip(params, states):
-        if p.dtype == torch.float64 and state["b"].dtype != torch.float64:
-            _check_state_dtype(state["b"].dtype, [p])  # e.g. a model made float64 after its first step
-    strategy = get_estimator(estimator, slope_input)
-    if states[0]["b"].dtype == torch.bfloat16:
-        return with_float32_state(
-            _single_tensor_trainable_to,
-            states,
-            params=params,
-            grads=grads,
-            estimator=strategy,
-            anchor_rate=anchor_rate,
-            nesterov=nesterov,
-            **common,
-        )
-    return _single_tensor_trainable_to(
-        params, grads, states, estimator=strategy, anchor_rate=anchor_rate, nesterov=nesterov, **common
-    )
-
-
-def _native_trainable_to(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    *,
-    estimator: str,
-    plans: dict | None,
-    nesterov: bool = False,
-    **common: Any,
-) -> dict[str, Tensor] | None:
-    """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
-    intercept) takes the readable path."""
-    first = torch.stack([s["step"] for s in states]).eq(0).tolist()
-    out = None
-    if any(first):
-        pick = [i for i, f in enumerate(first) if f]
-        sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _readable_trainable_to(*sub, estimator=estimator, nesterov=nesterov, **common)
-    if not all(first):
-        pick = [i for i, f in enumerate(first) if not f]
-        skip = ("intercept_from_gradient", "reduce_stats")
-        more = native.native_step(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i] for i in pick],
-            estimator=estimator,
-            plans=plans,
-            nesterov=nesterov,
-            **{k: v for k, v in common.items() if k not in skip},
-        )
-        if out is None:
-            out = more
-        elif more is not None:
-            out = {k: torch.maximum(out[k], more[k]) if k == "steps" else out[k] + more[k] for k in out}
-    return out
-
-
-def _single_tensor_trainable_to(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    *,
-    lr: float,
-    estimator: Estimator,
-    alpha: float,
-    beta: float,
-    adam: bool,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    normalize: bool,
-    floor: float,
-    intercept_from_gradient: bool,
-    beta_warmup: bool | str,
-    diagnostics: bool,
-    reduce_stats: Callable[[Tensor], Tensor] | None,
-    anchor_rate: float = 0.1,
-    nesterov: bool = False,
-) -> dict[str, Tensor] | None:
-    device = grads[0].device
-    move_anchor = getattr(estimator, "move_anchor", None)
-    # Flat views in the state dtype; ``w`` aliases the parameter when no cast is needed.
-    # Sharded (DTensor) parameters, gradients and state work on their local shards.
-    views = []
-    numels = [p.numel() for p in params]  # the whole tensor's n, also for a DTensor
-    states = [{k: local_view(v) for k, v in state.items()} for state in states]
-    params = [local_view(p) for p in params]
-    for p, g, state in zip(params, grads, states):
-        b = state["b"]
-        in_place = p.dtype == b.dtype and p.is_contiguous()
-        w = p.view(-1) if in_place else p.detach().reshape(-1).to(b.dtype)
-        views.append((w, local_view(g).reshape(-1).to(b.dtype), b.view(-1), in_place))
-
-    # Phase 1: partial sums, one row per tensor: [non-finite count (sentinel), *stat_names].
-    # Unsharded, the count is needed only where Σg is not finite (some entry is inf/nan, or
-    # the sum overflowed): Σg stands in for it, a few times cheaper, and is replaced below.
-    count = count_nonfinite if reduce_stats is not None else torch.sum
-    rows = [
-        torch.stack([count(gf), *estimator.local_stats(state, w, gf, bf)]).to(device)
-        for (w, gf, bf, _), state in zip(views, states)
-    ]
-    sums = torch.stack(rows)
-    if reduce_stats is not None:
-        sums = reduce_stats(sums)
-    counts = sums[:, 0].tolist()
-    if reduce_stats is None:
-        counts = [0.0 if math.isfinite(c) else count_nonfinite(v[1]).item() for c, v in zip(counts, views)]
-    actions = [nonfinite_action(estimator.name, c, n, sums.dtype) for c, n in zip(counts, numels)]
-
-    stats = _empty_stats(device) if diagnostics else None
-    for p, n, state, (w, gf, bf, in_place), row, action in zip(params, numels, states, views, sums, actions):
-        if action != "step" and stats is not None:
-            stats["skipped"] += 1
-        if action == "skip":
-            continue
-        bad = kept = None
-        if action == "masked":
-            # Some entries of a coordinate-wise estimator's gradient are non-finite: step the
-            # others with g = 0 there, then put back those entries' weight and state (rare).
-            bad = ~torch.isfinite(gf)
-            slots = [w, bf, *(state[k].view(-1) for k in estimator.state_keys)]
-            if adam:
-                slots.append(state["exp_avg_sq"].view(-1))
-            kept = [(t, t[bad]) for t in slots]
-            gf = gf.masked_fill(bad, 0)
-        first = state["step"].item() == 0
-        state["step"] += 1
-        named = {k: v.to(bf.device) for k, v in zip(estimator.stat_names, row[1:])}
-        rate = intercept_rate(beta, state["step"].item(), beta_warmup)
-        g_hat, r = estimator.step(
-            state,
-            w,
-            gf,
-            bf,
-            named,
-            n=n,
-            alpha=alpha,
-            beta=rate,
-            normalize=normalize,
-            floor=floor,
-            first=first,
-            intercept_from_gradient=intercept_from_gradient,
-        )
-        if stats is not None:
-            # Sums over the finite entries (the masked ones contribute 0).
-            if r is not None:
-                r = r if bad is None else r.masked_fill(bad, 0)
-                stats["residual_sq"] += torch.dot(r, r).to(device)
-            stats["grad_sq"] += torch.dot(gf, gf).to(device)
-            h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
-            stats["estimate_sq"] += torch.dot(h, h).to(device)
-        if nesterov:
-            # One more intercept step on this gradient: Ĝ + β_t (g − Ĝ) (see TrainableOptimizer).
-            g_hat.add_(gf - g_hat, alpha=rate)
-
-        if adam:
-            v = state["exp_avg_sq"].view(-1)
-            v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
-            bias_correction2 = 1 - beta2 ** state["step"].item()
-            g_hat.div_((v / bias_correction2).sqrt_().add_(eps))
-
-        if weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
-        w.add_(g_hat, alpha=-lr)
-        if move_anchor is not None:
-            move_anchor(state, w, bf, anchor_rate)
-        if kept is not None:
-            for t, old in kept:
-                t[bad] = old
-        if not in_place:
-            p.copy_(w.view_as(p))
-
-    if stats is not None and any(a != "skip" for a in actions):
-        stats["steps"] += 1
-    return stats

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .estimators import intercept_rate
+from .forms import intercept_rate
 from .optimizer import TrainableOptimizer
 
 __all__ = ["ReferenceTrainableOptimizer", "reference_step"]
@@ -70,10 +70,7 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
     """One step of the update equations with the flat gradient ``gv`` (finite, state dtype)."""
     est = group["estimator"]
     dtype = state["b"].dtype
-    w_t = p.detach().reshape(-1).to(dtype)
-    # The estimator's input: the weights (paper) or their displacement from the anchor w̄.
-    displacement = group.get("slope_input", "weights") == "displacement"
-    w = w_t - state["w_bar"].reshape(-1) if displacement else w_t
+    w = p.detach().reshape(-1).to(dtype)
     n = w.numel()
     b = state["b"].reshape(-1).clone()
     if est == "rank_one" and int(state["step"]) == 0:
@@ -100,8 +97,7 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
         state["A"] = A - scale * grad_A
     elif est == "diagonal":
         a = torch.diagonal(A)
-        floor_d = 0.0 if displacement else floor  # the displacement's own scale is the reference
-        scale = alpha / (w * w + (w * w).mean() + floor_d + 1e-30) if normalized else alpha
+        scale = alpha / (w * w + (w * w).mean() + floor + 1e-30) if normalized else alpha
         state["a"] = (a - scale * torch.diagonal(grad_A)).reshape(p.shape)
     elif est == "rank_one":
         u, v = state["u"].reshape(-1), state["v"].reshape(-1)
@@ -122,13 +118,7 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
         state["exp_avg_sq"] = v2.reshape(p.shape)
         g_hat = g_hat / ((v2 / (1 - group["beta2"] ** t)).sqrt() + group["eps"])
     lr, wd = group["lr"], group["weight_decay"]
-    w_new = (1 - lr * wd) * w_t - lr * g_hat
-    if displacement:
-        # The anchor follows the weights; b is re-expressed so that Ĝ(·) = A(· − w̄) + b is unchanged.
-        w_bar = state["w_bar"].reshape(-1)
-        w_bar_new = w_bar + group["anchor_rate"] * (w_new - w_bar)
-        state["b"] = (b + _dense_slope(est, state, n, w) @ (w_bar_new - w_bar)).reshape(p.shape)
-        state["w_bar"] = w_bar_new.reshape(p.shape)
+    w_new = (1 - lr * wd) * w - lr * g_hat
     p.copy_(w_new.reshape(p.shape))
 
 
@@ -142,7 +132,7 @@ class ReferenceTrainableOptimizer(TrainableOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, states = self._init_group(group)
+            params, grads, states = self._gather(group)
             for p, g, state in zip(params, grads, states):
                 reference_step(p, g, state, group)
         return loss

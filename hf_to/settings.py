@@ -1,19 +1,10 @@
-"""Settings shared by the step's paths: environment switches and the accepted state dtypes."""
+"""Environment switches shared by the step's paths."""
 
 from __future__ import annotations
 
 import os
 
-import torch
-
-__all__ = ["FAST_ESTIMATORS", "STATE_DTYPES", "env_switch"]
-
-#: Estimators with a multi-tensor kernel (the CPU's C kernel, the GPU's Triton kernels) and
-#: bfloat16 state; ``full`` is matrix-vector bound and keeps the readable path.
-FAST_ESTIMATORS = ("diagonal", "rank_one", "none")
-
-#: Accepted ``state_dtype`` values (``None``: float32, float64 for float64 parameters).
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+__all__ = ["env_switch"]
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import hf_to.gpu as gpu
+from hf_to.forms import FORMS
 
 #: Pointer arguments and their element types; every other non-constexpr argument is a float.
 POINTERS = {
@@ -49,8 +50,9 @@ def variants(quick: bool) -> list[tuple[str, dict]]:
     sizes = dict(CHUNK_=gpu.CHUNK, BLOCK_=gpu.BLOCK)
     dtypes = [(0, 0, True), (1, 1, True)] if quick else [(0, 0, True), (1, 1, True), (2, 0, False), (1, 0, True)]
     forms = [(1, 1, 1, 1, 0, 0, 0)] if quick else [(1, 1, 1, 1, 0, 0, 0), (0, 0, 0, 0, 1, 1, 1), (1, 1, 1, 2, 0, 0, 0)]
-    # estimator codes of hf_to.gpu._EST: diagonal, rank-one, none, diagonal on the displacement
-    for est, k in ((0, 2), (1, 6), (2, 1), (3, 2)):
+    # the forms with a Triton step: their code (hf_to.gpu._CODES) and sums per tensor
+    for name, est in gpu._CODES.items():
+        k = 1 + len(FORMS[name].stat_names)
         kp = 8 if k > 1 else 2
         for pd, sd, aligned in dtypes:
             codes = dict(PD=pd, GD=pd, SD=sd, ALIGNED=aligned, **sizes)

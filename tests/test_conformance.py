@@ -175,7 +175,7 @@ def test_step_is_a_0d_float32_tensor_and_every_state_key_exists_after_the_first_
         opt.step()
         state = opt.state[p]
         assert state["step"].dtype == torch.float32 and state["step"].dim() == 0 and float(state["step"]) == 1
-        expected = {"step", "b", *ESTIMATORS[estimator].state_keys}
+        expected = {"step", "b", *ESTIMATORS[estimator].slope_keys}
         if form.get("preconditioner", "adam") == "adam":
             expected.add("exp_avg_sq")
         assert set(state) == expected

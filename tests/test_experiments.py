@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "experi
 import online_alpha  # a broken prototype fails here: never skipped
 
 from hf_to import TrainableOptimizer
-from hf_to.estimators import ESTIMATORS
+from hf_to.forms import FORMS
 
 
 def _run(estimator: str, steps: int = 12) -> list[torch.Tensor]:
@@ -33,7 +33,7 @@ def test_online_alpha_without_adaptation_is_the_diagonal_form():
         for a, b in zip(_run(online_alpha.NAME), _run("diagonal")):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     finally:
-        ESTIMATORS.pop(online_alpha.NAME, None)
+        FORMS.pop(online_alpha.NAME, None)
 
 
 def test_online_alpha_moves_the_rate_and_the_weights():
@@ -43,4 +43,4 @@ def test_online_alpha_moves_the_rate_and_the_weights():
         assert any(abs(r - 0.1) > 1e-3 for r in est.rates.values()), "α adapts"
         assert any(not torch.allclose(a, b) for a, b in zip(moved, _run("diagonal")))
     finally:
-        ESTIMATORS.pop(online_alpha.NAME, None)
+        FORMS.pop(online_alpha.NAME, None)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from hf_to import ReferenceTrainableOptimizer, TrainableOptimizer
+from hf_to.forms import FORMS as FORM_TABLE
 from hf_to.registry import PAPER_LITERAL
 from hf_to.rounding import stochastic_round_
-from hf_to.settings import FAST_ESTIMATORS
 
-FUSED = list(FAST_ESTIMATORS)
+FUSED = [name for name, form in FORM_TABLE.items() if form.kernels]
 FORMS = {
     "default": {},
     "paper": {**PAPER_LITERAL, "alpha": 1e-3},

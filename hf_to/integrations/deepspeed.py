@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..distributed import WHOLE_TENSOR_ESTIMATORS, check_unflattened
+from ..distributed import check_unflattened
+from ..forms import FORMS
 from ..optimizer import TrainableOptimizer
 
 __all__ = ["check_estimator", "check_wrapped_optimizer", "deepspeed_requested", "find_trainable_optimizer"]
@@ -36,7 +37,8 @@ def deepspeed_requested(training_args: Any = None) -> bool:
 
 def check_estimator(estimator: str, *, training_args: Any = None) -> None:
     """Raise ``ValueError`` if ``estimator`` cannot run under the DeepSpeed this run requests."""
-    if estimator in WHOLE_TENSOR_ESTIMATORS and deepspeed_requested(training_args):
+    form = FORMS.get(estimator)
+    if form is not None and not form.coordinatewise and deepspeed_requested(training_args):
         raise ValueError(
             f"estimator={estimator!r} cannot run under DeepSpeed: ZeRO (and DeepSpeed's bf16 optimizer) "
             "hands the optimizer one flat partition per param group and rank, pieces of several "

@@ -40,31 +40,29 @@ sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT))
 
 import study  # noqa: E402
-from hf_to import estimators  # noqa: E402
+
+from hf_to import Form, register_form  # noqa: E402
+from hf_to.forms import FORMS, TINY  # noqa: E402
 
 NAME = "diagonal_online_alpha"
 
 
-class OnlineAlphaDiagonal(estimators.DiagonalEstimator):
-    """The diagonal slope with a per-tensor α trained on the next residual (see the module)."""
-
-    name = NAME
-    state_keys = ("a", "s")
+class OnlineAlpha:
+    """The diagonal slope with a per-tensor α trained on the next residual (see the module):
+    a form's whole-tensor step, registered with :func:`hf_to.register_form`."""
 
     def __init__(self, kappa: float) -> None:
         self.kappa = kappa
         #: Each tensor's current α, by its state (read after a run, then cleared).
         self.rates: dict[int, float] = {}
 
-    def init(self, state: dict, w: torch.Tensor) -> None:
-        super().init(state, w)
-        state["s"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    @staticmethod
+    def init(state: dict, w: torch.Tensor) -> None:
+        for key in ("a", "s"):
+            state[key] = torch.zeros_like(w, memory_format=torch.contiguous_format)
         state["log_alpha"] = torch.zeros((), dtype=w.dtype)
 
-    def step(self, state, w, g, b, stats, *, n, alpha, beta, normalize, floor=1e-3, first, intercept_from_gradient):
-        if first and intercept_from_gradient:
-            b.copy_(g)
-            return b.clone(), None
+    def step(self, state, w, g, b, sums, *, nf, alpha, floor, beta_t, normalize):
         a, s = state["a"].view(-1), state["s"].view(-1)
         r = torch.addcmul(b - g, a, w)
         effect = s * w
@@ -73,17 +71,29 @@ class OnlineAlphaDiagonal(estimators.DiagonalEstimator):
             state["log_alpha"] += self.kappa * torch.dot(r, effect) / scale
             state["log_alpha"].clamp_(-math.log(100), math.log(30))
         rate = alpha * float(state["log_alpha"].exp())
-        s.copy_(r * w / (w * w + (stats["ww"] / n + floor + estimators.TINY)))
+        s.copy_(r * w / (w * w + (sums["ww"] / nf + floor + TINY)))
         a.sub_(s, alpha=rate)
-        b.add_(r, alpha=-beta)
+        b.add_(r, alpha=-beta_t)
         self.rates[id(state["a"])] = rate
-        return torch.addcmul(b, a, w), r
+        return r, torch.addcmul(b, a, w)
 
 
-def register(kappa: float) -> OnlineAlphaDiagonal:
+def register(kappa: float) -> OnlineAlpha:
     """Make ``estimator="diagonal_online_alpha"`` valid in this process (readable path)."""
-    est = OnlineAlphaDiagonal(kappa)
-    estimators.ESTIMATORS[NAME] = est
+    est = OnlineAlpha(kappa)
+    diagonal = FORMS["diagonal"]
+    register_form(
+        Form(
+            NAME,
+            ("a", "s", "log_alpha"),
+            ("ww",),
+            slope_times=diagonal.slope_times,
+            state_numel=lambda n: 2 * n + 1,
+            tensor_step=est.step,
+            init_state=est.init,
+        ),
+        replace=True,
+    )
     return est
 
 

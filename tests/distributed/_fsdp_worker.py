@@ -119,13 +119,9 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 def optimizer_kwargs(form: str) -> dict:
-    """``"<estimator>[+fused]"``; the estimator ``displacement`` is the diagonal one regressed on
-    the weights' displacement (``slope_input="displacement"``)."""
+    """``"<estimator>[+fused]"``."""
     name, _, variant = form.partition("+")
-    kw = dict(OPT_KW, estimator=name, fused=variant == "fused")
-    if name == "displacement":
-        kw.update(estimator="diagonal", slope_input="displacement")
-    return kw
+    return dict(OPT_KW, estimator=name, fused=variant == "fused")
 
 
 def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counter: CollectiveCounter) -> dict:
@@ -280,7 +276,7 @@ def main() -> None:
     parser.add_argument(
         "--estimators",
         nargs="+",
-        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused", "displacement", "displacement+fused"],
+        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused"],
     )
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -293,7 +289,7 @@ def main() -> None:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
     results["nonfinite"] = {
         est: run_nonfinite(est, mesh, rank, world)
-        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused", "displacement")
+        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
     }  # the names of test_fsdp.NONFINITE
 
     # Diagnostics: local shard sums, summed over the shard group on request.

@@ -1,0 +1,167 @@
+r"""Every keyword of the Trainable Optimizer, its default and its check, in one place.
+
+:class:`StepConfig` is the frozen configuration of one param group's step: the constructor's
+signature, the ``defaults`` of :class:`~hf_to.TrainableOptimizer`, the functional
+:func:`~hf_to.trainable_to` and the calls of the C and Triton kernels all come from its fields.
+:data:`RULES` holds each keyword's check; :data:`LEGACY_DEFAULTS` the values a checkpoint
+written before a keyword existed resumes with.  What each keyword means is documented once, in
+:class:`~hf_to.TrainableOptimizer`'s docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .forms import FORMS, MAX_NORMALIZED_ALPHA
+
+__all__ = ["LEGACY_DEFAULTS", "RULES", "StepConfig", "constructor_signature", "validate"]
+
+#: Accepted ``preconditioner``, ``alpha_scaling``, ``intercept_init`` and ``state_dtype`` values.
+PRECONDITIONERS = ("adam", "none")
+ALPHA_SCALINGS = ("normalized", "none")
+INTERCEPT_INITS = ("gradient", "zero")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """One param group's step: every hyperparameter and path option, with its default."""
+
+    lr: float | Tensor = 1e-3
+    estimator: str = "diagonal"
+    alpha: float = 0.1
+    beta: float = 0.1
+    preconditioner: str = "adam"
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    alpha_scaling: str = "normalized"
+    norm_floor: float = 1e-3
+    intercept_init: str = "gradient"
+    beta_warmup: bool | Literal["adam"] = "adam"
+    nesterov: bool = True
+    max_full_numel: int = 4096
+    fused: bool | None = None
+    state_dtype: torch.dtype | None = None
+    capturable: bool = False
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> StepConfig:
+        """The configuration of a param group (its keys are the field names)."""
+        return cls(**{name: group[name] for name in FIELDS})
+
+    # Derived flags, as the kernels take them.
+    @property
+    def adam(self) -> bool:
+        return self.preconditioner == "adam"
+
+    @property
+    def normalize(self) -> bool:
+        return self.alpha_scaling == "normalized"
+
+    @property
+    def intercept_from_gradient(self) -> bool:
+        return self.intercept_init == "gradient"
+
+    @property
+    def warmup_code(self) -> int:
+        """``beta_warmup`` as the kernels number it: 0 constant, 1 running mean, 2 Adam's."""
+        return 2 if self.beta_warmup == "adam" and not isinstance(self.beta_warmup, bool) else int(self.beta_warmup)
+
+
+#: The field names, in signature order.
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepConfig))
+
+#: What a checkpoint written before a keyword existed resumes with (the default of its day).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "alpha_scaling": "normalized",
+    "norm_floor": 1e-3,
+    "intercept_init": "gradient",
+    "beta_warmup": True,  # the running mean, the default until 2026-11-30
+    "nesterov": False,  # the step along Ĝ, the default until 2026-11-30
+    "max_full_numel": 4096,
+    "fused": None,
+    "state_dtype": None,
+    "capturable": False,
+}
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _flag(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+#: Per keyword: (check, what it expects).  A check sees the value and the whole group.
+RULES: dict[str, tuple[Callable[[Any, dict], bool], str]] = {
+    "lr": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
+    "estimator": (lambda x, g: isinstance(x, str) and x in FORMS, f"one of {sorted(FORMS)}"),
+    "alpha": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
+    "beta": (lambda x, g: _number(x) and 0 < x <= 1, "in (0, 1]"),
+    "preconditioner": (lambda x, g: x in PRECONDITIONERS, f"one of {PRECONDITIONERS}"),
+    "beta2": (lambda x, g: _number(x) and 0 <= x < 1, "in [0, 1)"),
+    "eps": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
+    "weight_decay": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
+    "alpha_scaling": (lambda x, g: x in ALPHA_SCALINGS, f"one of {ALPHA_SCALINGS}"),
+    "norm_floor": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
+    "intercept_init": (lambda x, g: x in INTERCEPT_INITS, f"one of {INTERCEPT_INITS}"),
+    "beta_warmup": (lambda x, g: _flag(x) or (isinstance(x, str) and x == "adam"), "True, False or 'adam'"),
+    "nesterov": (lambda x, g: _flag(x), "True or False"),
+    "max_full_numel": (lambda x, g: isinstance(x, int) and not _flag(x) and x >= 1, "an int >= 1"),
+    "fused": (lambda x, g: x is None or _flag(x), "None, True or False"),
+    "state_dtype": (
+        lambda x, g: x in STATE_DTYPES and not (x == torch.bfloat16 and not FORMS[g["estimator"]].kernels),
+        f"one of {STATE_DTYPES}; bfloat16 with an estimator that has kernels ({sorted(n for n, f in FORMS.items() if f.kernels)})",
+    ),
+    "capturable": (lambda x, g: _flag(x), "True or False"),
+}
+
+
+def validate(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the keyword and value of the first invalid setting of ``group``."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    for name in FIELDS:
+        check, expected = RULES[name]
+        value = lr if name == "lr" else group[name]
+        if not check(value, group):
+            raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+    if group["alpha_scaling"] == "normalized" and group["alpha"] >= MAX_NORMALIZED_ALPHA:
+        raise ValueError(
+            f"Invalid alpha: {group['alpha']!r} (expected < {MAX_NORMALIZED_ALPHA:g} with alpha_scaling='normalized': "
+            "the normalised slope step overshoots the residual it learns from by more than it corrects, and the "
+            "estimator diverges)"
+        )
+    if group["preconditioner"] == "adam" and group["eps"] == 0:
+        # eps = 0 divides by zero where a gradient coordinate has always been zero.
+        raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+
+
+def constructor_signature(*, leading: list[inspect.Parameter], trailing: list[inspect.Parameter]) -> inspect.Signature:
+    """A signature ``(*leading, lr=..., *, <every other field>=..., *trailing)`` with real annotations
+    (``--optim_args`` reads each keyword's type from it)."""
+    hints = typing.get_type_hints(StepConfig)
+    kind = inspect.Parameter
+    fields = [
+        kind(
+            name,
+            kind.POSITIONAL_OR_KEYWORD if name == "lr" else kind.KEYWORD_ONLY,
+            default=f.default,
+            annotation=hints[name],
+        )
+        for name, f in ((f.name, f) for f in dataclasses.fields(StepConfig))
+    ]
+    return inspect.Signature([*leading, *fields, *trailing])
