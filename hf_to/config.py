@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .forms import FORMS, MAX_NORMALIZED_ALPHA
 
-__all__ = ["LEGACY_DEFAULTS", "RULES", "StepConfig", "constructor_signature", "validate"]
+__all__ = ["LEGACY_DEFAULTS", "RULES", "StepConfig", "check_state_dtype", "constructor_signature", "validate"]
 
 #: Accepted ``preconditioner``, ``alpha_scaling``, ``intercept_init`` and ``state_dtype`` values.
 PRECONDITIONERS = ("adam", "none")
@@ -127,8 +127,9 @@ RULES: dict[str, tuple[Callable[[Any, dict], bool], str]] = {
 }
 
 
-def validate(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the keyword and value of the first invalid setting of ``group``."""
+def validate(group: dict[str, Any], *, params: Iterable[Tensor] = ()) -> None:
+    """Raise ``ValueError`` naming the keyword and value of the first invalid setting of ``group``
+    (and, given its ``params``, a tensor the dense form or the state dtype cannot take)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -148,6 +149,43 @@ def validate(group: dict[str, Any]) -> None:
     if group["preconditioner"] == "adam" and group["eps"] == 0:
         # eps = 0 divides by zero where a gradient coordinate has always been zero.
         raise ValueError("Invalid eps: 0 (expected > 0 with preconditioner='adam')")
+    params = list(params)
+    _check_full_size(group, params)
+    check_state_dtype(group["state_dtype"], params)
+
+
+def check_state_dtype(state_dtype: torch.dtype | None, params: Iterable[Tensor]) -> None:
+    """float64 parameters need float64 state: the step computes in the state's dtype and would
+    round the weights to it every step.  (Computing in float64 beside narrower state would
+    need a second precision in every form and kernel, for a setting whose only use,
+    smaller state, contradicts the choice of float64 weights.)"""
+    if state_dtype is None or state_dtype == torch.float64:
+        return
+    for p in params:
+        if p.dtype == torch.float64:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype} for a float64 parameter of shape {tuple(p.shape)} "
+                f"(the step computes in the state's dtype and would round the weights to {state_dtype}); "
+                "use state_dtype=None (float64 state for float64 parameters) or put float64 "
+                "parameters in a param group of their own"
+            )
+
+
+def _check_full_size(group: dict[str, Any], params: list[Tensor]) -> None:
+    """The dense form stores n² values per tensor: refuse tensors above the limit."""
+    if not FORMS[group["estimator"]].dense:
+        return
+    limit = group["max_full_numel"]
+    for p in params:
+        n = p.numel()
+        if n > limit:
+            gib = n * n * 4 / 2**30
+            raise ValueError(
+                f"estimator={group['estimator']!r} on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
+                f"{n}x{n} matrix A: {n * n} values, {gib:.2f} GiB in float32. The limit is "
+                f"max_full_numel={limit}; use estimator='diagonal' or 'rank_one' (O(n) memory), "
+                "put large tensors in another param group, or raise max_full_numel"
+            )
 
 
 def constructor_signature(*, leading: list[inspect.Parameter], trailing: list[inspect.Parameter]) -> inspect.Signature:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .config import StepConfig
+from .config import StepConfig, check_state_dtype
 from .distributed import local_view
 from .forms import Form, count_nonfinite, get_form, intercept_rate, nonfinite_action
 from .rounding import with_float32_state
@@ -201,9 +201,7 @@ def _readable(params, grads, states, cfg: StepConfig, *, diagnostics: bool, redu
     """The readable path; bfloat16 state through float32 working copies (:mod:`hf_to.rounding`)."""
     for p, state in zip(params, states):
         if p.dtype == torch.float64 and state["b"].dtype != torch.float64:
-            from .optimizer import check_state_dtype  # e.g. a model made float64 after its first step
-
-            check_state_dtype(state["b"].dtype, [p])
+            check_state_dtype(state["b"].dtype, [p])  # e.g. a model made float64 after its first step
     kwargs = dict(params=params, grads=grads, cfg=cfg, diagnostics=diagnostics, reduce_stats=reduce_stats)
     if states[0]["b"].dtype == torch.bfloat16:
         return with_float32_state(_single_tensor, states, **kwargs)

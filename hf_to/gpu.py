@@ -228,20 +228,9 @@ def _partials_tile(
 
 @triton.jit
 def _partials(
-    TAB,
-    CHUNKS,
-    P,
-    STEPS,
-    EST: tl.constexpr,
-    K: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    PD: tl.constexpr,
-    GD: tl.constexpr,
-    SD: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    CHUNK_: tl.constexpr,
-    BLOCK_: tl.constexpr,
-):
+    TAB, CHUNKS, P, STEPS, EST: tl.constexpr, K: tl.constexpr, NORMALIZE: tl.constexpr, PD: tl.constexpr,
+    GD: tl.constexpr, SD: tl.constexpr, ALIGNED: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+):  # fmt: skip
     """Per chunk: [non-finite count of g, *partial sums of Estimator.stat_names] into P[chunk];
     per tensor (its first chunk): the step count before this step into STEPS (``_update`` reads
     it there, since its first chunk's program advances the count while the others run)."""
@@ -384,44 +373,13 @@ def _update_tile(
 
 @triton.jit
 def _update(
-    TAB,
-    CHUNKS,
-    P,
-    STEPS,
-    R,
-    D,
-    ACT,
-    LR,
-    lr_value,
-    decay_value,
-    weight_decay,
-    alpha,
-    beta,
-    beta2,
-    one_minus_beta2,
-    log_beta2,
-    eps,
-    floor,
-    log1m_beta,
-    EST: tl.constexpr,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    RB: tl.constexpr,
-    ROWS_GIVEN: tl.constexpr,
-    LR_TENSOR: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    ADAM: tl.constexpr,
-    WARMUP: tl.constexpr,
-    SEED_INTERCEPT: tl.constexpr,
-    DIAGNOSTICS: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    PD: tl.constexpr,
-    GD: tl.constexpr,
-    SD: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    CHUNK_: tl.constexpr,
-    BLOCK_: tl.constexpr,
-):
+    TAB, CHUNKS, P, STEPS, R, D, ACT, LR, lr_value, decay_value, weight_decay, alpha, beta, beta2,
+    one_minus_beta2, log_beta2, eps, floor, log1m_beta, EST: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    RB: tl.constexpr, ROWS_GIVEN: tl.constexpr, LR_TENSOR: tl.constexpr, NORMALIZE: tl.constexpr,
+    ADAM: tl.constexpr, WARMUP: tl.constexpr, SEED_INTERCEPT: tl.constexpr, DIAGNOSTICS: tl.constexpr,
+    NESTEROV: tl.constexpr, PD: tl.constexpr, GD: tl.constexpr, SD: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+):  # fmt: skip
     c = tl.program_id(0)
     t = tl.load(CHUNKS + 2 * c)
     j = tl.load(CHUNKS + 2 * c + 1)

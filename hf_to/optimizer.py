@@ -23,10 +23,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import FIELDS, LEGACY_DEFAULTS, StepConfig, constructor_signature, validate
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
-from .forms import FORMS, get_form
+from .forms import get_form
 from .functional import Path, empty_stats, trainable_to
 
-__all__ = ["TrainableOptimizer", "check_state_dtype"]
+__all__ = ["TrainableOptimizer"]
 
 logger = logging.getLogger("hf_to")
 
@@ -198,9 +198,7 @@ class TrainableOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate(group)
-            _check_full_size(group)
-            check_state_dtype(group["state_dtype"], group["params"])
+            validate(group, params=group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -464,46 +462,12 @@ def _upgrade_group(group: dict[str, Any]) -> None:
     group.setdefault(ALGORITHM_KEY, ALGORITHM)
 
 
-def check_state_dtype(state_dtype: torch.dtype | None, params: Iterable[Tensor]) -> None:
-    """float64 parameters need float64 state: the step computes in the state's dtype and would
-    round the weights to it every step.  (Computing in float64 beside narrower state would
-    need a second precision in every form and kernel, for a setting whose only use,
-    smaller state, contradicts the choice of float64 weights.)"""
-    if state_dtype is None or state_dtype == torch.float64:
-        return
-    for p in params:
-        if p.dtype == torch.float64:
-            raise ValueError(
-                f"Invalid state_dtype: {state_dtype} for a float64 parameter of shape {tuple(p.shape)} "
-                f"(the step computes in the state's dtype and would round the weights to {state_dtype}); "
-                "use state_dtype=None (float64 state for float64 parameters) or put float64 "
-                "parameters in a param group of their own"
-            )
-
-
 def _step_count(value: Any) -> Tensor:
     """A loaded ``step`` as this optimizer keeps it: a fresh 0-d float32 CPU tensor (checkpoints
     edited or converted by other tools may hold a Python number, or another dtype)."""
     if isinstance(value, Tensor):
         return value.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
     return torch.tensor(float(value), dtype=torch.float32)
-
-
-def _check_full_size(group: dict[str, Any]) -> None:
-    """The dense form stores n² values per tensor: refuse tensors above the limit."""
-    if not FORMS[group["estimator"]].dense:
-        return
-    limit = group["max_full_numel"]
-    for p in group["params"]:
-        n = p.numel()
-        if n > limit:
-            gib = n * n * 4 / 2**30
-            raise ValueError(
-                f"estimator={group['estimator']!r} on a parameter of shape {tuple(p.shape)} ({n} elements) needs an "
-                f"{n}x{n} matrix A: {n * n} values, {gib:.2f} GiB in float32. The limit is "
-                f"max_full_numel={limit}; use estimator='diagonal' or 'rank_one' (O(n) memory), "
-                "put large tensors in another param group, or raise max_full_numel"
-            )
 
 
 def state_dtype_for(p: Tensor) -> torch.dtype:

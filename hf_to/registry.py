@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .forms import FORMS
 from .optimizer import TrainableOptimizer
 
 __all__ = [
@@ -39,8 +40,8 @@ PAPER_LITERAL: dict[str, Any] = {
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "trainable_to": {},
-    **{f"to_{e}": {"estimator": e} for e in ("diagonal", "rank_one", "full", "none")},
-    **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in ("diagonal", "rank_one", "full", "none")},
+    **{f"to_{e}": {"estimator": e} for e in FORMS},
+    **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in FORMS},
     # The defaults of before: the intercept's running-mean warm-up β_t = max(β, 1/t) and the step
     # along Ĝ (until 2026-11-30 morning); Adam's bias correction and the step along Ĝ (that day).
     "to_running_mean": {"estimator": "diagonal", "beta_warmup": True, "nesterov": False},
