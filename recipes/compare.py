@@ -43,19 +43,9 @@ import runtime_env  # noqa: F401  (first: sets OpenMP's wait policy before torch
 from compare_plots import plot_title, write_plots
 from peers import PEERS, PeerError, optimizer_kwargs
 from peers import peer as peer_spec
-from recipe_lib import (
-    CONFIG_DIR,
-    ModelArguments,
-    RecipeError,
-    ScriptArguments,
-    load_tokenizer,
-    note,
-    parse_recipe_args,
-    prepare_datasets,
-    quiet_progress,
-    run_cli,
-    run_training,
-)
+from recipe_config import CONFIG_DIR, ModelArguments, RecipeError, ScriptArguments, parse_recipe_args, run_cli
+from recipe_data import load_tokenizer, prepare_datasets
+from recipe_train import note, quiet_progress, run_training
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 

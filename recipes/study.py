@@ -203,7 +203,7 @@ _CACHE: dict[str, Any] = {}
 
 def _tokenizer() -> Any:
     if "tok" not in _CACHE:
-        from recipe_lib import ensure_embedded_model
+        from recipe_data import ensure_embedded_model
         from transformers import AutoTokenizer
 
         _CACHE["path"] = ensure_embedded_model()
@@ -258,13 +258,13 @@ def proxy_checkpoint() -> Path:
     """Pretrain the proxy once (deterministic, ~5 min on 2 cores) and return its folder."""
     import hashlib
 
-    from recipe_lib import _cache_root
+    from recipe_data import cache_root
     from transformers import LlamaConfig, LlamaForCausalLM
 
     key = hashlib.sha1(json.dumps([PROXY_CONFIG, PROXY_PRETRAIN, PROXY_VOCAB], sort_keys=True).encode()).hexdigest()[
         :10
     ]
-    target = _cache_root() / f"study-proxy-{key}"
+    target = cache_root() / f"study-proxy-{key}"
     if (target / "model.safetensors").is_file():
         return target
     remap = proxy_remap()
