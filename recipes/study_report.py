@@ -11,9 +11,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import study_runner
 import torch
 from recipe_metrics import format_mean_std, mean_std, steps_to_target
-from study_runner import EVAL_EVERY, table_runs
+from study_runner import table_runs
 from study_spec import CANDIDATES, TASKS
 
 __all__ = ["candidate_ranking", "report"]
@@ -48,8 +49,8 @@ def report(records: list[dict[str, Any]], out: Path, kind: str) -> str:
         f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `recipes/study.py` "
         f"({platform.machine()}, torch {torch.__version__}). Test loss mean ± std over seeds; Δ = paired "
         "difference to AdamW per seed (negative: better than AdamW); 'steps to AdamW' = per seed, the first "
-        f"evaluation step (every {EVAL_EVERY}) whose validation loss is at or below AdamW's final validation "
-        "loss in the same seed, and in brackets that step over the step where AdamW itself first got there "
+        f"evaluation step (every {study_runner.EVAL_EVERY}) whose validation loss is at or below AdamW's final "
+        "validation loss in the same seed, and in brackets that step over the step where AdamW itself first got there "
         "(below 1: faster than AdamW); wall = training seconds per run (other jobs shared the machine: "
         "indicative only).",
         "",
