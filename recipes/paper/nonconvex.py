@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from common import METHODS, add_reuse_arguments, load_reused, provenance, run_plan, save_json, steps_to_target, tune
+from recipe_loop import LoopRecord, train_loop
 from torch import nn
 
 __all__ = ["NONCONVEX_METHODS", "build_model", "load_digits_split", "main", "run"]
@@ -103,30 +103,24 @@ def run(
     gen = torch.Generator().manual_seed(seed)
     X_tr, y_tr = data["train"]
     rec: dict[str, list[float]] = {"steps": [], "train_loss": [], "val_loss": [], "val_acc": [], "test_acc": []}
-    step_time = 0.0
-    diverged = False
-    for t in range(steps + 1):
-        if t % EVAL_EVERY == 0 or t == steps:
-            model.eval()
-            tr_loss, _ = _evaluate(model, X_tr, y_tr)
-            va_loss, va_acc = _evaluate(model, *data["val"])
-            _, te_acc = _evaluate(model, *data["test"])
-            model.train()
-            for k, v in zip(rec, (t, tr_loss, va_loss, va_acc, te_acc)):
-                rec[k].append(v)
-            if not math.isfinite(tr_loss) or tr_loss > 1e6:
-                diverged = True
-                break
-        if t == steps:
-            break
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(X_tr.shape[0], (BATCH,), generator=gen)
-        loss = nn.functional.cross_entropy(model(X_tr[idx]), y_tr[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        start = time.perf_counter()
-        opt.step()
-        step_time += time.perf_counter() - start
-    return {**rec, "diverged": diverged, "opt_step_seconds": step_time / max(1, t)}
+        return nn.functional.cross_entropy(model(X_tr[idx]), y_tr[idx])
+
+    def record(step: int, _: LoopRecord) -> bool:
+        """Evaluate; a non-finite or exploding training loss stops the run (diverged)."""
+        model.eval()
+        tr_loss, _ = _evaluate(model, X_tr, y_tr)
+        va_loss, va_acc = _evaluate(model, *data["val"])
+        _, te_acc = _evaluate(model, *data["test"])
+        model.train()
+        for k, v in zip(rec, (step, tr_loss, va_loss, va_acc, te_acc)):
+            rec[k].append(v)
+        return not math.isfinite(tr_loss) or tr_loss > 1e6
+
+    loop = train_loop(loss_at, opt, steps, eval_every=EVAL_EVERY, on_eval=record)
+    return {**rec, "diverged": loop.stopped, "opt_step_seconds": loop.optimizer_seconds / max(1, loop.steps)}
 
 
 def val_score(res: dict[str, Any]) -> float:

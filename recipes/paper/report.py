@@ -21,6 +21,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from common import load_json
+from recipe_metrics import format_mean_std
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -49,10 +50,11 @@ STYLE = {
 # -- small helpers -----------------------------------------------------------------------
 
 
-def _pm(d: dict[str, float] | None, fmt: str = ".3f") -> str:
+def _pm(d: dict[str, float] | None, digits: int = 3) -> str:
+    """A ``{"mean", "std"}`` entry of the result files as ``m ± s``; "—" when absent or not finite."""
     if not d or not math.isfinite(d.get("mean", math.nan)):
         return "—"
-    return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
+    return format_mean_std(d["mean"], d["std"], digits)
 
 
 def _hp(best: dict[str, float]) -> str:
@@ -342,7 +344,9 @@ def _llm_claim(rows: dict[str, dict[str, float]]) -> tuple[str, str]:
                 meas = f"{cand}: {', '.join(parts)} vs {adam[0]} {b:.4f} ({int(n)} seed{'s' if n > 1 else ''} each)"
                 base_seeds = rows[adam[0]].get("_per_seed") or {}
                 paired = {
-                    t: [rows[t]["_per_seed"][k] - base_seeds[k] for k in sorted(base_seeds) if k in rows[t]["_per_seed"]]
+                    t: [
+                        rows[t]["_per_seed"][k] - base_seeds[k] for k in sorted(base_seeds) if k in rows[t]["_per_seed"]
+                    ]
                     for t in to
                     if cand == "final_eval_loss" and rows[t].get("_per_seed")
                 }
@@ -467,7 +471,7 @@ def claims(
                 continue
             scores.append(_beats(t["final_train_loss"], a["final_train_loss"], n))
             parts.append(
-                f"{mname}: train loss TO-diag {_pm(t['final_train_loss'], '.4f')} vs Adam {_pm(a['final_train_loss'], '.4f')}, "
+                f"{mname}: train loss TO-diag {_pm(t['final_train_loss'], 4)} vs Adam {_pm(a['final_train_loss'], 4)}, "
                 f"test acc {_pm(t['final_test_acc'])} vs {_pm(a['final_test_acc'])}, steps to loss {nc['targets']['train_loss']}: "
                 f"{_median_steps(t['steps_to_loss'])} vs {_median_steps(a['steps_to_loss'])}"
             )
@@ -496,7 +500,7 @@ def claims(
             t, e = mres.get(DEFAULT_TO, {}).get("final_train_loss"), mres.get("to_none", {}).get("final_train_loss")
             if t and e:
                 ascores.append(_beats(t, e, n))
-                aparts.append(f"digits {mname} train loss {_pm(t, '.4f')} vs {_pm(e, '.4f')}")
+                aparts.append(f"digits {mname} train loss {_pm(t, 4)} vs {_pm(e, 4)}")
     if aparts:
         rows.append(
             (
@@ -609,7 +613,7 @@ def build_report(
                 for _key, e in pres[sched].items():
                     st = e.get("steps_to", {})
                     md.append(
-                        f"| {e['label']} | {_hp(e['best'])} | {_pm(e.get('final_log10'), '.2f')} | "
+                        f"| {e['label']} | {_hp(e['best'])} | {_pm(e.get('final_log10'), 2)} | "
                         f"{_median_steps(st.get('0.01', [None]))} | {_median_steps(st.get('0.001', [None]))} | "
                         f"{e.get('rate_of_mean', math.nan):.2f} | {e['diverged_seeds']} |"
                     )
@@ -669,7 +673,7 @@ def build_report(
                 if not isinstance(e, dict) or "best" not in e:
                     continue
                 md.append(
-                    f"| {e['label']} | {_hp(e['best'])} | {_pm(e.get('final_train_loss'), '.4f')} | "
+                    f"| {e['label']} | {_hp(e['best'])} | {_pm(e.get('final_train_loss'), 4)} | "
                     f"{_pm(e.get('final_test_acc'))} | {_median_steps(e['steps_to_loss'])} | "
                     f"{_median_steps(e['steps_to_acc'])} | {e['opt_step_seconds'] * 1e3:.2f} | {e['diverged_seeds']} |"
                 )
