@@ -27,12 +27,12 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
         study.TASKS, "pydoc_lora", study.Task("pydoc_lora", "pydoc", "lora", 3e-4, 3e-3, val_blocks=4, test_blocks=4)
     )
     out = tmp_path / "out"
-    argv = ["--model", "proxy", "--tasks", "pydoc_lora", "--optimizers", "adamw", "to_disp"]
+    argv = ["--model", "proxy", "--tasks", "pydoc_lora", "--optimizers", "adamw", "to_rank_one"]
     argv += ["--phase", "tune", "tune_extra", "final", "dropin", "report", "--seeds", "1", "--steps", "4"]
     assert study.main([*argv, "--out", str(out)]) == 0
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     tune = [r for r in runs if r["phase"] == "tune"]
-    for label in ("adamw", "to_disp"):
+    for label in ("adamw", "to_rank_one"):
         grid = study_runner._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS[label], "proxy")
         lrs = sorted(r["lr"] for r in tune if r["config"] == label)
         on_grid = [lr for lr in lrs if any(lr == pytest.approx(g) for g in grid)]
@@ -40,7 +40,7 @@ def test_study_phases_select_on_validation_and_report_on_test(tmp_path, monkeypa
         assert len(lrs) - len(on_grid) <= 2 * study_spec.EDGE_EXTENSIONS, "edge extensions are bounded"
     lion = study_runner._lr_grid(study.TASKS["pydoc_lora"], study.CONFIGS["lion"], "proxy")
     assert lion == pytest.approx([3e-4 * m for m in study_spec.GRID]), "grids are centred on each peer's documented lr"
-    assert len([r for r in runs if r["phase"] == "tune_extra"]) == len(study.CONFIGS["to_disp"].extra_grid)
+    assert len([r for r in runs if r["phase"] == "tune_extra"]) == len(study.CONFIGS["to_rank_one"].extra_grid)
     for label in ("adamw",):
         best = min((r for r in tune if r["config"] == label), key=lambda r: r["final_val"])
         finals = [r for r in runs if r["config"] == label and r["phase"] == "final"]
@@ -82,9 +82,9 @@ def test_the_grid_goes_past_an_edge_where_the_best_rate_sits_at_most_twice():
 
 def test_the_optimizer_table_is_read_from_yaml_into_configs():
     assert all(isinstance(c, study.Config) for c in (*study.CONFIGS.values(), *study.CANDIDATES.values()))
-    disp = study.CONFIGS["to_disp"]
-    assert disp.peer == "to" and dict(disp.kwargs)["slope_input"] == "displacement"
-    assert dict(disp.extra_grid[0]) == {"alpha": 0.01, "beta": 0.1, "anchor_rate": 0.1}, "grid points keep their order"
+    rank_one = study.CONFIGS["to_rank_one"]
+    assert rank_one.peer == "to" and dict(rank_one.kwargs)["estimator"] == "rank_one"
+    assert dict(rank_one.extra_grid[0]) == {"alpha": 0.01, "beta": 0.1}, "grid points keep their order"
     assert dict(study.CANDIDATES["cand_a0.3_f0.0001"].kwargs)["norm_floor"] == pytest.approx(1e-4)
     assert isinstance(dict(study.CONFIGS["to_a1"].kwargs)["alpha"], float), "1.0 stays a float (a run's key)"
 
