@@ -59,10 +59,12 @@ __all__ = ["DEFAULT_CONFIG", "CompareArguments", "Variant", "main", "parse_args"
 #: Read when no --config is given: the embedded SmolLM2-135M + LoRA job, sized for 2 CPU cores.
 DEFAULT_CONFIG = CONFIG_DIR / "compare_smollm2_135m_lora_cpu.yaml"
 
+#: AdamW, the peer a user would pick instead (NAdamW: torch's NAdam with decoupled decay) and TO
+#: with its package defaults; other TO forms (rank-one, ...) are the study's (recipes/study.py).
 DEFAULT_VARIANTS = [
     "adamw=adamw_torch_fused",
-    "to_diagonal=trainable_to:estimator=diagonal",
-    "to_rank_one=trainable_to:estimator=rank_one",
+    "nadamw=nadamw",
+    "to_default=trainable_to",
 ]
 
 
