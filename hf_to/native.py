@@ -21,9 +21,15 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
   same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
--fopenmp``, about 2 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+-fopenmp``, 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
 ``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
-feature flags.  OpenMP resolves to the ``libgomp`` that PyTorch has already loaded, so the two
+feature flags.  The cache cannot hurt a run: a library is loaded only when the sidecar
+``<name>.so.sha256`` written after its build still matches its byte size and sha256 (a
+truncated, overwritten or unfinished file is rebuilt; ``dlopen`` of a truncated file would
+kill the process with SIGBUS); files are built under temporary names, renamed into place,
+and readable by others under the umask (0755/0644); temporary files of a failed build are
+removed, those of a killed one by the next build after ten minutes; an unwritable cache
+means a build in a private temporary directory, with one warning.  OpenMP resolves to the ``libgomp`` that PyTorch has already loaded, so the two
 share one thread pool; the kernel uses ``torch.get_num_threads()`` threads.  If no compiler is
 found or the build fails, a warning is logged once and the optimizer uses its other paths.
 ``HF_TO_NATIVE=0`` turns this path off.
@@ -31,6 +37,7 @@ found or the build fails, a warning is logged once and the optimizer uses its ot
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -143,31 +150,145 @@ _FLAG_SETS = (
     ["-std=gnu11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
     ["-std=gnu11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
 )
+#: Temporary files of a build (``<prefix><random>.so``), and of builds before 2026-12 (``tmp*.so``).
+_TMP_PREFIX = "hf_to_build_"
+#: A temporary build file older than this is left over from a killed build, and is removed.
+_STALE_SECONDS = 600.0
+_fallback_dir: Path | None = None
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """Byte size and sha256 of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` is a library that a build of ours completed: its sidecar (written after
+    the build) records its byte size and sha256, and the file still has them.  A truncated or
+    overwritten library, or one without a sidecar, is never loaded (``dlopen`` of a truncated
+    file kills the process with SIGBUS)."""
+    try:
+        size, digest = _sidecar(path).read_text().split()
+        return path.stat().st_size == int(size) and _digest(path) == (int(size), digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove temporary files of builds that were killed (older than ``_STALE_SECONDS``; a
+    younger one may belong to a build running beside this one)."""
+    now = time.time()
+    for pattern in (f"{_TMP_PREFIX}*", "tmp*.so"):
+        for leftover in directory.glob(pattern):
+            try:
+                if now - leftover.stat().st_mtime > _STALE_SECONDS:
+                    leftover.unlink()
+            except OSError:
+                pass  # another process removed it first, or it is not ours to remove
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Make ``tmp`` the file ``path`` (atomic rename: no reader sees a part) with ``mode`` under the umask."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
+def _compile(cc: str, flags: list[str], path: Path) -> str | None:
+    """Build the library at ``path`` with its sidecar; the compiler's error (``None``: built).
+
+    The library is written under a temporary name and renamed into place, then its sidecar
+    likewise: a concurrent rank never sees a partial file, and one that reads the library
+    between the two renames finds no matching sidecar and builds its own.  Temporary files
+    are removed whatever happens (a build killed by a signal leaves them to the next build).
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
+    temporaries = []
+    try:
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".so", dir=directory)
+        os.close(fd)
+        tmp = Path(name)
+        temporaries.append(tmp)
+        cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"{' '.join(cmd)}:\n{done.stderr.strip()[-2000:]}"
+        size, digest = _digest(tmp)
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".sha256", dir=directory)
+        temporaries.append(Path(name))
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{size} {digest}\n")
+        _publish(tmp, path, 0o755)
+        _publish(Path(name), _sidecar(path), 0o644)
+        return None
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+def _private_dir() -> Path:
+    """A directory of this process's own, for when the cache cannot be written (removed at exit)."""
+    global _fallback_dir
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="hf_to_native_"))
+        atexit.register(shutil.rmtree, _fallback_dir, True)
+    return _fallback_dir
 
 
 def _build() -> Path:
+    """The path of a verified library for this source, compiler and CPU: from the cache, else
+    built into it, else (the cache cannot be written) built into a private temporary directory."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
     source = _SOURCE.read_bytes()
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
+    directory = _cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(x.encode() for x in (version, _cpu_flags(), *flags)) + source).hexdigest()
-        path = _cache_dir() / f"hf_to_native_{key[:20]}.so"
-        if path.exists():
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a unique name, then rename: concurrent ranks never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, path)
-            return path
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}:\n{done.stderr.strip()[-2000:]}")
+        name = f"hf_to_native_{key[:20]}.so"
+        if _verified(directory / name):
+            return directory / name
+        try:
+            error = _compile(cc, flags, directory / name)
+        except OSError as err:
+            if directory == _fallback_dir:
+                raise
+            logger.warning(
+                "hf_to: cannot write the native kernel's cache %s (%s); building it in a temporary directory "
+                "of this process (set HF_TO_CACHE to a writable directory to keep it)",
+                directory,
+                err,
+            )
+            directory = _private_dir()
+            error = _compile(cc, flags, directory / name)
+        if error is None:
+            # A rank building beside this one may have renamed its library over ours and not
+            # yet its sidecar: wait for it (the compiler's output is the same bytes anyway).
+            for _ in range(100):
+                if _verified(directory / name):
+                    return directory / name
+                time.sleep(0.05)
+            raise RuntimeError(f"the library built at {directory / name} does not match its sidecar")
+        errors.append(error)
     raise RuntimeError("building the native kernel failed:\n" + "\n".join(errors))
 
 
