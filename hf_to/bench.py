@@ -263,7 +263,7 @@ def bench_set(
         _sync(device)
         res = Result(name, first_step_s=time.perf_counter() - start)
         start = time.perf_counter()
-        opt.step()  # second step: the steady state (the C kernel's first step is the readable path)
+        opt.step()  # second step: the steady state
         _sync(device)
         res.second_step_s = time.perf_counter() - start
         res.state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(opt))

@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 5
+_ABI = 6
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -108,6 +108,7 @@ class _Config(ctypes.Structure):
                 "estimator",
                 "nthreads",
                 "nesterov",
+                "init",
             )
         ),
     ]
@@ -494,8 +495,12 @@ def native_step(
     diagnostics: bool,
     plans: dict | None = None,
     nesterov: bool = False,
+    intercept_from_gradient: bool = True,
 ) -> dict[str, Tensor] | None:
-    """One TO step of tensors past their first step (same math and result as the readable path).
+    """One TO step (same math and result as the readable path); a tensor whose step count is
+    0 takes its first step (``intercept_from_gradient``: :math:`b_0 = g_0`, the optimizer's
+    ``intercept_init="gradient"``; rank-one's v_0 = w_0 / ‖w_0‖) in the kernel
+    too, so that no sum depends on the thread count.
 
     ``plans`` caches the descriptors and carried sums between steps; an optimizer passes its
     own dict so that they go with it.  Without it nothing is cached and the sums the step
@@ -595,6 +600,7 @@ def native_step(
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
         nesterov=int(nesterov),
+        init=int(intercept_from_gradient),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))

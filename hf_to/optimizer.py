@@ -822,31 +822,16 @@ def _native_trainable_to(
     nesterov: bool = False,
     **common: Any,
 ) -> dict[str, Tensor] | None:
-    """The one-pass C kernel of :mod:`hf_to.native`; a tensor's first step (it seeds the
-    intercept) takes the readable path."""
-    first = torch.stack([s["step"] for s in states]).eq(0).tolist()
-    out = None
-    if any(first):
-        pick = [i for i, f in enumerate(first) if f]
-        sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _readable_trainable_to(*sub, estimator=estimator, nesterov=nesterov, **common)
-    if not all(first):
-        pick = [i for i, f in enumerate(first) if not f]
-        skip = ("intercept_from_gradient", "reduce_stats")
-        more = native.native_step(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i] for i in pick],
-            estimator=estimator,
-            plans=plans,
-            nesterov=nesterov,
-            **{k: v for k, v in common.items() if k not in skip},
-        )
-        if out is None:
-            out = more
-        elif more is not None:
-            out = {k: torch.maximum(out[k], more[k]) if k == "steps" else out[k] + more[k] for k in out}
-    return out
+    """The one-pass C kernel of :mod:`hf_to.native` (first steps included)."""
+    return native.native_step(
+        params,
+        grads,
+        states,
+        estimator=estimator,
+        plans=plans,
+        nesterov=nesterov,
+        **{k: v for k, v in common.items() if k != "reduce_stats"},
+    )
 
 
 def _single_tensor_trainable_to(
