@@ -30,6 +30,11 @@
  * residual, the slope stays 0, the estimate is g_0); rank-one's v_0 = w_0 / ||w_0|| from the
  * blockwise w'w of to_sums.  So no sum of any step depends on the thread count.
  *
+ * Sharded tensors (FSDP2 shards; hf_to.native passes cfg->reduced): the carried sums are the
+ * local shard's, to_partials() adds the new gradient's non-finite count (and rank-one's u'g),
+ * the caller sums them over the shards (one all-reduce per group) and to_step() runs with the
+ * totals, the whole tensor's element count ntotal, and no pre-pass of its own.
+ *
  * Non-finite gradients: the diagonal and none estimators leave an entry whose gradient is
  * inf/nan untouched (weight and state keep their bits) in the same pass; rank-one skips the
  * tensor (its pre-pass counts the non-finite entries).
@@ -71,11 +76,12 @@ typedef struct {
     void *s1;            /* a (diagonal) or u (rank-one) */
     void *s2;            /* v (rank-one) */
     void *v2;            /* exp_avg_sq (Adam) */
-    int64_t n;           /* elements */
+    int64_t n;           /* elements (of the local shard, when sharded) */
+    int64_t ntotal;      /* elements of the whole tensor (n unless sharded) */
     float *step;         /* the tensor's step count (0-d float32), incremented when it moves */
     double ww, vw, uu, ub; /* in: sums of the current values; out: of the new values */
     double ug;           /* out (rank-one pre-pass) */
-    double nbad;         /* out: non-finite gradient entries */
+    double nbad;         /* out: non-finite gradient entries (in, summed over shards, with cfg->reduced) */
     double rr, gg, hh;   /* out: diagnostics over the finite entries */
 } to_tensor;
 
@@ -85,6 +91,7 @@ typedef struct {
     int32_t pdtype, sdtype, estimator, nthreads;
     int32_t nesterov;    /* step along gh + beta_t (g - gh) instead of gh */
     int32_t init;        /* a tensor's first step starts the intercept at b_0 = g_0 - A_0 w_0 = g_0 */
+    int32_t reduced;     /* sharded: ww, vw, uu, ub, ug and nbad come summed over the shards (to_partials) */
 } to_config;
 
 /* -- storage conversions ------------------------------------------------------------- */
@@ -201,7 +208,7 @@ static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratc
 static int descriptors_ok(const to_tensor *ts, int64_t k, const to_config *cfg, int with_grads) {
     for (int64_t t = 0; t < k; ++t) {
         const to_tensor *T = &ts[t];
-        if (T->n < 0 || !T->step) return 0;
+        if (T->n < 0 || T->ntotal < T->n || !T->step) return 0;
         if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (cfg->estimator != EST_NONE && !T->s1) ||
                          (cfg->estimator == EST_RANK_ONE && !T->s2) || (cfg->adam && !T->v2)))
             return 0;
@@ -419,7 +426,7 @@ __attribute__((always_inline)) static inline void pre_block(const to_tensor *T, 
 }
 
 static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
-    double t = (double)*T->step + 1.0, n = (double)T->n;
+    double t = (double)*T->step + 1.0, n = (double)T->ntotal;
     /* beta_warmup: 1 running mean, max(beta, 1/t); 2 Adam's bias correction as a rate,
        beta / (1 - (1 - beta)^t) (the readable path's formula, same libm calls); 0 constant. */
     double beta = cfg->warmup == 2   ? (cfg->beta < 1.0 ? cfg->beta / -expm1(t * log1p(-cfg->beta)) : 1.0)
@@ -465,6 +472,54 @@ __attribute__((noinline)) static void first_block(const to_tensor *T, const scal
     STEP_CASE(PT, ST, EST, 1, 0, 0) STEP_CASE(PT, ST, EST, 1, 0, 1)                            \
     STEP_CASE(PT, ST, EST, 1, 1, 0) STEP_CASE(PT, ST, EST, 1, 1, 1)
 
+/* Sharded tensors: per block, the non-finite gradient entries (an exact count) and rank-one's
+ * u'g, the sums of the new gradient that the caller adds over the shards with the carried
+ * ones before the step (one all-reduce for the group). */
+__attribute__((always_inline)) static inline void partial_block(const to_tensor *T, int64_t lo, int64_t hi, double *out,
+                                                                const int pt, const int st, const int est) {
+    float ug = 0.0f, bad = 0.0f;
+    const void *const G = T->g, *const U = T->s1;
+    if (est == EST_RANK_ONE) {
+#pragma omp simd reduction(+ : ug, bad)
+        for (int64_t i = lo; i < hi; ++i) {
+            float g = load(G, i, pt);
+            ug += load(U, i, st) * g;
+            bad += is_finite(g) ? 0.0f : 1.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : bad)
+        for (int64_t i = lo; i < hi; ++i) bad += is_finite(load(G, i, pt)) ? 0.0f : 1.0f;
+    }
+    out[S_UU] = ug;
+    out[S_BAD] = bad;
+}
+
+int to_partials(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap,
+                const void *const *grads) {
+    layout L;
+    int rc = 0;
+    if (k <= 0) return 0;
+    for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
+    if (!descriptors_ok(ts, k, cfg, 1)) return -3;
+    if (layout_init(&L, ts, k, scratch, cap)) return -1;
+    const int64_t nblocks = L.first[k];
+#define PARTIAL(PT, ST)                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
+    for (int64_t j = 0; j < nblocks; ++j) {                                                   \
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
+        partial_block(&ts[t], lo, hi, &L.part[j * NSUMS], PT, ST, cfg->estimator);            \
+    }
+    DISPATCH_TYPES(PARTIAL)
+#undef PARTIAL
+    for (int64_t t = 0; t < k && rc == 0; ++t) {
+        ts[t].ug = total(&L, t, S_UU);
+        ts[t].nbad = total(&L, t, S_BAD);
+    }
+    layout_free(&L);
+    return rc;
+}
+
 /* One step of every tensor, grads[t] the gradient of ts[t] (a tensor whose step count is 0 takes its first step).  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
 int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap, const void *const *grads) {
@@ -474,8 +529,9 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     if (k <= 0) return 0;
     /* Flags select the compiled variant: anything but 0/1 would match none of them. */
     if ((uint32_t)cfg->nesterov > 1u || (uint32_t)cfg->adam > 1u || (uint32_t)cfg->normalize > 1u ||
-        (uint32_t)cfg->init > 1u)
+        (uint32_t)cfg->init > 1u || (uint32_t)cfg->reduced > 1u)
         return -3;
+    const int pre = est == EST_RANK_ONE && !cfg->reduced; /* else u'g and the count come from to_partials */
     /* The gradients are new tensors at most steps: their pointers come as one array. */
     for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
     if (!descriptors_ok(ts, k, cfg, 1)) return -3;
@@ -484,14 +540,16 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     char *run = (char *)malloc((size_t)k);
     if (!S || !run) { free(S); free(run); layout_free(&L); return -1; }
     memset(run, 1, (size_t)k);
+    if (est == EST_RANK_ONE && cfg->reduced)
+        for (int64_t t = 0; t < k; ++t) run[t] = ts[t].nbad == 0.0;
     /* Rank-one reads u and g twice (the pre-pass for u'g, then the step): chunks of about
      * CHUNK elements keep them in cache between the two.  The other estimators: one chunk. */
     for (int64_t t0 = 0, t1; t0 < k && rc == 0; t0 = t1) {
         t1 = t0 + 1;
-        if (est != EST_RANK_ONE) t1 = k;
+        if (!pre) t1 = k;
         else while (t1 < k && (L.first[t1 + 1] - L.first[t0]) * BLOCK <= CHUNK) ++t1;
         const int64_t jlo = L.first[t0], jhi = L.first[t1];
-        if (est == EST_RANK_ONE) {
+        if (pre) {
 #define PRE(PT, ST)                                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
     for (int64_t j = jlo; j < jhi; ++j) {                                                     \
@@ -532,11 +590,11 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
             ts[t].vw = total(&L, t, S_VW);
             ts[t].uu = total(&L, t, S_UU);
             ts[t].ub = total(&L, t, S_UB);
-        } else {
+        } else if (!cfg->reduced) {
             ts[t].nbad = total(&L, t, S_BAD);
         }
         /* Every entry non-finite: nothing moved, the step count stays. */
-        if (ts[t].n == 0 || ts[t].nbad < (double)ts[t].n) *ts[t].step += 1.0f;
+        if (ts[t].nbad == 0.0 || ts[t].nbad < (double)ts[t].ntotal) *ts[t].step += 1.0f;
         ts[t].rr = total(&L, t, S_RR);
         ts[t].gg = total(&L, t, S_GG);
         ts[t].hh = total(&L, t, S_HH);
@@ -545,5 +603,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 6; }
+int to_abi_version(void) { return 7; }
 int to_has_float16(void) { return HAS_F16; }

@@ -18,7 +18,12 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
   size, dtype and contiguity every call and in full when one of those moved), so that no
   ``.data`` reassignment, resize or mismatched state can make it read or write out of bounds;
 * the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
-  same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
+  same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``;
+* sharded groups (FSDP2's DTensors on the CPU, as ``CPUOffloadPolicy`` hands them over) step
+  their local shards: the carried sums are the local shards' partial sums, one pass over the
+  new gradient (``to_partials``) adds its non-finite count (and rank-one's ``uᵀg``), the
+  group's ``reduce_stats`` sums the stacked rows across ranks in one all-reduce, and the step
+  uses the totals (the readable path's two phases, in two kernel calls).
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
 -fopenmp``, 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
@@ -49,6 +54,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from itertools import repeat
 from pathlib import Path
 
@@ -56,6 +62,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from .distributed import is_dtensor, is_sharded, local_view
 from .settings import env_switch
 
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
@@ -64,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 6
+_ABI = 7
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -80,6 +87,7 @@ class _Tensor(ctypes.Structure):
         ("s2", ctypes.c_void_p),
         ("v2", ctypes.c_void_p),
         ("n", ctypes.c_int64),
+        ("ntotal", ctypes.c_int64),
         ("step", ctypes.POINTER(ctypes.c_float)),
         ("ww", ctypes.c_double),
         ("vw", ctypes.c_double),
@@ -109,6 +117,7 @@ class _Config(ctypes.Structure):
                 "nthreads",
                 "nesterov",
                 "init",
+                "reduced",
             )
         ),
     ]
@@ -311,7 +320,8 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_int64,
             ]
             fn.restype = ctypes.c_int
-        lib.to_step.argtypes = [*lib.to_step.argtypes, ctypes.POINTER(ctypes.c_void_p)]  # the gradients
+        lib.to_partials.argtypes = lib.to_step.argtypes = [*lib.to_step.argtypes, ctypes.POINTER(ctypes.c_void_p)]
+        lib.to_partials.restype = ctypes.c_int
         _lib = lib
         _load_seconds = time.perf_counter() - start
     except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
@@ -351,10 +361,23 @@ _STORAGE = Tensor.untyped_storage
 _STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
+def _local(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]]]:
+    """The local shards of a group holding DTensors (FSDP2), aliasing their storage; else the group."""
+    if not any(map(is_dtensor, params)):
+        return params, grads, states
+    local = [{k: local_view(v) for k, v in s.items()} for s in states]
+    return list(map(local_view, params)), list(map(local_view, grads)), local
+
+
 def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-    """Whether a group can take the native step: CPU, plain contiguous tensors, supported dtypes."""
+    """Whether a group can take the native step: CPU, plain contiguous tensors or DTensors
+    whose local shards are (FSDP2; their sums go through ``native_step``'s ``reduce_stats``),
+    supported dtypes."""
     if estimator not in _ESTIMATORS or not params:
         return False
+    params, grads, states = _local(params, grads, states)
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
@@ -496,6 +519,7 @@ def native_step(
     plans: dict | None = None,
     nesterov: bool = False,
     intercept_from_gradient: bool = True,
+    reduce_stats: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor] | None:
     """One TO step (same math and result as the readable path); a tensor whose step count is
     0 takes its first step (``intercept_from_gradient``: :math:`b_0 = g_0`, the optimizer's
@@ -518,12 +542,16 @@ def native_step(
     """
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
+    whole = params
+    if reduce_stats is None and any(map(is_sharded, whole)):
+        raise RuntimeError("native_step on sharded parameters needs reduce_stats (their sums span the shards)")
+    params, grads, states = _local(params, grads, states)
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
     sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
     # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.
-    plan = _Plan(params, (*keys, sums)) if plans is None else _plan(params, (*keys, sums), plans)
+    plan = _Plan(whole, (*keys, sums)) if plans is None else _plan(whole, (*keys, sums), plans)
     ts = plan.ts
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
@@ -575,7 +603,7 @@ def native_step(
         p, held = params[i], held_all[i]
         t = ts[i]
         t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
-        t.w, t.n, t.b = p.data_ptr(), numels[i], held[0].data_ptr()
+        t.w, t.n, t.ntotal, t.b = p.data_ptr(), numels[i], whole[i].numel(), held[0].data_ptr()
         t.s1 = held[1].data_ptr() if estimator != "none" else None
         t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
         t.v2 = held[-2].data_ptr() if adam else None
@@ -608,7 +636,23 @@ def native_step(
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
     plan.seen = [None] * len(plan.seen)  # until the step below has run
-    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
+    grad_ptrs = (ctypes.c_void_p * k)(*map(_PTR, grads))
+    if reduce_stats is not None:
+        # Sharded: the local parts of the sums (the carried ones, and the new gradient's from
+        # one pass over it) go through the group's one all-reduce, then the step uses the totals.
+        _check(lib.to_partials(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, grad_ptrs))
+        names = ("nbad", *(("ww",) if sums else ()), *(("vw", "uu", "ub", "ug") if estimator == "rank_one" else ()))
+        local = [[getattr(t, name) for name in names] for t in ts]
+        for t, row in zip(ts, reduce_stats(torch.tensor(local, dtype=torch.float64)).tolist()):
+            for name, value in zip(names, row):
+                setattr(t, name, value)
+        cfg.reduced = 1
+    _check(lib.to_step(ts, k, ctypes.byref(cfg), plan.scratch, plan.cap, grad_ptrs))
+    if reduce_stats is not None and estimator == "rank_one":
+        # A skipped tensor kept the totals: it carries its local sums again.
+        for t, row in zip(ts, local):
+            if t.nbad > 0:
+                t.ww, t.vw, t.uu, t.ub = row[1:5]
     # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
     # in-place ops do (autograd's checks see the writes, and any other plan holding these
     # tensors finds its carried sums stale); the next call discounts this plan's own bumps.
@@ -620,7 +664,7 @@ def native_step(
     if not diagnostics:
         return None
     bad = [t for t in ts if t.nbad > 0]
-    moved = [t for t in ts if not (t.nbad > 0 and (estimator == "rank_one" or t.nbad == t.n))]
+    moved = [t for t in ts if not (t.nbad > 0 and (estimator == "rank_one" or t.nbad >= t.ntotal))]
     return {
         "steps": torch.tensor(float(bool(moved)), dtype=torch.float64),
         "residual_sq": torch.tensor(sum(t.rr for t in moved), dtype=torch.float64),

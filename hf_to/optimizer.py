@@ -150,16 +150,16 @@ class TrainableOptimizer(Optimizer):
             :meth:`diagnostics`); off by default, and then no step reads anything back.
         fused: ``None`` (default) or ``True``: the fastest step available.  On a CPU that is the
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
-            use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for unsharded
-            float32/bfloat16/float16 parameters and the diagonal, rank-one and none
+            use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for plain or
+            FSDP2-sharded (one all-reduce per group) float32/bfloat16/float16 parameters and the diagonal, rank-one and none
             estimators.  It carries whole-tensor sums from one step to the next and notices
             any write PyTorch makes to the weights or state between steps (version counters);
             writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
             On CUDA (plain or FSDP2-sharded parameters) it is the multi-tensor Triton step of
             :mod:`hf_to.gpu`: two kernel launches per param group whatever its tensor count
-            (three with sharded parameters), no host sync.  Elsewhere (sharded CPU
-            parameters, no C compiler, ``HF_TO_NATIVE=0``, no triton) the readable path.
+            (three with sharded parameters), no host sync.  Elsewhere (no C compiler,
+            ``HF_TO_NATIVE=0``, no triton) the readable path.
             ``False``: the readable per-tensor path.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for
             float64 parameters), ``torch.float32`` or ``torch.bfloat16`` (half the state
@@ -698,7 +698,7 @@ def trainable_to(
     :func:`hf_to.estimators.nonfinite_action`).  Phase 2 is elementwise given those sums.
 
     ``fused`` selects the path (see :class:`TrainableOptimizer`); unless it is ``False``: the
-    one-pass C kernel of :mod:`hf_to.native` for unsharded CPU groups, the Triton kernels of
+    one-pass C kernel of :mod:`hf_to.native` for CPU groups (sharded too), the Triton kernels of
     :mod:`hf_to.gpu` for CUDA groups (which do both phases on the device, no host read); else
     this readable path.  ``capturable`` makes a CUDA group that cannot take the Triton step raise.
 
@@ -725,12 +725,7 @@ def trainable_to(
     native_form = slope_input == "weights"
     form = dict(slope_input=slope_input, anchor_rate=anchor_rate, nesterov=nesterov)  # Triton and readable
     if fused is not False:
-        if (
-            native_form
-            and reduce_stats is None
-            and native.eligible(estimator, params, grads, states)
-            and native.available()
-        ):
+        if native_form and native.eligible(estimator, params, grads, states) and native.available():
             common["lr"] = float(lr)
             return _native_trainable_to(
                 params, grads, states, estimator=estimator, plans=native_plans, nesterov=nesterov, **common
@@ -830,7 +825,7 @@ def _native_trainable_to(
         estimator=estimator,
         plans=plans,
         nesterov=nesterov,
-        **{k: v for k, v in common.items() if k != "reduce_stats"},
+        **common,
     )
 
 

@@ -441,3 +441,44 @@ def test_a_compiler_asked_for_that_does_not_exist_is_not_replaced(monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="hf_to.native"):
         assert not native.available()
     assert any("CC='/nonexistent/cc' is not an executable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_sums_through_reduce_stats_step_like_the_unsharded_kernel(estimator, monkeypatch):
+    """The sharded path on one process (an identity ``reduce_stats``): one call per group and
+    step with the rows of the readable layout, and weights, state and diagnostics bit for bit
+    those of the unsharded kernel, through a non-finite gradient (rank-one's skipped tensor
+    carries its local sums on)."""
+    calls = _calls(monkeypatch)
+    rows: list[torch.Size] = []
+    runs = []
+    for reduce in (False, True):
+        params = _params([*BLOCK_SHAPES[:3], (0,)])
+        opt = TrainableOptimizer(params, lr=0.01, estimator=estimator, diagnostics=True)
+        if reduce:
+            opt._stats_reducer = lambda params: lambda sums: rows.append(sums.shape) or sums.clone()
+        for t in range(12):
+            _grads(params, t)
+            if t == 5:
+                params[0].grad[3] = float("nan")
+            opt.step()
+        runs.append((params, opt))
+    assert len(calls) == 24
+    columns = {"diagonal": 2, "rank_one": 6, "none": 1}[estimator]  # the count, then Estimator.stat_names
+    assert rows == [torch.Size([4, columns])] * 12
+    (plain, opt_plain), (reduced, opt_reduced) = runs
+    for p, q in zip(plain, reduced):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_plain.state[p][k], opt_reduced.state[q][k]) for k in opt_plain.state[p])
+    assert opt_plain.diagnostics() == opt_reduced.diagnostics()
+
+
+def test_sharded_parameters_without_reduce_stats_are_refused(monkeypatch):
+    """Their sums span the shards: a step on the local shard alone would be wrong."""
+    params = _params([(10,)])
+    states = [{"b": torch.zeros(10), "a": torch.zeros(10), "step": torch.tensor(1.0)}]
+    kwargs = dict(lr=0.1, estimator="diagonal", alpha=0.1, beta=0.1, adam=False, beta2=0.9, eps=1e-8)
+    kwargs.update(weight_decay=0.0, normalize=True, floor=1e-3, beta_warmup=False, diagnostics=False)
+    monkeypatch.setattr(native, "is_sharded", lambda p: True)
+    with pytest.raises(RuntimeError, match="needs reduce_stats"):
+        native.native_step(params, [torch.ones(10)], states, **kwargs)
