@@ -7,6 +7,8 @@ Usage::
     python -m hf_to.bench step --sets synthetic      # 8 x 2M fp32, the issue's measurement
     python -m hf_to.bench step --device cuda         # on a GPU
     python -m hf_to.bench state                      # bf16 state vs fp32 state: final losses
+    python -m hf_to.bench offload                    # CPU-offload sizes: 18 x Linear(4096, 4096), 302 M fp32
+    python -m hf_to.bench offload --layers 8 --width 1024 --rounds 5 --repeats 5   # issue 20's FSDP2 set
 
 Parameter sets (weights and gradients are random; only shapes and dtypes matter):
 
@@ -31,6 +33,15 @@ and second steps' times: the first step creates the state (and builds the C kern
 compiles the Triton kernels once per process), the second is the steady state.
 On CUDA the TO variants take the Triton step of :mod:`hf_to.gpu`; ``scripts/gpu_check.py``
 adds launch counts and a Trainer run.
+
+``offload``: the step where FSDP2's ``CPUOffloadPolicy`` or DeepSpeed ZeRO-Offload puts it, on
+the CPU over every parameter: ``--layers`` × ``Linear(--width, --width)`` in fp32 (weights and
+biases), the TO default against ``torch.optim.AdamW(fused=True)`` in one process at each of
+``--threads``, then sharded by ``fully_shard`` over ``--world`` ranks (gloo, one thread each),
+where the TO default (the C kernel on the local shards, one all-reduce per group) is also timed
+against its readable path (``fused=False``) on the same shards.  Each rank's median step time
+is reported, and the elements per second of the kernel per rank against one process on one
+thread.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +69,15 @@ from .optimizer import TrainableOptimizer
 from .registry import VARIANTS
 from .threads import configure_threads
 
-__all__ = ["PARAM_SETS", "VARIANT_FACTORIES", "llama1b_shapes", "lora_shapes", "main", "smollm2_shapes"]
+__all__ = [
+    "PARAM_SETS",
+    "VARIANT_FACTORIES",
+    "llama1b_shapes",
+    "lora_shapes",
+    "main",
+    "offload_command",
+    "smollm2_shapes",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -263,7 +283,7 @@ def bench_set(
         _sync(device)
         res = Result(name, first_step_s=time.perf_counter() - start)
         start = time.perf_counter()
-        opt.step()  # second step: the steady state (the C kernel's first step is the readable path)
+        opt.step()  # second step: the steady state
         _sync(device)
         res.second_step_s = time.perf_counter() - start
         res.state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(opt))
@@ -438,6 +458,157 @@ def state_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- CPU offload: the step on the CPU over every parameter, one process and sharded --------
+
+#: Variants of the offload bench: the TO default, its readable path, fused AdamW (CPU).
+OFFLOAD_VARIANTS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "adamw_fused": VARIANT_FACTORIES["adamw_fused"],
+    "trainable_to": VARIANT_FACTORIES["trainable_to"],
+    "trainable_to[readable]": VARIANT_FACTORIES["trainable_to[readable]"],
+}
+
+
+def _time_variants(
+    params: list[Tensor], variants: list[str], rounds: int, repeats: int, barrier: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Median-ready step times (ms) of each variant on the same parameters, interleaved by round."""
+    opts = {name: OFFLOAD_VARIANTS[name](params) for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for opt in opts.values():
+        opt.step()  # creates the state (and loads the kernel)
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            barrier()
+            opt.step()  # untimed: the other variants moved the weights (the kernel re-derives its sums)
+            for _ in range(repeats):
+                barrier()
+                start = time.perf_counter()
+                opt.step()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _linear_shapes(layers: int, width: int) -> list[tuple[int, ...]]:
+    return [shape for _ in range(layers) for shape in ((width, width), (width,))]
+
+
+def _offload_rank(rank: int, world: int, args: argparse.Namespace, out: str) -> None:
+    """One rank of the sharded offload bench (``torch.multiprocessing.spawn``)."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        with torch.device("meta"):
+            model = torch.nn.Sequential(*(torch.nn.Linear(args.width, args.width) for _ in range(args.layers)))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(rank)
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p in params:
+                local = p.to_local()
+                local.copy_(torch.randn(local.shape, generator=gen) * 0.02)
+                p.grad = DTensor.from_local(
+                    torch.randn(local.shape, generator=gen) * 1e-3,
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),
+                    run_check=False,
+                )
+        variants = ["adamw_fused", "trainable_to", "trainable_to[readable]"]
+        times = _time_variants(params, variants, args.rounds, args.repeats, barrier=dist.barrier)
+        local_numel = sum(p.to_local().numel() for p in params)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "local_numel": local_numel}))
+    finally:
+        dist.destroy_process_group()
+
+
+def offload_command(args: argparse.Namespace) -> int:
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    shapes = _linear_shapes(args.layers, args.width)
+    numel = sum(math.prod(s) for s in shapes)
+    print(
+        f"# hf_to.bench offload — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"torch {torch.__version__}, CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} CPUs; "
+        f"{args.layers} x Linear({args.width}, {args.width}): {len(shapes)} fp32 tensors, {numel / 1e6:.1f} M "
+        f"parameters; {args.rounds} rounds x {args.repeats} steps per variant, interleaved; {_load_note()} at start\n"
+        f"command: python -m hf_to.bench offload {' '.join(sys.argv[2:])}\n",
+        flush=True,
+    )
+    lines = [
+        "| setting | threads | variant | median ms | min ms | × fused AdamW | M params/s per thread |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    one_thread_rate = math.nan
+    threads_before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            times = _time_variants(params, ["adamw_fused", "trainable_to"], args.rounds, args.repeats)
+            base = statistics.median(times["adamw_fused"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rate = numel / med / 1e3 / threads
+                if name == "trainable_to" and threads == 1:
+                    one_thread_rate = rate
+                lines.append(
+                    f"| one process | {threads} | {name} | {med:.1f} | {min(ts):.1f} | {med / base:.2f} | {rate:.0f} |"
+                )
+            print(lines[-2] + "\n" + lines[-1], flush=True)
+            gc.collect()
+    finally:
+        torch.set_num_threads(threads_before)
+    del params
+    gc.collect()
+    if args.world > 1:
+        with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+            sock.close()
+            mp.spawn(_offload_rank, args=(args.world, args, out), nprocs=args.world, join=True)
+            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
+        for r, res in enumerate(ranks):
+            base = statistics.median(res["times"]["adamw_fused"])
+            for name, ts in res["times"].items():
+                med = statistics.median(ts)
+                rate = res["local_numel"] / med / 1e3
+                lines.append(
+                    f"| fully_shard, {args.world} ranks (rank {r}) | 1 | {name} | {med:.1f} | {min(ts):.1f} "
+                    f"| {med / base:.2f} | {rate:.0f} |"
+                )
+        default = [statistics.median(res["times"]["trainable_to"]) for res in ranks]
+        readable = [statistics.median(res["times"]["trainable_to[readable]"]) for res in ranks]
+        rate = min(res["local_numel"] / statistics.median(res["times"]["trainable_to"]) / 1e3 for res in ranks)
+        summary = (
+            f"\nsharded: the TO default is {min(b / a for a, b in zip(default, readable)):.2f}x faster than its "
+            f"readable path on the same shards (the slowest rank); per element the kernel on a shard runs at "
+            f"{rate / one_thread_rate:.2f}x one process on one thread"
+        )
+    else:
+        summary = ""
+    print("\n" + "\n".join(lines) + summary + f"\n\n{_load_note()} at the end", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_to.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,8 +627,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     state = sub.add_parser("state", help="convergence with bfloat16 state against float32 state")
     state.add_argument("--seeds", type=int, default=3)
+    offload = sub.add_parser("offload", help="the CPU step of an offloaded run, one process and sharded (gloo)")
+    offload.add_argument("--layers", type=int, default=18, help="Linear layers (default 18: 302 M params at 4096)")
+    offload.add_argument("--width", type=int, default=4096)
+    offload.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    offload.add_argument("--world", type=int, default=2, help="ranks of the sharded run (1: none)")
+    offload.add_argument("--rounds", type=int, default=3)
+    offload.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    return step_command(args) if args.command == "step" else state_command(args)
+    commands = {"step": step_command, "state": state_command, "offload": offload_command}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - older torch
 __all__ = [
     "ELEMENT_SUMS",
     "all_reduce_diagnostics",
+    "all_reduce_sum",
     "check_unflattened",
     "flattened_reason",
     "is_dtensor",
@@ -88,11 +89,27 @@ def make_stats_reducer(params: list[Tensor]) -> Callable[[Tensor], Tensor] | Non
     mask = torch.tensor([is_sharded(p) for p in params])
 
     def reduce(sums: Tensor) -> Tensor:
-        total = sums.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+        total = all_reduce_sum(sums.clone(), process_group)
         return torch.where(mask.to(sums.device)[:, None], total, sums)
 
     return reduce
+
+
+def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Sum ``t`` over ``group`` in place and return it.
+
+    A CPU tensor on a group without a CPU backend goes through the current CUDA device: with
+    FSDP2's ``CPUOffloadPolicy`` the gradients and optimizer state, hence the step's sums, are
+    on the CPU, while the process group of a GPU job is NCCL alone (accelerate's).  Not yet
+    run on a GPU (this project has had none, 2026-12-06): ``scripts/gpu_check.py`` runs it.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if t.device.type == "cpu" and torch.cuda.is_available() and not any(b in backend for b in ("gloo", "mpi", "cpu:")):
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)
+        return t.copy_(on_gpu)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
 
 
 #: Diagnostic sums that are sums over elements (and so partial on a shard).
@@ -110,8 +127,7 @@ def all_reduce_diagnostics(accs: list[dict[str, Tensor]], param_groups: list[dic
     for acc, group in zip(accs, param_groups):
         process_group = shard_process_group(group["params"])
         if process_group is not None:
-            sums = torch.stack([acc[k] for k in ELEMENT_SUMS])
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+            sums = all_reduce_sum(torch.stack([acc[k] for k in ELEMENT_SUMS]), process_group)
             acc = {**acc, **dict(zip(ELEMENT_SUMS, sums.unbind()))}
         out.append(acc)
     return out

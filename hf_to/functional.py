@@ -73,14 +73,12 @@ def choose_path(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
-    *,
-    sharded: bool,
 ) -> Path:
     """The one place that decides how a group steps (cf. ``torch.optim.adam``'s dispatcher).
 
     ``fused=False`` is the readable path.  Otherwise a CUDA group (or a CPU group with
     :data:`hf_to.gpu.INTERPRET_ON_CPU`) takes the Triton step when its form claims ``"triton"``
-    and the tensors fit it; an unsharded CPU group takes the C kernel when its form claims
+    and the tensors fit it; a CPU group (plain or FSDP2 shards) takes the C kernel when its form claims
     ``"native"``, the tensors fit it and the kernel builds; anything else the readable path.
     """
     form = get_form(cfg.estimator)
@@ -90,7 +88,7 @@ def choose_path(
     triton_on = env_switch(ENV_TRITON)  # (read every step: a bad value raises wherever it runs)
     why = f"no kernel runs on {device_type} tensors"
     if device_type == "cpu":
-        why = _native_misfit(cfg, form, params, grads, states, sharded)
+        why = _native_misfit(cfg, form, params, grads, states)
         if why is None:
             return Path("native", "C kernel")
     gpu, gpu_why = _gpu_module(device_type)
@@ -108,12 +106,10 @@ def choose_path(
     )
 
 
-def _native_misfit(cfg: StepConfig, form: Form, params, grads, states, sharded: bool) -> str | None:
-    """Why a CPU group cannot take the C kernel (``None``: it can)."""
+def _native_misfit(cfg: StepConfig, form: Form, params, grads, states) -> str | None:
+    """Why a CPU group (plain, or FSDP2 shards) cannot take the C kernel (``None``: it can)."""
     if "native" not in form.kernels:
         return f"estimator={cfg.estimator!r} has no C kernel"
-    if sharded:
-        return "the C kernel takes unsharded tensors"
     if not native.eligible(cfg.estimator, params, grads, states):
         return "the tensors do not fit the C kernel (dtype, layout or type)"
     if not native.available():
@@ -151,7 +147,7 @@ def trainable_to(
         raise TypeError("pass either config or keywords, not both")
     if not params:
         return None
-    path = choose_path(config, params, grads, states, sharded=reduce_stats is not None)
+    path = choose_path(config, params, grads, states)
     if on_path is not None:
         on_path(path)
     if path.name == "triton":
@@ -165,36 +161,10 @@ def trainable_to(
             "and non-finite counts on the host"
         )
     if path.name == "native":
-        return _native(params, grads, states, config, diagnostics=diagnostics, plans=native_plans)
-    return _readable(params, grads, states, config, diagnostics=diagnostics, reduce_stats=reduce_stats)
-
-
-def _native(params, grads, states, cfg: StepConfig, *, diagnostics: bool, plans: dict | None):
-    """The one-pass C kernel; a tensor's first step (it seeds the intercept) takes the readable path."""
-    first = torch.stack([s["step"] for s in states]).eq(0).tolist()
-    out = None
-    if any(first):
-        pick = [i for i, f in enumerate(first) if f]
-        sub = ([params[i] for i in pick], [grads[i] for i in pick], [states[i] for i in pick])
-        out = _readable(*sub, cfg, diagnostics=diagnostics, reduce_stats=None)
-    if not all(first):
-        pick = [i for i, f in enumerate(first) if not f]
-        more = native.native_step(
-            [params[i] for i in pick],
-            [grads[i] for i in pick],
-            [states[i] for i in pick],
-            cfg,
-            diagnostics=diagnostics,
-            plans=plans,
+        return native.native_step(
+            params, grads, states, config, diagnostics=diagnostics, plans=native_plans, reduce_stats=reduce_stats
         )
-        out = more if out is None else _merge_stats(out, more)
-    return out
-
-
-def _merge_stats(a: dict[str, Tensor] | None, b: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return {k: torch.maximum(a[k], b[k]) if k == "steps" else a[k] + b[k] for k in a}
+    return _readable(params, grads, states, config, diagnostics=diagnostics, reduce_stats=reduce_stats)
 
 
 def _readable(params, grads, states, cfg: StepConfig, *, diagnostics: bool, reduce_stats):

@@ -8,7 +8,8 @@
  *
  *   r  = A w + b - g                       (residual of the estimator G(w) = A w + b)
  *   A <- A - alpha_t * dA(r, w)            (diagonal: a -= alpha r w / (w^2 + mean(w^2) + floor))
- *   b <- b - beta_t r                      (beta_t = max(beta, 1/t) with the warm-up)
+ *   b <- b - beta_t r                      (beta_t: beta / (1 - (1 - beta)^t) with beta_warmup='adam',
+ *                                           the default; max(beta, 1/t) with True; beta with False)
  *   G  = A w + b                           (the estimate, after the estimator step)
  *   d  = G, or G + beta_t (g - G)          (nesterov: one more intercept step on the same g)
  *   v2 <- beta2 v2 + (1 - beta2) g^2       (Adam preconditioner, optional)
@@ -24,13 +25,23 @@
  * for bit (so a resumed run continues exactly).  Only rank-one needs
  * a sum of the new gradient (u'g), which costs it a pre-pass over u and g.
  *
+ * A tensor's first step (its step count 0) runs here too, by one generic compiled copy of the
+ * step (first_block): with intercept_init='gradient' the intercept starts at b_0 = g_0 (zero
+ * residual, the slope stays 0, the estimate is g_0); rank-one's v_0 = w_0 / ||w_0|| from the
+ * blockwise w'w of to_sums.  So no sum of any step depends on the thread count.
+ *
+ * Sharded tensors (FSDP2 shards; hf_to.native passes cfg->reduced): the carried sums are the
+ * local shard's, to_partials() adds the new gradient's non-finite count (and rank-one's u'g),
+ * the caller sums them over the shards (one all-reduce per group) and to_step() runs with the
+ * totals, the whole tensor's element count ntotal, and no pre-pass of its own.
+ *
  * Non-finite gradients: the diagonal and none estimators leave an entry whose gradient is
  * inf/nan untouched (weight and state keep their bits) in the same pass; rank-one skips the
  * tensor (its pre-pass counts the non-finite entries).
  *
  * Storage types: parameters/gradients float32, bfloat16 (round-to-nearest-even) or float16;
- * state float32 or bfloat16 with stochastic rounding (the hash of hf_to.kernels._round_bf16,
- * so both paths draw the same rounding noise).  All arithmetic is float32.
+ * state float32 or bfloat16 with stochastic rounding (the hash of hf_to.rounding._round_bf16,
+ * so every path draws the same rounding noise).  All arithmetic is float32.
  */
 #include <float.h>
 #include <math.h>
@@ -65,11 +76,12 @@ typedef struct {
     void *s1;            /* a (diagonal) or u (rank-one) */
     void *s2;            /* v (rank-one) */
     void *v2;            /* exp_avg_sq (Adam) */
-    int64_t n;           /* elements */
+    int64_t n;           /* elements (of the local shard, when sharded) */
+    int64_t ntotal;      /* elements of the whole tensor (n unless sharded) */
     float *step;         /* the tensor's step count (0-d float32), incremented when it moves */
     double ww, vw, uu, ub; /* in: sums of the current values; out: of the new values */
     double ug;           /* out (rank-one pre-pass) */
-    double nbad;         /* out: non-finite gradient entries */
+    double nbad;         /* out: non-finite gradient entries (in, summed over shards, with cfg->reduced) */
     double rr, gg, hh;   /* out: diagnostics over the finite entries */
 } to_tensor;
 
@@ -78,6 +90,8 @@ typedef struct {
     int32_t warmup, adam, normalize, diagnostics;
     int32_t pdtype, sdtype, estimator, nthreads;
     int32_t nesterov;    /* step along gh + beta_t (g - gh) instead of gh */
+    int32_t init;        /* a tensor's first step starts the intercept at b_0 = g_0 - A_0 w_0 = g_0 */
+    int32_t reduced;     /* sharded: ww, vw, uu, ub, ug and nbad come summed over the shards (to_partials) */
 } to_config;
 
 /* -- storage conversions ------------------------------------------------------------- */
@@ -194,7 +208,7 @@ static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratc
 static int descriptors_ok(const to_tensor *ts, int64_t k, const to_config *cfg, int with_grads) {
     for (int64_t t = 0; t < k; ++t) {
         const to_tensor *T = &ts[t];
-        if (T->n < 0 || !T->step) return 0;
+        if (T->n < 0 || T->ntotal < T->n || !T->step) return 0;
         if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (cfg->estimator != EST_NONE && !T->s1) ||
                          (cfg->estimator == EST_RANK_ONE && !T->s2) || (cfg->adam && !T->v2)))
             return 0;
@@ -300,12 +314,14 @@ int to_sums(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
 
 typedef struct {  /* per-tensor scalars of one step, float32 as in the readable path */
     float beta, bc2, c, cu, cv, vw, vwn;
+    int first;         /* the tensor's first step (its step count is 0) */
+    float norm, unit;  /* rank-one's first step: v_0 = w_0 / norm, or unit where norm = 0 */
     uint32_t seed_b, seed_1, seed_2, seed_v2;
 } scalars;
 
 __attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
                               int64_t hi, double *out, const int pt, const int st, const int est,
-                              const int nest, const int adam, const int norm) {
+                              const int nest, const int adam, const int norm, const int first) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
     const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
     /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
@@ -319,7 +335,8 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
     /* Local copies: stores through the data pointers cannot then alias the descriptor. */
     void *const W = T->w, *const B = T->b, *const S1 = T->s1, *const S2 = T->s2, *const V2 = T->v2;
     const void *const G = T->g;
-    const float c = S->c, cu = S->cu, cv = S->cv, vw = S->vw, vwn = S->vwn;
+    const float c = S->c, cu = S->cu, cv = S->cv, vw = S->vw, vwn = S->vwn, vnorm = S->norm, vunit = S->unit;
+    const int init = first && cfg->init;
     const uint32_t seed_b = S->seed_b, seed_1 = S->seed_1, seed_2 = S->seed_2, seed_v2 = S->seed_v2;
     const int64_t n = T->n;
     /* The block in chunks of PF_CHUNK elements, each first prefetching the chunk PF_AHEAD
@@ -342,7 +359,15 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
         /* rank-one runs only on all-finite gradients (its pre-pass counted them) */
         int ok = est == EST_RANK_ONE ? 1 : is_finite(g0);
         float g = ok ? g0 : 0.0f, b = load(B, i, st), r, gh, bn;
-        if (est == EST_DIAGONAL) {
+        /* rank-one's first step sets v_0 = w_0 / ||w_0|| (the readable path's RankOneEstimator.step) */
+        float v = est != EST_RANK_ONE ? 0.0f : !first ? load(S2, i, st) : vnorm > 0.0f ? w / vnorm : vunit;
+        if (init) {
+            /* b_0 = g_0: the residual is 0, the slope stays, and the estimate is g_0 */
+            r = 0.0f;
+            bn = g;
+            gh = g;
+            if (est == EST_RANK_ONE) store_state(S2, i, v, ok, st, seed_2);
+        } else if (est == EST_DIAGONAL) {
             float a = load(S1, i, st);
             r = (b - g) + a * w;
             float an = norm ? a - alpha * r * w / (w * w + c) : a - alpha * (r * w);
@@ -350,7 +375,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             store_state(S1, i, an, ok, st, seed_1);
             gh = bn + an * w;
         } else if (est == EST_RANK_ONE) {
-            float u = load(S1, i, st), v = load(S2, i, st);
+            float u = load(S1, i, st);
             r = (b - g) + u * vw;
             float un = u - r * cu;
             store_state(S1, i, un, ok, st, seed_1);
@@ -401,7 +426,7 @@ __attribute__((always_inline)) static inline void pre_block(const to_tensor *T, 
 }
 
 static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
-    double t = (double)*T->step + 1.0, n = (double)T->n;
+    double t = (double)*T->step + 1.0, n = (double)T->ntotal;
     /* beta_warmup: 1 running mean, max(beta, 1/t); 2 Adam's bias correction as a rate,
        beta / (1 - (1 - beta)^t) (the readable path's formula, same libm calls); 0 constant. */
     double beta = cfg->warmup == 2   ? (cfg->beta < 1.0 ? cfg->beta / -expm1(t * log1p(-cfg->beta)) : 1.0)
@@ -410,8 +435,14 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     S->beta = (float)beta;
     S->bc2 = (float)(1.0 - pow(cfg->beta2, t));
     S->c = (float)(T->ww / n + cfg->floor + TINY);
+    S->first = *T->step == 0.0f;
     if (cfg->estimator == EST_RANK_ONE) {
         float vw = (float)T->vw, uu = (float)T->uu, ww = (float)T->ww;
+        if (S->first) { /* v_0 = w_0 / ||w_0||, so v_0'w_0 = ||w_0|| */
+            S->norm = sqrtf(ww);
+            S->unit = (float)pow(fmax(n, 1.0), -0.5);
+            vw = S->norm;
+        }
         float ur = uu * vw + (float)T->ub - (float)T->ug;
         float rate = cfg->normalize ? (float)cfg->alpha / (vw * vw + uu * ww + (float)(n * cfg->floor + TINY))
                                     : (float)cfg->alpha;
@@ -423,9 +454,17 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     S->seed_v2 = seed_of(*T->step, 5);
 }
 
+/* A tensor's first step, once per tensor: one compiled copy with the flags as run-time values
+ * (the step loop's variants stay free of the first step's branches). */
+__attribute__((noinline)) static void first_block(const to_tensor *T, const scalars *S, const to_config *cfg,
+                                                  int64_t lo, int64_t hi, double *out) {
+    step_block(T, S, cfg, lo, hi, out, cfg->pdtype, cfg->sdtype, cfg->estimator, cfg->nesterov, cfg->adam,
+               cfg->normalize, 1);
+}
+
 #define STEP_CASE(PT, ST, EST, NEST, ADAM, NORM)                                              \
     case EST * 8 + NEST * 4 + ADAM * 2 + NORM:                                                \
-        step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST, NEST, ADAM, NORM);           \
+        step_block(&ts[t], &S[t], cfg, lo, hi, out, PT, ST, EST, NEST, ADAM, NORM, 0);        \
         break;
 #define STEP_CASES(PT, ST, EST)                                                               \
     STEP_CASE(PT, ST, EST, 0, 0, 0) STEP_CASE(PT, ST, EST, 0, 0, 1)                            \
@@ -433,7 +472,61 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
     STEP_CASE(PT, ST, EST, 1, 0, 0) STEP_CASE(PT, ST, EST, 1, 0, 1)                            \
     STEP_CASE(PT, ST, EST, 1, 1, 0) STEP_CASE(PT, ST, EST, 1, 1, 1)
 
-/* One step of every tensor (none is on its first step), grads[t] the gradient of ts[t].  A rank-one tensor with a
+/* Sharded tensors: per block, the non-finite gradient entries (an exact count) and rank-one's
+ * u'g, the sums of the new gradient that the caller adds over the shards with the carried
+ * ones before the step (one all-reduce for the group). */
+__attribute__((always_inline)) static inline void partial_block(const to_tensor *T, int64_t lo, int64_t hi, double *out,
+                                                                const int pt, const int st, const int est) {
+    float ug = 0.0f, bad = 0.0f;
+    const void *const G = T->g, *const U = T->s1;
+    if (est == EST_RANK_ONE) {
+#pragma omp simd reduction(+ : ug, bad)
+        for (int64_t i = lo; i < hi; ++i) {
+            float g = load(G, i, pt);
+            ug += load(U, i, st) * g;
+            bad += is_finite(g) ? 0.0f : 1.0f;
+        }
+    } else {
+        /* g*0 is 0 where g is finite and NaN where not: a sum without compares that runs at the
+         * memory's speed; only a block with a non-finite entry is counted exactly (rare). */
+        float z = 0.0f;
+        prefetch_range(G, lo + BLOCK, lo + 2 * BLOCK < T->n ? lo + 2 * BLOCK : T->n, pt, 0);
+#pragma omp simd reduction(+ : z)
+        for (int64_t i = lo; i < hi; ++i) z += load(G, i, pt) * 0.0f;
+        if (z != 0.0f)
+            for (int64_t i = lo; i < hi; ++i) bad += is_finite(load(G, i, pt)) ? 0.0f : 1.0f;
+    }
+    out[S_UU] = ug;
+    out[S_BAD] = bad;
+}
+
+int to_partials(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap,
+                const void *const *grads) {
+    layout L;
+    int rc = 0;
+    if (k <= 0) return 0;
+    for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
+    if (!descriptors_ok(ts, k, cfg, 1)) return -3;
+    if (layout_init(&L, ts, k, scratch, cap)) return -1;
+    const int64_t nblocks = L.first[k];
+#define PARTIAL(PT, ST)                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
+    for (int64_t j = 0; j < nblocks; ++j) {                                                   \
+        int64_t t = tensor_of(&L, k, j), lo = (j - L.first[t]) * BLOCK;                      \
+        int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
+        partial_block(&ts[t], lo, hi, &L.part[j * NSUMS], PT, ST, cfg->estimator);            \
+    }
+    DISPATCH_TYPES(PARTIAL)
+#undef PARTIAL
+    for (int64_t t = 0; t < k && rc == 0; ++t) {
+        ts[t].ug = total(&L, t, S_UU);
+        ts[t].nbad = total(&L, t, S_BAD);
+    }
+    layout_free(&L);
+    return rc;
+}
+
+/* One step of every tensor, grads[t] the gradient of ts[t] (a tensor whose step count is 0 takes its first step).  A rank-one tensor with a
  * non-finite gradient entry is left alone (nbad > 0 and its sums unchanged). */
 int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int64_t cap, const void *const *grads) {
     layout L;
@@ -441,7 +534,10 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     const int est = cfg->estimator;
     if (k <= 0) return 0;
     /* Flags select the compiled variant: anything but 0/1 would match none of them. */
-    if ((uint32_t)cfg->nesterov > 1u || (uint32_t)cfg->adam > 1u || (uint32_t)cfg->normalize > 1u) return -3;
+    if ((uint32_t)cfg->nesterov > 1u || (uint32_t)cfg->adam > 1u || (uint32_t)cfg->normalize > 1u ||
+        (uint32_t)cfg->init > 1u || (uint32_t)cfg->reduced > 1u)
+        return -3;
+    const int pre = est == EST_RANK_ONE && !cfg->reduced; /* else u'g and the count come from to_partials */
     /* The gradients are new tensors at most steps: their pointers come as one array. */
     for (int64_t t = 0; t < k; ++t) ts[t].g = grads[t];
     if (!descriptors_ok(ts, k, cfg, 1)) return -3;
@@ -450,14 +546,16 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     char *run = (char *)malloc((size_t)k);
     if (!S || !run) { free(S); free(run); layout_free(&L); return -1; }
     memset(run, 1, (size_t)k);
+    if (est == EST_RANK_ONE && cfg->reduced)
+        for (int64_t t = 0; t < k; ++t) run[t] = ts[t].nbad == 0.0;
     /* Rank-one reads u and g twice (the pre-pass for u'g, then the step): chunks of about
      * CHUNK elements keep them in cache between the two.  The other estimators: one chunk. */
     for (int64_t t0 = 0, t1; t0 < k && rc == 0; t0 = t1) {
         t1 = t0 + 1;
-        if (est != EST_RANK_ONE) t1 = k;
+        if (!pre) t1 = k;
         else while (t1 < k && (L.first[t1 + 1] - L.first[t0]) * BLOCK <= CHUNK) ++t1;
         const int64_t jlo = L.first[t0], jhi = L.first[t1];
-        if (est == EST_RANK_ONE) {
+        if (pre) {
 #define PRE(PT, ST)                                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(cfg->nthreads)")                    \
     for (int64_t j = jlo; j < jhi; ++j) {                                                     \
@@ -481,6 +579,7 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
         int64_t hi = lo + BLOCK < ts[t].n ? lo + BLOCK : ts[t].n;                              \
         if (!run[t]) continue;                                                                \
         double *out = &L.part[j * NSUMS];                                                     \
+        if (S[t].first) { first_block(&ts[t], &S[t], cfg, lo, hi, out); continue; }           \
         switch (est * 8 + cfg->nesterov * 4 + cfg->adam * 2 + cfg->normalize) {               \
         STEP_CASES(PT, ST, EST_DIAGONAL)                                                      \
         STEP_CASES(PT, ST, EST_RANK_ONE)                                                      \
@@ -497,11 +596,11 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
             ts[t].vw = total(&L, t, S_VW);
             ts[t].uu = total(&L, t, S_UU);
             ts[t].ub = total(&L, t, S_UB);
-        } else {
+        } else if (!cfg->reduced) {
             ts[t].nbad = total(&L, t, S_BAD);
         }
         /* Every entry non-finite: nothing moved, the step count stays. */
-        if (ts[t].n == 0 || ts[t].nbad < (double)ts[t].n) *ts[t].step += 1.0f;
+        if (ts[t].nbad == 0.0 || ts[t].nbad < (double)ts[t].ntotal) *ts[t].step += 1.0f;
         ts[t].rr = total(&L, t, S_RR);
         ts[t].gg = total(&L, t, S_GG);
         ts[t].hh = total(&L, t, S_HH);
@@ -510,5 +609,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 5; }
+int to_abi_version(void) { return 7; }
 int to_has_float16(void) { return HAS_F16; }

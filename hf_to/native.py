@@ -18,12 +18,23 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
   size, dtype and contiguity every call and in full when one of those moved), so that no
   ``.data`` reassignment, resize or mismatched state can make it read or write out of bounds;
 * the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
-  same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``.
+  same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``;
+* sharded groups (FSDP2's DTensors on the CPU, as ``CPUOffloadPolicy`` hands them over) step
+  their local shards: the carried sums are the local shards' partial sums, one pass over the
+  new gradient (``to_partials``) adds its non-finite count (and rank-one's ``uᵀg``), the
+  group's ``reduce_stats`` sums the stacked rows across ranks in one all-reduce, and the step
+  uses the totals (the readable path's two phases, in two kernel calls).
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
--fopenmp``, about 2 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+-fopenmp``, 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
 ``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
-feature flags.  OpenMP resolves to the ``libgomp`` that PyTorch has already loaded, so the two
+feature flags.  The cache cannot hurt a run: a library is loaded only when the sidecar
+``<name>.so.sha256`` written after its build still matches its byte size and sha256 (a
+truncated, overwritten or unfinished file is rebuilt; ``dlopen`` of a truncated file would
+kill the process with SIGBUS); files are built under temporary names, renamed into place,
+and readable by others under the umask (0755/0644); temporary files of a failed build are
+removed, those of a killed one by the next build after ten minutes; an unwritable cache
+means a build in a private temporary directory, with one warning.  OpenMP resolves to the ``libgomp`` that PyTorch has already loaded, so the two
 share one thread pool; the kernel uses ``torch.get_num_threads()`` threads.  If no compiler is
 found or the build fails, a warning is logged once and the optimizer uses its other paths.
 ``HF_TO_NATIVE=0`` turns this path off.
@@ -31,6 +42,7 @@ found or the build fails, a warning is logged once and the optimizer uses its ot
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -42,6 +54,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from itertools import repeat
 from pathlib import Path
 
@@ -50,6 +63,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from .config import StepConfig
+from .distributed import is_dtensor, is_sharded, local_view
 from .settings import env_switch
 
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
@@ -58,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 5
+_ABI = 7
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -74,6 +88,7 @@ class _Tensor(ctypes.Structure):
         ("s2", ctypes.c_void_p),
         ("v2", ctypes.c_void_p),
         ("n", ctypes.c_int64),
+        ("ntotal", ctypes.c_int64),
         ("step", ctypes.POINTER(ctypes.c_float)),
         ("ww", ctypes.c_double),
         ("vw", ctypes.c_double),
@@ -102,6 +117,8 @@ class _Config(ctypes.Structure):
                 "estimator",
                 "nthreads",
                 "nesterov",
+                "init",
+                "reduced",
             )
         ),
     ]
@@ -144,31 +161,145 @@ _FLAG_SETS = (
     ["-std=gnu11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
     ["-std=gnu11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
 )
+#: Temporary files of a build (``<prefix><random>.so``), and of builds before 2026-12 (``tmp*.so``).
+_TMP_PREFIX = "hf_to_build_"
+#: A temporary build file older than this is left over from a killed build, and is removed.
+_STALE_SECONDS = 600.0
+_fallback_dir: Path | None = None
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """Byte size and sha256 of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` is a library that a build of ours completed: its sidecar (written after
+    the build) records its byte size and sha256, and the file still has them.  A truncated or
+    overwritten library, or one without a sidecar, is never loaded (``dlopen`` of a truncated
+    file kills the process with SIGBUS)."""
+    try:
+        size, digest = _sidecar(path).read_text().split()
+        return path.stat().st_size == int(size) and _digest(path) == (int(size), digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove temporary files of builds that were killed (older than ``_STALE_SECONDS``; a
+    younger one may belong to a build running beside this one)."""
+    now = time.time()
+    for pattern in (f"{_TMP_PREFIX}*", "tmp*.so"):
+        for leftover in directory.glob(pattern):
+            try:
+                if now - leftover.stat().st_mtime > _STALE_SECONDS:
+                    leftover.unlink()
+            except OSError:
+                pass  # another process removed it first, or it is not ours to remove
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Make ``tmp`` the file ``path`` (atomic rename: no reader sees a part) with ``mode`` under the umask."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
+def _compile(cc: str, flags: list[str], path: Path) -> str | None:
+    """Build the library at ``path`` with its sidecar; the compiler's error (``None``: built).
+
+    The library is written under a temporary name and renamed into place, then its sidecar
+    likewise: a concurrent rank never sees a partial file, and one that reads the library
+    between the two renames finds no matching sidecar and builds its own.  Temporary files
+    are removed whatever happens (a build killed by a signal leaves them to the next build).
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
+    temporaries = []
+    try:
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".so", dir=directory)
+        os.close(fd)
+        tmp = Path(name)
+        temporaries.append(tmp)
+        cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"{' '.join(cmd)}:\n{done.stderr.strip()[-2000:]}"
+        size, digest = _digest(tmp)
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".sha256", dir=directory)
+        temporaries.append(Path(name))
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{size} {digest}\n")
+        _publish(tmp, path, 0o755)
+        _publish(Path(name), _sidecar(path), 0o644)
+        return None
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+
+
+def _private_dir() -> Path:
+    """A directory of this process's own, for when the cache cannot be written (removed at exit)."""
+    global _fallback_dir
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix="hf_to_native_"))
+        atexit.register(shutil.rmtree, _fallback_dir, True)
+    return _fallback_dir
 
 
 def _build() -> Path:
+    """The path of a verified library for this source, compiler and CPU: from the cache, else
+    built into it, else (the cache cannot be written) built into a private temporary directory."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
     source = _SOURCE.read_bytes()
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
+    directory = _cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(x.encode() for x in (version, _cpu_flags(), *flags)) + source).hexdigest()
-        path = _cache_dir() / f"hf_to_native_{key[:20]}.so"
-        if path.exists():
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a unique name, then rename: concurrent ranks never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        cmd = [*cc.split(), *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, path)
-            return path
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}:\n{done.stderr.strip()[-2000:]}")
+        name = f"hf_to_native_{key[:20]}.so"
+        if _verified(directory / name):
+            return directory / name
+        try:
+            error = _compile(cc, flags, directory / name)
+        except OSError as err:
+            if directory == _fallback_dir:
+                raise
+            logger.warning(
+                "hf_to: cannot write the native kernel's cache %s (%s); building it in a temporary directory "
+                "of this process (set HF_TO_CACHE to a writable directory to keep it)",
+                directory,
+                err,
+            )
+            directory = _private_dir()
+            error = _compile(cc, flags, directory / name)
+        if error is None:
+            # A rank building beside this one may have renamed its library over ours and not
+            # yet its sidecar: wait for it (the compiler's output is the same bytes anyway).
+            for _ in range(100):
+                if _verified(directory / name):
+                    return directory / name
+                time.sleep(0.05)
+            raise RuntimeError(f"the library built at {directory / name} does not match its sidecar")
+        errors.append(error)
     raise RuntimeError("building the native kernel failed:\n" + "\n".join(errors))
 
 
@@ -190,7 +321,8 @@ def _load() -> ctypes.CDLL | None:
                 ctypes.c_int64,
             ]
             fn.restype = ctypes.c_int
-        lib.to_step.argtypes = [*lib.to_step.argtypes, ctypes.POINTER(ctypes.c_void_p)]  # the gradients
+        lib.to_partials.argtypes = lib.to_step.argtypes = [*lib.to_step.argtypes, ctypes.POINTER(ctypes.c_void_p)]
+        lib.to_partials.restype = ctypes.c_int
         _lib = lib
         _load_seconds = time.perf_counter() - start
     except Exception as err:  # no compiler, no OpenMP, unwritable cache: the other paths remain
@@ -230,10 +362,23 @@ _STORAGE = Tensor.untyped_storage
 _STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
+def _local(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Tensor]]]:
+    """The local shards of a group holding DTensors (FSDP2), aliasing their storage; else the group."""
+    if not any(map(is_dtensor, params)):
+        return params, grads, states
+    local = [{k: local_view(v) for k, v in s.items()} for s in states]
+    return list(map(local_view, params)), list(map(local_view, grads)), local
+
+
 def eligible(estimator: str, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-    """Whether a group can take the native step: CPU, plain contiguous tensors, supported dtypes."""
+    """Whether a group can take the native step: CPU, plain contiguous tensors or DTensors
+    whose local shards are (FSDP2; their sums go through ``native_step``'s ``reduce_stats``),
+    supported dtypes."""
     if estimator not in _ESTIMATORS or not params:
         return False
+    params, grads, states = _local(params, grads, states)
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
         return False
@@ -363,8 +508,12 @@ def native_step(
     *,
     diagnostics: bool,
     plans: dict | None = None,
+    reduce_stats: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor] | None:
-    """One TO step of tensors past their first step (same math and result as the readable path).
+    """One TO step (same math and result as the readable path); a tensor whose step count is
+    0 takes its first step (``intercept_from_gradient``: :math:`b_0 = g_0`, the optimizer's
+    ``intercept_init="gradient"``; rank-one's v_0 = w_0 / ‖w_0‖) in the kernel
+    too, so that no sum depends on the thread count.
 
     ``plans`` caches the descriptors and carried sums between steps; an optimizer passes its
     own dict so that they go with it.  Without it nothing is cached and the sums the step
@@ -383,12 +532,16 @@ def native_step(
     lib = _load()
     assert lib is not None, "native_step called without the native kernel"
     estimator, adam, normalize, lr = cfg.estimator, cfg.adam, cfg.normalize, float(cfg.lr)
+    whole = params
+    if reduce_stats is None and any(map(is_sharded, whole)):
+        raise RuntimeError("native_step on sharded parameters needs reduce_stats (their sums span the shards)")
+    params, grads, states = _local(params, grads, states)
     k = len(params)
     keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
     sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
     # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.
-    plan = _Plan(params, (*keys, sums)) if plans is None else _plan(params, (*keys, sums), plans)
+    plan = _Plan(whole, (*keys, sums)) if plans is None else _plan(whole, (*keys, sums), plans)
     ts = plan.ts
     pdtype, sdtype = params[0].dtype, states[0]["b"].dtype
     if pdtype not in _PDTYPES or sdtype not in _SDTYPES:
@@ -440,7 +593,7 @@ def native_step(
         p, held = params[i], held_all[i]
         t = ts[i]
         t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
-        t.w, t.n, t.b = p.data_ptr(), numels[i], held[0].data_ptr()
+        t.w, t.n, t.ntotal, t.b = p.data_ptr(), numels[i], whole[i].numel(), held[0].data_ptr()
         t.s1 = held[1].data_ptr() if estimator != "none" else None
         t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
         t.v2 = held[-2].data_ptr() if adam else None
@@ -465,6 +618,7 @@ def native_step(
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
         nesterov=int(cfg.nesterov),
+        init=int(cfg.intercept_from_gradient),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums
         sub = (_Tensor * len(stale))(*(ts[i] for i in stale))
@@ -472,7 +626,23 @@ def native_step(
         for j, i in enumerate(stale):
             ts[i].ww, ts[i].vw, ts[i].uu, ts[i].ub = sub[j].ww, sub[j].vw, sub[j].uu, sub[j].ub
     plan.seen = [None] * len(plan.seen)  # until the step below has run
-    _check(lib.to_step(ts, k, ctypes.byref(config), plan.scratch, plan.cap, (ctypes.c_void_p * k)(*map(_PTR, grads))))
+    grad_ptrs = (ctypes.c_void_p * k)(*map(_PTR, grads))
+    if reduce_stats is not None:
+        # Sharded: the local parts of the sums (the carried ones, and the new gradient's from
+        # one pass over it) go through the group's one all-reduce, then the step uses the totals.
+        _check(lib.to_partials(ts, k, ctypes.byref(config), plan.scratch, plan.cap, grad_ptrs))
+        names = ("nbad", *(("ww",) if sums else ()), *(("vw", "uu", "ub", "ug") if estimator == "rank_one" else ()))
+        local = [[getattr(t, name) for name in names] for t in ts]
+        for t, row in zip(ts, reduce_stats(torch.tensor(local, dtype=torch.float64)).tolist()):
+            for name, value in zip(names, row):
+                setattr(t, name, value)
+        config.reduced = 1
+    _check(lib.to_step(ts, k, ctypes.byref(config), plan.scratch, plan.cap, grad_ptrs))
+    if reduce_stats is not None and estimator == "rank_one":
+        # A skipped tensor kept the totals: it carries its local sums again.
+        for t, row in zip(ts, local):
+            if t.nbad > 0:
+                t.ww, t.vw, t.uu, t.ub = row[1:5]
     # The kernel wrote through raw pointers: bump the version counters as PyTorch's own
     # in-place ops do (autograd's checks see the writes, and any other plan holding these
     # tensors finds its carried sums stale); the next call discounts this plan's own bumps.
@@ -484,7 +654,7 @@ def native_step(
     if not diagnostics:
         return None
     bad = [t for t in ts if t.nbad > 0]
-    moved = [t for t in ts if not (t.nbad > 0 and (estimator == "rank_one" or t.nbad == t.n))]
+    moved = [t for t in ts if not (t.nbad > 0 and (estimator == "rank_one" or t.nbad >= t.ntotal))]
     return {
         "steps": torch.tensor(float(bool(moved)), dtype=torch.float64),
         "residual_sq": torch.tensor(sum(t.rr for t in moved), dtype=torch.float64),

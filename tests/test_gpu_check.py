@@ -47,3 +47,24 @@ def test_the_triton_kernels_compile_for_sm90_without_a_gpu():
     )
     assert done.returncode == 0, done.stdout + done.stderr  # every variant compiled, vector stores in all
     assert re.search(r"compiled (\d+)/\1 kernel variants", done.stdout), done.stdout
+
+
+def test_the_cpu_offload_check_runs_its_steps_without_a_gpu():
+    """scripts/cpu_offload_check.py --cpu: the same script on gloo without the offload policy;
+    FSDP2-sharded CPU groups take the C kernel and equal the run without FSDP."""
+    from hf_to import native
+
+    if not native.available():
+        pytest.skip("no C compiler: hf_to.native cannot be built")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cpu_offload_check.py"), "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for estimator in ("diagonal", "rank_one", "none"):
+        assert report[estimator]["native_sharded_calls"] == report[estimator]["steps"]
+        assert report[estimator]["max_rel_diff_vs_no_fsdp"] <= 1e-6

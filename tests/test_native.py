@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_fast_paths import FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
 
-from hf_to import TrainableOptimizer, native
+from hf_to import StepConfig, TrainableOptimizer, native
 from hf_to.settings import env_switch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
@@ -69,7 +69,7 @@ def test_native_kernel_equals_reference_over_50_steps(estimator, form, dtype, mo
     fast, ref, opt_fast, opt_ref = _run_pair(
         dtype, {"estimator": estimator, **FORMS[form]}, fast_kwargs={"fused": None}
     )
-    assert len(calls) == 49  # every step but the first (which seeds the intercept)
+    assert len(calls) == 50  # every step, the first (which seeds the intercept) included
     for pf, pr in zip(fast, ref):
         assert pf.dtype == dtype
         torch.testing.assert_close(pf.detach().float(), pr.detach().float(), **TOLERANCE[dtype])
@@ -100,16 +100,16 @@ def test_native_kernel_equals_readable_path_across_block_boundaries(estimator, p
 def test_native_path_is_the_cpu_default_and_can_be_switched_off(monkeypatch):
     calls = _calls(monkeypatch)
     _train(_params(ODD_SHAPES), 3)
-    assert calls == [len(ODD_SHAPES)] * 2
+    assert calls == [len(ODD_SHAPES)] * 3
     _train(_params(ODD_SHAPES), 3, fused=False)
     monkeypatch.setenv("HF_TO_NATIVE", "0")
     _train(_params(ODD_SHAPES), 3)
-    assert calls == [len(ODD_SHAPES)] * 2
+    assert calls == [len(ODD_SHAPES)] * 3
     # Not eligible: float64 parameters, the full estimator.
     monkeypatch.delenv("HF_TO_NATIVE")
     _train(_params(ODD_SHAPES, torch.float64), 3)
     _train(_params(ODD_SHAPES), 3, estimator="full")
-    assert calls == [len(ODD_SHAPES)] * 2
+    assert calls == [len(ODD_SHAPES)] * 3
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -132,21 +132,53 @@ def test_carried_sums_equal_recomputed_sums_bit_for_bit(estimator, monkeypatch):
         assert all(torch.equal(opt_c.state[a][k], opt_f.state[b][k]) for k in opt_c.state[a])
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
-def test_result_does_not_depend_on_the_thread_count(estimator):
-    threads = torch.get_num_threads()
-    results = []
+def _train_with_threads(threads: int, estimator: str, pdtype: torch.dtype, state_dtype, steps: int = 50, **kwargs):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for n in (1, 2):
-            torch.set_num_threads(1)  # the first step is PyTorch's (its sums depend on threads)
-            params = _params(BLOCK_SHAPES[:3])
-            opt = _train(params, 1, estimator=estimator)
-            torch.set_num_threads(n)
-            _steps(opt, params, 1, 6)
-            results.append(params)
+        params = _params([*BLOCK_SHAPES[:3], (37,)], pdtype)
+        opt = _train(params, steps, estimator=estimator, state_dtype=state_dtype, **kwargs)
     finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+        torch.set_num_threads(before)
+    return params, opt
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32_state", "bf16_state"])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_weights_and_state_do_not_depend_on_the_thread_count(estimator, pdtype, state_dtype, monkeypatch):
+    """50 steps, first steps included (no sum whose order depends on the thread count), with 1, 2 and 3 threads."""
+    calls = _calls(monkeypatch)
+    if pdtype == torch.float16 and not native._lib.to_has_float16():
+        pytest.skip("the kernel was built without float16")
+    (params, opt), *others = [_train_with_threads(n, estimator, pdtype, state_dtype) for n in (1, 2, 3)]
+    assert len(calls) == 150  # every step of every run on the native path
+    for other, other_opt in others:
+        for p, q in zip(params, other):
+            assert torch.equal(p, q)
+            assert opt.state[p].keys() == other_opt.state[q].keys()
+            assert all(torch.equal(opt.state[p][k], other_opt.state[q][k]) for k in opt.state[p]), estimator
+
+
+@pytest.mark.parametrize("intercept_init", ["gradient", "zero"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_first_step_in_the_kernel_equals_the_readable_first_step(estimator, intercept_init, monkeypatch):
+    """The kernel's first step (b_0 = g_0; rank-one's v_0 = w_0/‖w_0‖; with intercept_init='zero'
+    and the paper's constant rate a full step from A_0 = 0, b_0 = 0) against fused=False."""
+    calls = _calls(monkeypatch)
+    kwargs = dict(estimator=estimator, intercept_init=intercept_init, diagnostics=True, weight_decay=0.1)
+    if intercept_init == "zero":
+        kwargs["beta_warmup"] = False
+    fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
+    opt_fast, opt_slow = _train(fast, 1, **kwargs), _train(slow, 1, fused=False, **kwargs)
+    assert calls == [3]
+    for pf, ps in zip(fast, slow):
+        torch.testing.assert_close(pf, ps, rtol=1e-6, atol=1e-7)
+        for key, value in opt_fast.state[pf].items():
+            torch.testing.assert_close(value, opt_slow.state[ps][key], rtol=1e-6, atol=1e-7, msg=key)
+    (got,), (want,) = opt_fast.diagnostics(), opt_slow.diagnostics()
+    for key in ("steps", "skipped", "residual_sq", "grad_sq", "estimate_sq"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
 
 
 def test_state_dict_round_trip_continues_bit_for_bit():
@@ -187,7 +219,7 @@ def test_nonfinite_entries(estimator, param_dtype, state_dtype, monkeypatch):
     calls = _calls(monkeypatch)
     params = _params([(3000,), (50,)], param_dtype)
     opt = _train(params, 3, estimator=estimator, diagnostics=True, state_dtype=state_dtype)
-    assert len(calls) == 2
+    assert len(calls) == 3
     opt.diagnostics(reset=True)
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
@@ -249,8 +281,8 @@ def test_a_failed_build_falls_back_to_the_readable_path_with_one_warning(monkeyp
 
 
 def test_a_tensor_joining_late_takes_its_first_step_beside_the_kernel(monkeypatch):
-    """A parameter without a gradient for two steps: its first step (readable path) and the
-    others' native steps run in one optimizer step, and the diagnostics add up."""
+    """A parameter without a gradient for two steps: its first step and the others' later
+    steps run in one kernel call, and the diagnostics add up."""
     calls = _calls(monkeypatch)
     results = []
     for fused in (None, False):
@@ -262,7 +294,7 @@ def test_a_tensor_joining_late_takes_its_first_step_beside_the_kernel(monkeypatc
                 params[1].grad = None
             opt.step()
         results.append((params, opt.diagnostics()[0]))
-    assert calls == [2, 2, 3, 3]  # step 2: two tensors here, the late one on the readable path
+    assert calls == [2, 2, 3, 3, 3]  # from step 2 the late one joins the call
     (fast, got), (slow, want) = results
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
@@ -280,7 +312,7 @@ def test_float16_groups_take_the_pytorch_paths_when_the_compiler_lacks_float16(m
     assert calls == []
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
     _train(_params(ODD_SHAPES, torch.bfloat16), 3)  # bfloat16 needs no compiler support
-    assert calls == [len(ODD_SHAPES)] * 2
+    assert calls == [len(ODD_SHAPES)] * 3
 
 
 def test_the_c_harness_builds_and_times_a_step(tmp_path):
@@ -409,3 +441,43 @@ def test_a_compiler_asked_for_that_does_not_exist_is_not_replaced(monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="hf_to.native"):
         assert not native.available()
     assert any("CC='/nonexistent/cc' is not an executable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_sums_through_reduce_stats_step_like_the_unsharded_kernel(estimator, monkeypatch):
+    """The sharded path on one process (an identity ``reduce_stats``): one call per group and
+    step with the rows of the readable layout, and weights, state and diagnostics bit for bit
+    those of the unsharded kernel, through a non-finite gradient (rank-one's skipped tensor
+    carries its local sums on)."""
+    calls = _calls(monkeypatch)
+    rows: list[torch.Size] = []
+    runs = []
+    for reduce in (False, True):
+        params = _params([*BLOCK_SHAPES[:3], (0,)])
+        opt = TrainableOptimizer(params, lr=0.01, estimator=estimator, diagnostics=True)
+        if reduce:
+            opt._stats_reducer = lambda params: lambda sums: rows.append(sums.shape) or sums.clone()
+        for t in range(12):
+            _grads(params, t)
+            if t == 5:
+                params[0].grad[3] = float("nan")
+            opt.step()
+        runs.append((params, opt))
+    assert len(calls) == 24
+    columns = {"diagonal": 2, "rank_one": 6, "none": 1}[estimator]  # the count, then Estimator.stat_names
+    assert rows == [torch.Size([4, columns])] * 12
+    (plain, opt_plain), (reduced, opt_reduced) = runs
+    for p, q in zip(plain, reduced):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_plain.state[p][k], opt_reduced.state[q][k]) for k in opt_plain.state[p])
+    assert opt_plain.diagnostics() == opt_reduced.diagnostics()
+
+
+def test_sharded_parameters_without_reduce_stats_are_refused(monkeypatch):
+    """Their sums span the shards: a step on the local shard alone would be wrong."""
+    params = _params([(10,)])
+    states = [{"b": torch.zeros(10), "a": torch.zeros(10), "step": torch.tensor(1.0)}]
+    cfg = StepConfig(lr=0.1, preconditioner="none", beta_warmup=False)
+    monkeypatch.setattr(native, "is_sharded", lambda p: True)
+    with pytest.raises(RuntimeError, match="needs reduce_stats"):
+        native.native_step(params, [torch.ones(10)], states, cfg, diagnostics=False)

@@ -10,7 +10,9 @@ training loop makes: in place on the parameter under ``no_grad``, a new storage 
 ``p.data = ...`` (both must match the readable path), a write through ``p.data`` (not
 supported by the native path: its carried sums may go stale, so the case only checks that
 nothing breaks from there on), and shrinking or swapping a parameter or a state tensor
-through ``.data``, which the native step must refuse before its kernel runs.
+through ``.data``, which the native step must refuse before its kernel runs.  Each step of
+the native side runs with a drawn thread count (1 to 3), a third optimizer always with one
+thread: the two must agree bit for bit.
 
 ``HF_TO_FUZZ_CASES`` (default 200, a few seconds) sets the number of cases, and
 ``HF_TO_FUZZ_SEED`` (default 0) the first seed: ``HF_TO_FUZZ_CASES=20000 pytest
@@ -117,8 +119,10 @@ def test_native_kernel_matches_the_readable_path(seed):
         # overflow, at float32 rounding's whim, on different steps.
         cfg["alpha"] = 0.1 / max(1, *(w.numel() for w in init))
     fast = [torch.nn.Parameter(w.clone()) for w in init]  # clone keeps a transposed layout
+    single = [torch.nn.Parameter(w.clone()) for w in init]  # the native side on one thread
     slow = [torch.nn.Parameter(w.clone()) for w in init]
     opt_fast = TrainableOptimizer(fast, lr=0.01, **cfg)
+    opt_single = TrainableOptimizer(single, lr=0.01, **cfg)
     opt_slow = TrainableOptimizer(slow, lr=0.01, fused=False, **cfg)
     tol = TOLERANCE[dtype] if cfg["state_dtype"] is None else {**TOLERANCE[dtype], **BF16_STATE_TOLERANCE}
     exact = True  # False after a write through p.data: the native sums may be stale from there
@@ -132,8 +136,26 @@ def test_native_kernel_matches_the_readable_path(seed):
             spikes = cfg["preconditioner"] == "adam" and cfg["alpha_scaling"] == "normalized"
             g = _grad(rng, gen, pf, spikes=spikes and cfg["estimator"] != "rank_one")
             pf.grad, ps.grad = g, (None if g is None else g.clone())
-        story.append(f"step {step}: grads {[None if p.grad is None else tuple(p.grad.stride()) for p in fast]}")
-        opt_fast.step()
+        for pf, p1 in zip(fast, single):
+            p1.grad = None if pf.grad is None else pf.grad.clone()
+        threads = rng.choice([1, 2, 3])
+        story.append(
+            f"step {step}: {threads} threads, grads {[None if p.grad is None else tuple(p.grad.stride()) for p in fast]}"
+        )
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            opt_fast.step()
+            torch.set_num_threads(1)
+            opt_single.step()
+        finally:
+            torch.set_num_threads(before)
+        for i, (pf, p1) in enumerate(zip(fast, single)):
+            where = f"{'; '.join(story)}; tensor {i}: {threads} threads against one"
+            bitwise = dict(rtol=0, atol=0, equal_nan=True, msg=lambda m, where=where: f"{m}\n{where}")
+            torch.testing.assert_close(pf, p1, **bitwise)
+            for key, value in opt_fast.state.get(pf, {}).items():
+                torch.testing.assert_close(value, opt_single.state[p1][key], **bitwise)
         opt_slow.step()
         for i, (pf, ps) in enumerate(zip(fast, slow)):
             where = f"{'; '.join(story)}; tensor {i}"
@@ -149,12 +171,15 @@ def test_native_kernel_matches_the_readable_path(seed):
         if event == "inplace":  # supported: PyTorch bumps the version counter
             with torch.no_grad():
                 fast[i].mul_(0.9)
+                single[i].mul_(0.9)
                 slow[i].mul_(0.9)
         elif event == "reassign":  # a new storage of the same size: the kernel follows it
             fast[i].data = fast[i].data.clone()
+            single[i].data = single[i].data.clone()
             slow[i].data = slow[i].data.clone()
         elif event == "data_write":  # documented as unsupported on the native path
             fast[i].data.mul_(0.9)
+            single[i].data.mul_(0.9)
             slow[i].data.mul_(0.9)
             exact = False
         elif event in ("shrink", "state_shrink", "swap") and opt_fast.state.get(fast[i]) and fast[i].numel() > 1:

@@ -113,9 +113,16 @@ def test_llm_claim_pairs_the_seeds_of_recipes_compare(data_dir, tmp_path):
     ]
     summary[0]["seeds"] = [0, 1, 2]
     losses = {0: 1.9, 1: 2.0, 2: 2.1}
-    runs = [{"optim": "adamw_torch_fused", "optim_args": None, "seed": k, "final_eval_loss": v} for k, v in losses.items()]
+    runs = [
+        {"optim": "adamw_torch_fused", "optim_args": None, "seed": k, "final_eval_loss": v} for k, v in losses.items()
+    ]
     runs += [
-        {"optim": "trainable_to", "optim_args": "estimator=diagonal", "seed": k, "final_eval_loss": v - 0.01 - 0.001 * k}
+        {
+            "optim": "trainable_to",
+            "optim_args": "estimator=diagonal",
+            "seed": k,
+            "final_eval_loss": v - 0.01 - 0.001 * k,
+        }
         for k, v in losses.items()
     ]
     llm = tmp_path / "results.json"

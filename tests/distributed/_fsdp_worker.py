@@ -35,7 +35,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from hf_to import TrainableOptimizer
+from hf_to import TrainableOptimizer, native
 
 STEPS, SAVE_AT, BATCH = 20, 10, 6
 OPT_KW = dict(lr=1e-2, weight_decay=0.1)
@@ -86,6 +86,25 @@ class CollectiveCounter:
             setattr(dist, name, wrapped)
 
 
+class NativeCounter:
+    """Count the param groups of sharded parameters that took the C kernel (hf_to.native) while active."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+        real = native.native_step
+
+        def counting(params, *args, **kwargs):
+            if self.active and any(isinstance(p, DTensor) for p in params):
+                self.count += 1
+            return real(params, *args, **kwargs)
+
+        native.native_step = counting
+
+
+NATIVE = NativeCounter()
+
+
 def shard(model, mesh):
     fully_shard(model.block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -126,8 +145,8 @@ def optimizer_kwargs(form: str) -> dict:
 
 def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counter: CollectiveCounter) -> dict:
     res: dict = {}
-    # "<estimator>+fused": fused=True on local shards (on a CPU: the readable path; on CUDA the
-    # Triton step of hf_to.gpu, its sums through the group's one all-reduce).
+    # "<estimator>+fused": fused=True on local shards (on a CPU the C kernel of hf_to.native, on
+    # CUDA the Triton step of hf_to.gpu; either way the sums through the group's one all-reduce).
     kw = optimizer_kwargs(estimator)
 
     # Reference: one process, full batch.
@@ -144,7 +163,10 @@ def run_estimator(estimator: str, mesh, rank: int, world: int, out: Path, counte
     sums: list = []
     record_sums(opt, sums)
     counts: list = []
+    NATIVE.count, NATIVE.active = 0, True
     train(model, opt, range(SAVE_AT), rank, world, comm=(counter, counts))
+    NATIVE.active = False
+    res["native_sharded_group_steps"] = NATIVE.count
     ckpt = out / f"ckpt_{estimator}"
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -276,7 +298,7 @@ def main() -> None:
     parser.add_argument(
         "--estimators",
         nargs="+",
-        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused"],
+        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused", "none+fused"],
     )
     args = parser.parse_args()
     dist.init_process_group("gloo")

@@ -20,6 +20,7 @@ ESTIMATORS = (
     "none",
     "diagonal+fused",
     "rank_one+fused",
+    "none+fused",
 )
 WORLDS = (2, 3)
 TOLERANCE = 1e-5  # max relative difference of fp32 parameters after 20 steps (issue 4)
@@ -69,6 +70,16 @@ def test_one_collective_per_param_group_per_step(run, estimator):
         assert len(counts) == 20
         # [c10d calls through torch.distributed, all collectives seen by CommDebugMode]
         assert all(c == [res["param_groups_with_grads"]] * 2 for c in counts), counts
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_sharded_cpu_groups_of_the_kernels_estimators_take_the_c_kernel(run, estimator):
+    """fused=True (and the default) on CPU shards: the one-pass C kernel of hf_to.native, its
+    sums through the group's one all-reduce; fused=False and the displacement form: the readable path."""
+    _, ranks = run
+    native = estimator.endswith("+fused") and not estimator.startswith("displacement")
+    for r in ranks:
+        assert r[estimator]["native_sharded_group_steps"] == (2 * 10 if native else 0)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
