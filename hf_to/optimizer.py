@@ -124,8 +124,8 @@ class TrainableOptimizer(Optimizer):
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
             use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for plain or
             FSDP2-sharded (one all-reduce per group) float32/bfloat16/float16 parameters and the
-            diagonal, rank-one and none
-            estimators.  It carries whole-tensor sums from one step to the next and notices
+            diagonal, rank-one and none estimators.  It carries whole-tensor sums from one step
+            to the next and notices
             any write PyTorch makes to the weights or state between steps (version counters);
             writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.

@@ -19,8 +19,8 @@ from hf_to.settings import env_switch
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
 
 ESTIMATORS = ["diagonal", "rank_one", "none"]
-# Sizes around the kernel's block (2048 elements) and chunk (2**20) boundaries.
-BLOCK_SHAPES = [(2048,), (2048 * 3 + 5,), (4099, 3), (1, 2049), ((1 << 20) + 3,)]
+# Sizes around the kernel's block (2048 elements) and rank-one chunk (2**17) boundaries.
+BLOCK_SHAPES = [(2048,), (2048 * 3 + 5,), (4099, 3), (1, 2049), ((1 << 20) + 3,), ((1 << 17) + 1,), (1 << 16,)]
 
 
 @pytest.fixture(autouse=True)
