@@ -125,9 +125,8 @@ class TrainableOptimizer(Optimizer):
             use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for plain or
             FSDP2-sharded (one all-reduce per group) float32/bfloat16/float16 parameters and the
             diagonal, rank-one and none estimators.  It carries whole-tensor sums from one step
-            to the next and notices
-            any write PyTorch makes to the weights or state between steps (version counters);
-            writes through ``p.data`` bypass those counters, so write on the parameter itself
+            to the next and notices any write PyTorch makes to the weights or state between
+            steps (version counters); writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
             On CUDA (plain or FSDP2-sharded parameters) it is the multi-tensor Triton step of
             :mod:`hf_to.gpu`: two kernel launches per param group whatever its tensor count
