@@ -55,7 +55,12 @@ there; every run takes ``/tmp/hf_to_cpu.lock``)::
     .venv/bin/python recipes/experiments/hyper_rates.py long --kappa-alpha K --steps 1000
     .venv/bin/python recipes/experiments/hyper_rates.py summary
 
-Results: ``recipes/results/hyper-rates-2026-12-06/`` (SUMMARY.md).
+Result (2026-12-06, proxy, drop-in, seeds 1–3, references rerun on this host): not kept.  The
+one-step hypergradient raises α on every task (its cosine is −0.012…−0.017 on nearly every
+tensor at α = 0.1): κ_α = 1 (chosen on seed 0) ends at median α 0.62 on pydoc_full (−0.0047
+validation vs the default; the fixed α = 1 is −0.0161) and 0.54 on pydoc_lora (+0.0115, worse
+on every seed).  Hyper-β (κ_β = 1) is −0.0039 mean validation vs the default but +0.0103 test on
+pydoc_lora.  See ``recipes/results/hyper-rates-2026-12-06/SUMMARY.md``.
 """
 
 from __future__ import annotations
