@@ -1,0 +1,620 @@
+r"""Prototype: the slope rate α (and the intercept rate β) tuned per tensor on the training loss.
+
+Issue 18.  The default diagonal form steps, per tensor (flat :math:`w`, gradient :math:`g`),
+
+.. math::
+    r = a\odot w + b - g,\quad q = r\odot w / (w^2 + \overline{w^2} + \delta^2),\quad
+    a' = a - \alpha q,\quad b' = b - \beta_t r,\quad \hat G = a'\odot w + b', \\
+    \tilde d = \hat G + \beta_t (g - \hat G),\quad
+    w_{t+1} = w_t - \mathrm{lr}\,\tilde d / (\sqrt{\hat v_t} + \epsilon),
+
+so the step's own quantities give (Baydin et al. 2018, one-step hypergradient)
+
+.. math::
+    \partial w_{t+1}/\partial\alpha = \mathrm{lr}\,(1-\beta_t)\, q\odot w / (\sqrt{\hat v_t}+\epsilon), \qquad
+    \partial w_{t+1}/\partial\beta_t = -\mathrm{lr}\,\big((g - \hat G) - (1-\beta_t) r\big) / (\sqrt{\hat v_t}+\epsilon),
+
+and :math:`dL_{t+1}/d\alpha = g_{t+1}\cdot\partial w_{t+1}/\partial\alpha`.  At step :math:`t+1`,
+before its estimator step, each tensor moves
+
+.. math::
+    \log\alpha \leftarrow \mathrm{clip}\big(\log\alpha - \kappa_\alpha \cos(g_{t+1}, c^\alpha_t),\
+    \log 0.01,\ \log 1.25\big)
+
+(and :math:`\log\beta` alike with :math:`\kappa_\beta`, clipped to [0.02, 0.6]).  The cosine is
+scale-free, so lr, :math:`1-\beta_t` and :math:`\partial\beta_t/\partial\beta > 0` drop out;
+:math:`c_t` keeps only the direction :math:`q\odot w/(\sqrt{\hat v_t}+\epsilon)` (one float32
+buffer per parameter and per tuned rate: +4 bytes/param each on top of the default's 12).
+:math:`\hat v_t` is computed here from ``exp_avg_sq`` (which the optimizer updates after the
+estimator step) with the TO defaults β2 = 0.999, ε = 1e-8 — the values the study runs with.
+
+Upper bound on α: one joint (a, b) step on the same sample scales each coordinate's residual
+by :math:`1 - \alpha\rho_i - \beta_t` with :math:`\rho_i = w_i^2/(w_i^2+\overline{w^2}+\delta^2) < 1`;
+it contracts for every coordinate iff :math:`\alpha < 2 - \beta_t`.  The largest
+:math:`\beta_t` after the seeding step is :math:`\beta_2 = 1/(2-\beta)` (0.53 at β = 0.1, 0.71
+at β = 0.6, the top of β's range), so α ≤ 1.25 keeps every step contractive for all β in range.
+The lower bound 0.01 is the smallest α of the study's grid (the slope barely moves in 200 steps).
+
+With ``gate=True`` a tensor's slope is switched off (a = 0, no slope step) while an EMA (rate
+0.1) of its relative residual :math:`\lVert r\rVert^2/\lVert g\rVert^2` is above 1, on again
+when it falls below.
+
+With κ_α = κ_β = 0 (and no gate) it is the default diagonal form.  Readable path only.
+
+Phases (each appends one JSON line per run to ``<out>/runs.jsonl``, skipping runs already
+there; every run takes ``/tmp/hf_to_cpu.lock``)::
+
+    .venv/bin/python recipes/experiments/hyper_rates.py check
+    .venv/bin/python recipes/experiments/hyper_rates.py refs --seeds 0 --baselines adamw to_nesterov --alpha1
+    .venv/bin/python recipes/experiments/hyper_rates.py refs --seeds 1 2 3 --alpha1
+    .venv/bin/python recipes/experiments/hyper_rates.py tune --kappas 0.03 0.1 0.3 1.0
+    .venv/bin/python recipes/experiments/hyper_rates.py tune --rate beta --kappas 0.3 1.0
+    .venv/bin/python recipes/experiments/hyper_rates.py report --kappa-alpha K
+    .venv/bin/python recipes/experiments/hyper_rates.py report --kappa-beta K
+    .venv/bin/python recipes/experiments/hyper_rates.py report --kappa-alpha K --kappa-beta K
+    .venv/bin/python recipes/experiments/hyper_rates.py long --kappa-alpha K --steps 1000
+    .venv/bin/python recipes/experiments/hyper_rates.py summary
+
+Result (2026-12-06, proxy, drop-in, seeds 1–3, references rerun on this host): not kept.  The
+one-step hypergradient raises α on every task (its cosine is −0.012…−0.017 on nearly every
+tensor at α = 0.1): κ_α = 1 (chosen on seed 0) ends at median α 0.62 on pydoc_full (−0.0047
+validation vs the default; the fixed α = 1 is −0.0161) and 0.54 on pydoc_lora (+0.0115, worse
+on every seed).  Hyper-β (κ_β = 1) is −0.0039 mean validation vs the default but +0.0103 test on
+pydoc_lora.  See ``recipes/results/hyper-rates-2026-12-06/SUMMARY.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT))
+
+import study  # noqa: E402
+
+from hf_to import Form, register_form  # noqa: E402
+from hf_to.forms import FORMS, TINY, intercept_rate  # noqa: E402
+
+NAME = "diagonal_hyper"
+ALPHA_RANGE = (0.01, 1.25)
+BETA_RANGE = (0.02, 0.6)
+BETA2, EPS = 0.999, 1e-8
+STUDY = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
+OUT = ROOT / "recipes/results/hyper-rates-2026-12-06"
+LOCK = "/tmp/hf_to_cpu.lock"
+#: The fixed α = 1 form (the default otherwise), as the study's α/β grid names it.
+ALPHA1 = {"alpha": 1.0, "beta": 0.1}
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    scale = float(torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
+    return float(torch.dot(x, y)) / scale if scale > 0 and math.isfinite(scale) else None
+
+
+class HyperRateDiagonal:
+    """The diagonal form with per-tensor α and β tuned by hypergradients of the next loss (see the
+    module): a form's whole-tensor step, registered with :func:`hf_to.register_form`."""
+
+    state_keys = ("a", "c_alpha", "c_beta")
+
+    def __init__(
+        self,
+        kappa_alpha: float = 0.0,
+        kappa_beta: float = 0.0,
+        *,
+        alpha0: float = 0.1,
+        beta0: float = 0.1,
+        nesterov: bool = True,
+        gate: bool = False,
+    ) -> None:
+        self.kappa_alpha, self.kappa_beta = kappa_alpha, kappa_beta
+        self.alpha0, self.beta0, self.nesterov, self.gate = alpha0, beta0, nesterov, gate
+        #: Per tensor (by creation order): shape, α, β, cosine sums, gate state, α history.
+        self.tensors: list[dict[str, Any]] = []
+
+    def init(self, state: dict, w: torch.Tensor) -> None:
+        state["a"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        state["c_alpha"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        state["c_beta"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        info = {
+            "index": len(self.tensors),
+            "shape": list(w.shape),
+            "alpha": self.alpha0,
+            "beta": self.beta0,
+            "cos_alpha": [],
+            "cos_beta": [],
+            "rel_res": None,
+            "gated_steps": 0,
+            "alpha_hist": [],
+        }
+        self.tensors.append(info)
+        state["info"] = info  # a plain dict: not a tensor, not in state_keys (readable path only)
+
+    def step(self, state, w, g, b, stats, *, nf, alpha, floor, beta_t, normalize):
+        """One step after the first (the optimizer seeds b_0 = g_0 itself); returns (r, Ĝ)."""
+        info, n, beta = state["info"], nf, beta_t
+        t = float(state["step"])  # already advanced by the optimizer: this is step t (1-based)
+        a, ca, cb = state["a"].view(-1), state["c_alpha"].view(-1), state["c_beta"].view(-1)
+        # 1. Hypergradient steps on log α, log β from the previous step's ∂w/∂(rate) and this gradient.
+        if self.kappa_alpha:
+            c = _cos(g, ca)
+            if c is not None:
+                info["cos_alpha"].append(c)
+                lo, hi = (math.log(x) for x in ALPHA_RANGE)
+                info["alpha"] = math.exp(min(hi, max(lo, math.log(info["alpha"]) - self.kappa_alpha * c)))
+        if self.kappa_beta:
+            c = _cos(g, cb)
+            if c is not None:
+                info["cos_beta"].append(c)
+                lo, hi = (math.log(x) for x in BETA_RANGE)
+                info["beta"] = math.exp(min(hi, max(lo, math.log(info["beta"]) - self.kappa_beta * c)))
+        rate_a = info["alpha"] if self.kappa_alpha else alpha * (info["alpha"] / self.alpha0)
+        # β_t: the optimizer's own rate unless β is tuned here (then Adam's bias correction as a rate).
+        rate_b = intercept_rate(info["beta"], t, "adam") if self.kappa_beta else beta
+        # 2. The default diagonal step at these rates.
+        r = torch.addcmul(b - g, a, w)
+        if self.gate:
+            rel = float(torch.dot(r, r)) / max(float(torch.dot(g, g)), 1e-30)
+            info["rel_res"] = rel if info["rel_res"] is None else 0.9 * info["rel_res"] + 0.1 * rel
+            if info["rel_res"] > 1.0:
+                if info["gated_steps"] == 0 or bool(a.any()):
+                    a.zero_()
+                info["gated_steps"] += 1
+                rate_a = 0.0
+                r = b - g
+        # The slope step in the default form's order of operations (κ = 0 is it bit for bit).
+        norm = w * w + (stats["ww"] / n + floor + TINY) if normalize else None
+        if rate_a and normalize:
+            a.sub_(rate_a * r * w / norm)
+        elif rate_a:
+            a.sub_(r * w, alpha=rate_a)
+        b.add_(r, alpha=-rate_b)
+        g_hat = torch.addcmul(b, a, w)
+        # 3. Directions of ∂w_{t+1}/∂α and ∂w_{t+1}/∂β_t (positive scalars dropped) for step t+1.
+        if self.kappa_alpha or self.kappa_beta:
+            v = state["exp_avg_sq"].view(-1) * BETA2 + (1 - BETA2) * g * g
+            denom = (v / (1 - BETA2**t)).sqrt_().add_(EPS)
+            if self.kappa_alpha:
+                q = r * w / norm if normalize else r * w
+                torch.div(q * w, denom, out=ca)
+            if self.kappa_beta:
+                d_dbeta = (g - g_hat) - (1 - rate_b) * r if self.nesterov else -r
+                torch.div(d_dbeta, denom, out=cb).neg_()
+        if len(info["alpha_hist"]) < t // 10:
+            info["alpha_hist"].append(info["alpha"] if self.kappa_alpha else self.alpha0)
+        if self.kappa_beta and self.nesterov:
+            # The optimizer applies its own look-ahead Ĝ + β_t(g − Ĝ) at the group's β_t (rate ρ):
+            # return X with X + ρ(g − X) = Ĝ + β'_t(g − Ĝ), β'_t this tensor's rate (ρ < 1 for t ≥ 2).
+            rho = beta
+            target = g_hat + rate_b * (g - g_hat)
+            return r, (target - rho * g) / (1 - rho)
+        return r, g_hat
+
+
+def register(kappa_alpha: float = 0.0, kappa_beta: float = 0.0, **kw: Any) -> HyperRateDiagonal:
+    """Make ``estimator="diagonal_hyper"`` valid in this process (readable path, ``fused=False``)."""
+    est = HyperRateDiagonal(kappa_alpha, kappa_beta, **kw)
+    register_form(
+        Form(
+            NAME,
+            est.state_keys,
+            ("ww",),
+            slope_times=FORMS["diagonal"].slope_times,
+            state_numel=lambda n: 3 * n,
+            tensor_step=est.step,
+            init_state=est.init,
+        ),
+        replace=True,
+    )
+    return est
+
+
+def hyper_config(label: str) -> study.Config:
+    # The default form (Adam's bias correction as β_t, the look-ahead), our estimator, readable path.
+    return study.Config(
+        label, "to", (("estimator", NAME), ("beta_warmup", "adam"), ("nesterov", True), ("fused", False))
+    )
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cpu_lock():
+    with open(LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _quartiles(xs: list[float]) -> list[float]:
+    if len(xs) < 2:
+        return [xs[0]] * 3 if xs else []
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q[0], q[1], q[2]]
+
+
+def run(
+    task: study.Task,
+    seed: int,
+    variant: str,
+    lr: float,
+    *,
+    ka: float = 0.0,
+    kb: float = 0.0,
+    gate: bool = False,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
+    """One run under the CPU lock: ``variant`` is ``hyper`` (our estimator) or a study config label."""
+    torch.set_num_threads(1)
+    est = None
+    if variant == "hyper":
+        est = register(ka, kb, gate=gate)
+        config = hyper_config("hyper")
+    else:
+        config = study.CONFIGS[variant]
+    try:
+        with cpu_lock():
+            rec = study.run_one(task, "proxy", config, lr, seed, dict(overrides or {}))
+    finally:
+        FORMS.pop(NAME, None)
+    rec.pop("train_losses", None)
+    rec.update(variant=variant, kappa_alpha=ka, kappa_beta=kb, gate=gate, steps=task.steps)
+    if est is not None:
+        rec["tensors"] = [
+            {
+                k: v
+                for k, v in dict(
+                    info,
+                    mean_cos_alpha=statistics.fmean(info["cos_alpha"]) if info["cos_alpha"] else None,
+                    mean_cos_beta=statistics.fmean(info["cos_beta"]) if info["cos_beta"] else None,
+                ).items()
+                if k not in ("cos_alpha", "cos_beta")
+            }
+            for info in est.tensors
+        ]
+        alphas = [i["alpha"] for i in est.tensors]
+        betas = [i["beta"] for i in est.tensors]
+        rec["alpha_quartiles"] = _quartiles(alphas)
+        rec["beta_quartiles"] = _quartiles(betas)
+    return rec
+
+
+def _rid(task: str, seed: int, variant: str, ka: float, kb: float, gate: bool, steps: int, overrides: dict) -> str:
+    return json.dumps([task, seed, variant, ka, kb, gate, steps, overrides])
+
+
+def _done(out: Path) -> dict[str, dict]:
+    path = out / "runs.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return {
+        _rid(
+            r["task"], r["seed"], r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], r["steps"], r["overrides"]
+        ): r
+        for r in recs
+    }
+
+
+def adamw_lr(records: list[dict], task: str) -> float:
+    """AdamW's tuned lr of the study (seed 0), the drop-in rate."""
+    pool = [r for r in records if r["task"] == task and r["config"] == "adamw" and r.get("phase") == "tune"]
+    return min(pool, key=lambda r: r["final_val"])["lr"]
+
+
+def ensure(out: Path, task: study.Task, seed: int, variant: str, lr: float, **kw: Any) -> dict:
+    done = _done(out)
+    key = _rid(
+        task.name,
+        seed,
+        variant,
+        kw.get("ka", 0.0),
+        kw.get("kb", 0.0),
+        kw.get("gate", False),
+        task.steps,
+        kw.get("overrides") or {},
+    )
+    if key in done:
+        return done[key]
+    rec = run(task, seed, variant, lr, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "runs.jsonl").open("a") as fh:  # one line per run, whole even with two queues
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    aq = rec.get("alpha_quartiles")
+    print(
+        f"[hyper] {task.name} steps={task.steps} seed={seed} {variant} κα={kw.get('ka', 0)} κβ={kw.get('kb', 0)} "
+        f"{kw.get('overrides') or ''} val={rec['final_val']:.4f} test={rec['test']:.4f}"
+        + (f" α quartiles {[round(x, 3) for x in aq]}" if aq else ""),
+        flush=True,
+    )
+    return rec
+
+
+# -- summary -------------------------------------------------------------------------------
+
+
+def _stored(records: list[dict], task: str, config: str, lr: float, seed: int, overrides: dict | None = None):
+    hits = [
+        r
+        for r in records
+        if r["task"] == task
+        and r["config"] == config
+        and math.isclose(r["lr"], lr, rel_tol=1e-9)
+        and r["seed"] == seed
+        and r["overrides"] == (overrides or {})
+    ]
+    return hits[0] if hits else None
+
+
+_KINDS: dict[str, list[str]] = {}
+
+
+def _param_kinds(mode: str) -> list[str]:
+    """Trainable parameter names of the proxy in ``mode``, in creation order, layer index dropped."""
+    if mode not in _KINDS:
+        import re
+
+        model, _ = study.build_model("proxy", mode)
+        _KINDS[mode] = [
+            re.sub(r"\.\d+\.", ".*.", n.replace("base_model.model.", ""))
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        ]
+    return _KINDS[mode]
+
+
+def _base(
+    mine: list[dict], study_recs: list[dict], task: str, lr: float, steps: int, config: str, seed: int, overrides
+) -> dict | None:
+    """A reference run of ours (same length; the study's stored runs do not reproduce on this host)."""
+    own = [
+        r
+        for r in mine
+        if r["task"] == task
+        and r["variant"] == config
+        and r["seed"] == seed
+        and r["steps"] == steps
+        and r["overrides"] == (overrides or {})
+    ]
+    return own[0] if own else None
+
+
+def summary(out: Path, steps: int = 200, seeds: frozenset[int] = frozenset({1, 2, 3})) -> dict:
+    """Paired differences of every hyper variant to AdamW, NAdamW, the default (to_nesterov) and α = 1."""
+    study_recs = [r for r in study._load(STUDY) if r["model"] == "proxy"]
+    mine = list(_done(out).values())
+    res: dict[str, Any] = {}
+    for task in study.TASKS:
+        lr = adamw_lr(study_recs, task)
+
+        refs = {
+            "adamw": ("adamw", None),
+            "nadamw": ("nadamw", None),
+            "default": ("to_nesterov", None),
+            "alpha1": ("to_nesterov", ALPHA1),
+        }
+        rows = {}
+        variants = sorted(
+            {
+                (r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], json.dumps(r["overrides"]))
+                for r in mine
+                if r["task"] == task and r["steps"] == steps
+            }
+        )
+        for variant, ka, kb, gate, ov in variants:
+            runs = {
+                r["seed"]: r
+                for r in mine
+                if r["seed"] in seeds
+                and r["task"] == task
+                and r["steps"] == steps
+                and (r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], json.dumps(r["overrides"]))
+                == (variant, ka, kb, gate, ov)
+            }
+            if not runs:
+                continue
+            label = variant if variant != "hyper" else f"hyper κα={ka:g} κβ={kb:g}" + (" gate" if gate else "")
+            if ov != "{}":
+                label += " " + ov
+            row: dict[str, Any] = {"seeds": sorted(runs), "val": {s: runs[s]["final_val"] for s in sorted(runs)}}
+            for ref, (config, overrides) in refs.items():
+                dv, dt = {}, {}
+                for s, r in runs.items():
+                    b = _base(mine, study_recs, task, lr, steps, config, s, overrides)
+                    if b is not None:
+                        dv[s] = r["final_val"] - b["final_val"]
+                        dt[s] = r["test"] - b["test"]
+                if dv:
+                    row[f"d_val_{ref}"] = dv
+                    row[f"d_test_{ref}"] = dt
+            if variant == "hyper":
+                alphas = [t["alpha"] for s in runs for t in runs[s]["tensors"]]
+                betas = [t["beta"] for s in runs for t in runs[s]["tensors"]]
+                row["final_alpha_quartiles"] = _quartiles(alphas)
+                row["final_beta_quartiles"] = _quartiles(betas)
+                row["alpha_hist_median"] = [
+                    statistics.median(
+                        t["alpha_hist"][i] for s in runs for t in runs[s]["tensors"] if len(t["alpha_hist"]) > i
+                    )
+                    for i in range(max(len(t["alpha_hist"]) for s in runs for t in runs[s]["tensors"]))
+                ]
+                names = _param_kinds(study.TASKS[task].mode)
+                by_kind: dict[str, list[float]] = {}
+                for s in runs:
+                    for t in runs[s]["tensors"]:
+                        by_kind.setdefault(names[t["index"]], []).append(t["alpha"])
+                row["final_alpha_median_by_kind"] = {k: statistics.median(v) for k, v in sorted(by_kind.items())}
+                gated = [t["gated_steps"] for s in runs for t in runs[s]["tensors"]]
+                row["gated_tensor_fraction"] = sum(x > 0 for x in gated) / len(gated)
+            rows[label] = row
+        res[task] = {"lr": lr, "rows": rows}
+    return res
+
+
+def _fmt_row(row: dict, ref: str, kind: str = "val") -> str:
+    d = row.get(f"d_{kind}_{ref}")
+    if not d:
+        return "—"
+    signs = "".join("−" if v < 0 else "+" if v > 0 else "0" for _, v in sorted(d.items()))
+    return f"{statistics.fmean(d.values()):+.4f} ({signs})"
+
+
+def markdown(res: dict, steps: int, seeds: set[int]) -> str:
+    lines = [f"### {steps} steps, seeds {sorted(seeds)}", ""]
+    for task, body in res.items():
+        lines += [f"**{task}** (drop-in lr {body['lr']:.3g})", ""]
+        lines += [
+            "| form | Δval vs AdamW | Δtest vs AdamW | Δval vs NAdamW | Δtest vs NAdamW | Δval vs default | Δtest vs default | Δval vs α=1 | final α q1/med/q3 | final β q1/med/q3 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, row in body["rows"].items():
+            if set(row["seeds"]) != seeds:
+                continue
+            aq = row.get("final_alpha_quartiles")
+            bq = row.get("final_beta_quartiles")
+            lines.append(
+                f"| {label} | {_fmt_row(row, 'adamw')} | {_fmt_row(row, 'adamw', 'test')} | {_fmt_row(row, 'nadamw')} | "
+                f"{_fmt_row(row, 'nadamw', 'test')} | {_fmt_row(row, 'default')} | {_fmt_row(row, 'default', 'test')} | "
+                f"{_fmt_row(row, 'alpha1')} | "
+                + ("/".join(f"{x:.3g}" for x in aq) if aq else "—")
+                + " | "
+                + ("/".join(f"{x:.3g}" for x in bq) if bq else "—")
+                + " |"
+            )
+        lines.append("")
+    # Mean over the tasks of each form's per-task mean paired difference (forms run on every task).
+    lines += [
+        "**mean over the three tasks** (of the per-task means)",
+        "",
+        "| form | Δval vs AdamW | Δtest vs AdamW | Δval vs NAdamW | Δtest vs NAdamW | Δval vs default | Δtest vs default |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = set.intersection(*(set(body["rows"]) for body in res.values()))
+    for label in sorted(labels):
+        rows = [body["rows"][label] for body in res.values()]
+        if any(set(row["seeds"]) != seeds for row in rows):
+            continue
+        cells = []
+        for ref in ("adamw", "nadamw", "default"):
+            for kind in ("val", "test"):
+                means = [
+                    statistics.fmean(row[f"d_{kind}_{ref}"].values()) for row in rows if row.get(f"d_{kind}_{ref}")
+                ]
+                cells.append(f"{statistics.fmean(means):+.4f}" if len(means) == len(rows) else "—")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- phases --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("phase", choices=["check", "tune", "report", "refs", "long", "summary"])
+    ap.add_argument("--kappas", type=float, nargs="+", default=[0.03, 0.1, 0.3])
+    ap.add_argument("--rate", choices=["alpha", "beta"], default="alpha", help="tune: the rate tuned")
+    ap.add_argument("--kappa-alpha", type=float, default=0.0)
+    ap.add_argument("--kappa-beta", type=float, default=0.0)
+    ap.add_argument("--gate", action="store_true")
+    ap.add_argument("--tasks", nargs="+", default=list(study.TASKS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--baselines", nargs="+", default=["adamw", "nadamw", "to_nesterov"])
+    ap.add_argument("--alpha1", action="store_true", help="refs: also the fixed α = 1 form")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    study_recs = [r for r in study._load(STUDY) if r["model"] == "proxy"]
+    tasks = [study.TASKS[t] for t in args.tasks]
+    if args.phase == "check":
+        # The stored drop-in default reproduces (pairing with stored runs is valid), and κ = 0 is it too.
+        task = study.TASKS[args.tasks[0]]
+        lr = adamw_lr(study_recs, task.name)
+        stored = _stored(study_recs, task.name, "to_nesterov", lr, args.seeds[0])
+        rerun = ensure(args.out, task, args.seeds[0], "to_nesterov", lr)
+        zero = ensure(args.out, task, args.seeds[0], "hyper", lr)
+        out = {
+            "stored": stored["final_val"],
+            "rerun": rerun["final_val"],
+            "hyper_kappa0": zero["final_val"],
+            "stored_test": stored["test"],
+            "rerun_test": rerun["test"],
+            "hyper_kappa0_test": zero["test"],
+        }
+        print(json.dumps(out))
+        return out
+    if args.phase == "tune":
+        for k in args.kappas:
+            for task in tasks:
+                rates = {"ka": k} if args.rate == "alpha" else {"kb": k}
+                ensure(args.out, task, 0, "hyper", adamw_lr(study_recs, task.name), **rates)
+        return None
+    if args.phase == "report":
+        for seed in args.seeds:
+            for task in tasks:
+                ensure(
+                    args.out,
+                    task,
+                    seed,
+                    "hyper",
+                    adamw_lr(study_recs, task.name),
+                    ka=args.kappa_alpha,
+                    kb=args.kappa_beta,
+                    gate=args.gate,
+                )
+        return None
+    if args.phase == "refs":
+        # The references rerun on this host (the study's stored runs do not reproduce here: see
+        # the ``check`` phase): ``--baselines`` drop-in, and the fixed α = 1 form.
+        for seed in args.seeds:
+            for task in tasks:
+                lr = adamw_lr(study_recs, task.name)
+                for variant in args.baselines:
+                    ensure(args.out, task, seed, variant, lr)
+                if args.alpha1:
+                    ensure(args.out, task, seed, "to_nesterov", lr, overrides=ALPHA1)
+        return None
+    if args.phase == "long":
+        study.EVAL_EVERY = 50  # validation every 50 steps (the final step's is the result either way)
+        for seed in args.seeds:
+            for task in tasks:
+                long_task = dataclasses.replace(task, steps=args.steps)
+                lr = adamw_lr(study_recs, task.name)
+                for variant in args.baselines:
+                    ensure(args.out, long_task, seed, variant, lr)
+                ensure(args.out, long_task, seed, "hyper", lr, ka=args.kappa_alpha, kb=args.kappa_beta)
+        return None
+    seed_sets = [frozenset({0}), frozenset(args.seeds)]
+    res = {
+        f"{steps} steps, seeds {sorted(seeds)}": (steps, seeds, summary(args.out, steps, seeds))
+        for steps in sorted({200, args.steps})
+        for seeds in seed_sets
+    }
+    (args.out / "summary.json").write_text(json.dumps({k: v[2] for k, v in res.items()}, indent=1))
+    md = "\n".join(
+        ["# Hyper-rate tables (generated by `hyper_rates.py summary`)", ""]
+        + [markdown(r, steps, set(seeds)) for steps, seeds, r in res.values()]
+    )
+    (args.out / "TABLES.md").write_text(md)
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
