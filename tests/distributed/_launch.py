@@ -24,16 +24,22 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240) -> subpr
         str(HERE / script),
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 and _crashed(proc):
-        # A rank aborted inside the C++ runtime ("terminate called without an active exception",
-        # SIGABRT), which gloo does now and then on a heavily loaded 2-core machine whatever the
-        # worker computes: run once more. An assertion or Python error is never retried.
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_once_more_on_abort(cmd, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
+    return proc
+
+
+def run_once_more_on_abort(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` (output captured), run once more if a rank aborted inside the C++
+    runtime ("terminate called without an active exception", SIGABRT), which gloo does now and
+    then on a heavily loaded 2-core machine whatever the ranks compute.  An assertion or Python
+    error is never retried."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0 and _crashed(proc):
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return proc
 
 
