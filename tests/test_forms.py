@@ -71,7 +71,9 @@ def test_every_form_equals_the_reference_on_every_path_it_claims(name, path, set
     ref = [torch.nn.Parameter(w.clone()) for w in w0]
     opt = TrainableOptimizer(fast, lr=0.01, **kwargs)
     opt_ref = ReferenceTrainableOptimizer(ref, lr=0.01, **{**kwargs, "fused": False})
-    for t in range(50):
+    # Triton's interpreter runs every program in Python: fewer steps there (tests/test_gpu_step.py
+    # runs its 50-step grid).
+    for t in range(15 if path == "triton" else 50):
         _grads(fast, t)
         _grads(ref, t)
         opt.step()
