@@ -148,18 +148,15 @@ class HyperRateDiagonal:
         t = float(state["step"])  # already advanced by the optimizer: this is step t (1-based)
         a, ca, cb = state["a"].view(-1), state["c_alpha"].view(-1), state["c_beta"].view(-1)
         # 1. Hypergradient steps on log α, log β from the previous step's ∂w/∂(rate) and this gradient.
-        if self.kappa_alpha:
-            c = _cos(g, ca)
+        for rate, kappa, direction, bounds in (
+            ("alpha", self.kappa_alpha, ca, ALPHA_RANGE),
+            ("beta", self.kappa_beta, cb, BETA_RANGE),
+        ):
+            c = _cos(g, direction) if kappa else None
             if c is not None:
-                info["cos_alpha"].append(c)
-                lo, hi = (math.log(x) for x in ALPHA_RANGE)
-                info["alpha"] = math.exp(min(hi, max(lo, math.log(info["alpha"]) - self.kappa_alpha * c)))
-        if self.kappa_beta:
-            c = _cos(g, cb)
-            if c is not None:
-                info["cos_beta"].append(c)
-                lo, hi = (math.log(x) for x in BETA_RANGE)
-                info["beta"] = math.exp(min(hi, max(lo, math.log(info["beta"]) - self.kappa_beta * c)))
+                info[f"cos_{rate}"].append(c)
+                lo, hi = (math.log(x) for x in bounds)
+                info[rate] = math.exp(min(hi, max(lo, math.log(info[rate]) - kappa * c)))
         rate_a = info["alpha"] if self.kappa_alpha else alpha * (info["alpha"] / self.alpha0)
         # β_t: the optimizer's own rate unless β is tuned here (then Adam's bias correction as a rate).
         rate_b = intercept_rate(info["beta"], t, "adam") if self.kappa_beta else beta
