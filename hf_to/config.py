@@ -195,11 +195,11 @@ def constructor_signature(*, leading: list[inspect.Parameter], trailing: list[in
     kind = inspect.Parameter
     fields = [
         kind(
-            name,
-            kind.POSITIONAL_OR_KEYWORD if name == "lr" else kind.KEYWORD_ONLY,
+            f.name,
+            kind.POSITIONAL_OR_KEYWORD if f.name == "lr" else kind.KEYWORD_ONLY,
             default=f.default,
-            annotation=hints[name],
+            annotation=hints[f.name],
         )
-        for name, f in ((f.name, f) for f in dataclasses.fields(StepConfig))
+        for f in dataclasses.fields(StepConfig)
     ]
     return inspect.Signature([*leading, *fields, *trailing])

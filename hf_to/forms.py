@@ -190,6 +190,11 @@ class Form:
     #: Creates the slope state, A_0 = 0 (default: zeros shaped like the parameter per key).
     init_state: Callable[[dict, Tensor], None] | None = field(default=None, repr=False)
 
+    def state_keys(self, adam: bool) -> tuple[str, ...]:
+        """The tensors of a parameter's state besides ``step``, in the kernels' column order:
+        the intercept ``b``, the slope state, and ``exp_avg_sq`` with the Adam preconditioner."""
+        return ("b", *self.slope_keys, *(("exp_avg_sq",) if adam else ()))
+
     def init(self, state: dict, w: Tensor) -> None:
         """Create the slope state with :math:`A_0 = 0`, shaped like ``w`` (the parameter)."""
         (self.init_state or _zeros_like_keys(*self.slope_keys))(state, w)

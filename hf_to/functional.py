@@ -225,13 +225,11 @@ def _single_tensor(
         if action == "skip":
             continue
         bad = kept = None
-        slots = [w, bf, *(state[k].view(-1) for k in form.slope_keys)]
-        if cfg.adam:
-            slots.append(state["exp_avg_sq"].view(-1))
         if action == "masked":
             # Some entries of a coordinate-wise form's gradient are non-finite: step the others
             # with g = 0 there, then put back those entries' weight and state (rare).
             bad = ~torch.isfinite(gf)
+            slots = [w, *(state[k].view(-1) for k in form.state_keys(cfg.adam))]
             kept = [(t, t[bad]) for t in slots]
             gf = gf.masked_fill(bad, 0)
         first = state["step"].item() == 0

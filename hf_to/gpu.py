@@ -534,10 +534,6 @@ _PARAM_DTYPES = frozenset(_DTYPES)
 _STATE_DTYPES = frozenset((torch.float32, torch.bfloat16))
 
 
-def _state_keys(form: Form, adam: bool) -> tuple[str, ...]:
-    return ("b", *form.slope_keys, *(("exp_avg_sq",) if adam else ()))
-
-
 def misfit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], form: Form) -> str | None:
     """Why this step cannot take a group (``None``: it can): a form without a Triton code,
     parameters that are not contiguous or not float32/bfloat16/float16, state not
@@ -546,7 +542,7 @@ def misfit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Ten
         return f"estimator={form.name!r} has no Triton step"
     view = local_view if any(map(is_dtensor, params)) else (lambda t: t)
     index = view(params[0]).get_device()
-    keys = _state_keys(form, "exp_avg_sq" in states[0])
+    keys = form.state_keys("exp_avg_sq" in states[0])
     for p, g, state in zip(params, grads, states):
         w, gl = view(p), view(g)
         if w.dtype not in _PARAM_DTYPES or gl.dtype not in _PARAM_DTYPES:
@@ -591,7 +587,7 @@ def triton_trainable_to(
     k = 1 + len(form.stat_names)
     adam, normalize = cfg.adam, cfg.normalize
     slope_keys = form.slope_keys
-    keys = _state_keys(form, adam)
+    keys = form.state_keys(adam)
     # One bucket per (param, grad, state) dtypes: the dtypes are compile-time constants.
     buckets: dict[tuple, list[list[int]]] = {}
     temporaries = []  # contiguous copies of gradients: alive until the launches are queued

@@ -64,6 +64,7 @@ from torch.autograd.graph import increment_version
 
 from .config import StepConfig
 from .distributed import is_dtensor, is_sharded, local_view
+from .forms import FORMS
 from .settings import env_switch
 
 __all__ = ["available", "eligible", "library_path", "load_seconds", "native_step"]
@@ -76,7 +77,6 @@ _ABI = 7
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
-_SLOPE_KEYS = {"diagonal": ("a",), "rank_one": ("u", "v"), "none": ()}
 
 
 class _Tensor(ctypes.Structure):
@@ -537,7 +537,7 @@ def native_step(
         raise RuntimeError("native_step on sharded parameters needs reduce_stats (their sums span the shards)")
     params, grads, states = _local(params, grads, states)
     k = len(params)
-    keys = ("b", *_SLOPE_KEYS[estimator], *(("exp_avg_sq",) if adam else ()))
+    keys = FORMS[estimator].state_keys(adam)
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
     sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
     # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.

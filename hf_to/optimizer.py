@@ -368,9 +368,7 @@ class TrainableOptimizer(Optimizer):
         """Refuse a step whose group's ``estimator``/``preconditioner`` no longer match the state
         its parameters hold (changed in ``param_groups`` after a step): a clear ``ValueError``
         rather than a ``KeyError`` deep in the step, as ``load_state_dict`` refuses it."""
-        expected = {"step", "b", *get_form(group["estimator"]).slope_keys}
-        if group["preconditioner"] == "adam":
-            expected.add("exp_avg_sq")
+        expected = {"step", *get_form(group["estimator"]).state_keys(group["preconditioner"] == "adam")}
         for p in group["params"]:
             state = self.state.get(p)
             if state and state.keys() != expected:
