@@ -24,7 +24,15 @@ __all__ = ["EVAL_EVERY", "load_records", "run_one", "run_phase", "table_runs"]
 EVAL_EVERY = 10
 
 
-def run_one(task: Task, kind: str, config: Config, lr: float, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    task: Task,
+    kind: str,
+    config: Config,
+    lr: float,
+    seed: int,
+    overrides: dict[str, Any],
+    eval_every: int = EVAL_EVERY,
+) -> dict[str, Any]:
     """Fine-tune once; return the record (validation curve, test loss, wall time, state size)."""
     torch.manual_seed(seed)
     data = task_data(task)
@@ -55,7 +63,7 @@ def run_one(task: Task, kind: str, config: Config, lr: float, seed: int, overrid
         task.steps,
         clip_params=params,
         scheduler=sched,
-        eval_every=EVAL_EVERY,
+        eval_every=eval_every,
         on_eval=validate,
         stop_on_nonfinite_loss=True,
         train_eval_modes=needs_train_eval(opt),

@@ -11,8 +11,15 @@ every optimizer, so differences pair by seed.  ``nadamw_fixed`` is NAdamW with i
     .venv/bin/python recipes/experiments/long_runs.py --steps 1000 --tasks pydoc_full pydoc_lora
     .venv/bin/python recipes/experiments/long_runs.py --report
 
-Results (2026-12-06, proxy, seeds 1–3) are in ``recipes/results/long-runs-2026-12-06/`` and
-recipes/README.md.
+``--model real`` runs SmolLM2-135M instead, drop-in at AdamW's usual rate of the task (the
+study's ``base_lr``: 3e-4 for LoRA, 3e-5 for full fine-tuning) rather than a tuned one::
+
+    .venv/bin/python recipes/experiments/long_runs.py --model real --steps 300 --eval-every 25 \
+        --threads 2 --seeds 0 1 2 --tasks pydoc_full pydoc_lora --optimizers adamw nadamw to_nesterov \
+        --out runs/long-real
+
+Results (2026-12-06): proxy, seeds 1–3, in ``recipes/results/long-runs-2026-12-06/``;
+SmolLM2-135M in ``recipes/results/long-runs-real-2026-12-06/``; both in recipes/README.md.
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 import study  # noqa: E402
 from recipe_metrics import format_mean_std, mean_std, steps_to_target  # noqa: E402
+from study_runner import EVAL_EVERY  # noqa: E402
 
-OPTIMIZERS = ("adamw", "nadamw", "nadamw_fixed", "to_nesterov")
+OPTIMIZERS = ("adamw", "nadamw", "nadamw_fixed", "sf_adamw", "to_nesterov", "to_bf16")
+#: Rows this script adds to the study's table: the default with bfloat16 state (6 B/param).
+EXTRA = {
+    "to_bf16": study.Config("to_bf16", "to", (*study.CONFIGS["to_nesterov"].kwargs, ("state_dtype", torch.bfloat16)))
+}
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.
 CPU_LOCK = Path("/tmp/hf_to_cpu.lock")
@@ -51,17 +63,23 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for name in args.tasks:
         task = dataclasses.replace(study.TASKS[name], steps=args.steps)
-        adamw = {r["seed"]: r for r in study.table_runs(records, name, "dropin", set(args.seeds))["adamw"]}
         for seed in args.seeds:
+            lr = task.base_lr if args.model == "real" else _stored_adamw_lr(records, name, seed)
             for label in args.optimizers:
                 if (name, seed, label) in done:
                     continue
+                config = EXTRA.get(label) or study.CONFIGS[label]
                 with CPU_LOCK.open("w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                    rec = study.run_one(task, "proxy", study.CONFIGS[label], adamw[seed]["lr"], seed, {})
+                    rec = study.run_one(task, args.model, config, lr, seed, {}, eval_every=args.eval_every)
                 with out.open("a") as f:
                     f.write(json.dumps({**rec, "steps": args.steps}) + "\n")
                 print(f"{name} seed {seed} {label}: val {rec['final_val']:.4f} test {rec['test']:.4f}", flush=True)
+
+
+def _stored_adamw_lr(records: list[dict], task: str, seed: int) -> float:
+    """AdamW's tuned learning rate of the stored proxy study (selected on validation, seed 0)."""
+    return {r["seed"]: r for r in study.table_runs(records, task, "dropin", {seed})["adamw"]}[seed]["lr"]
 
 
 def report(args: argparse.Namespace) -> str:
@@ -71,13 +89,16 @@ def report(args: argparse.Namespace) -> str:
         by = {(r["config"], r["seed"]): r for r in runs if r["task"] == name}
         seeds = sorted({s for _, s in by})
         labels = [c for c in OPTIMIZERS if all((c, s) in by for s in seeds)]
-        lines += [f"### {name}, {runs[0]['steps']} steps, seeds {seeds}", ""]
+        model = "SmolLM2-135M" if by[next(iter(by))].get("model") == "real" else "proxy"
+        lines += [f"### {name}, {model}, {runs[0]['steps']} steps, seeds {seeds}", ""]
         lines += [
-            "| optimizer | test loss (mean ± std) | test − AdamW per seed | test − NAdamW per seed | steps to the better peer's final val |"
+            "| optimizer | val loss (mean ± std) | test loss (mean ± std) | test − AdamW per seed "
+            "| test − NAdamW per seed | steps to the better peer's final val |"
         ]
-        lines += ["|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|"]
         for label in labels:
             test = [by[label, s]["test"] for s in seeds]
+            val = [by[label, s]["final_val"] for s in seeds]
             d_adamw = " ".join(f"{by[label, s]['test'] - by['adamw', s]['test']:+.4f}" for s in seeds)
             d_nadamw = " ".join(f"{by[label, s]['test'] - by['nadamw', s]['test']:+.4f}" for s in seeds)
             reach = []
@@ -87,7 +108,7 @@ def report(args: argparse.Namespace) -> str:
                 step = steps_to_target([c[0] for c in curve], [c[1] for c in curve], target)
                 reach.append("never" if step is None else str(step))
             lines.append(
-                f"| {label} | {format_mean_std(*mean_std(test), 4)} | {d_adamw} | {d_nadamw} | {' '.join(reach)} |"
+                f"| {label} | {format_mean_std(*mean_std(val), 4)} | {format_mean_std(*mean_std(test), 4)} | {d_adamw} | {d_nadamw} | {' '.join(reach)} |"
             )
         lines.append("")
     text = "\n".join(lines)
@@ -99,7 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--tasks", nargs="+", default=["pydoc_full", "pydoc_lora", "code_lora"], choices=list(study.TASKS))
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(study.CONFIGS))
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=[*study.CONFIGS, *EXTRA])
+    ap.add_argument(
+        "--model",
+        choices=["proxy", "real"],
+        default="proxy",
+        help="real: SmolLM2-135M at AdamW's usual rate of the task (study_spec.TASKS' base_lr)",
+    )
+    ap.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="validation every this many steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/long-runs")
