@@ -26,7 +26,8 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
   uses the totals (the readable path's two phases, in two kernel calls).
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
--fopenmp``, 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+-fopenmp -ffp-contract=off`` (no FMA contraction, so the rounding does not depend on the
+host's instruction set), 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
 ``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
 feature flags.  The cache cannot hurt a run: a library is loaded only when the sidecar
 ``<name>.so.sha256`` written after its build still matches its byte size and sha256 (a
@@ -156,10 +157,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+_COMMON_FLAGS = ["-std=gnu11", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _FLAG_SETS = (
-    ["-std=gnu11", "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-    ["-std=gnu11", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-    ["-std=gnu11", "-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],  # no OpenMP runtime: one thread
+    [*_COMMON_FLAGS, "-march=native", "-fopenmp"],
+    [*_COMMON_FLAGS, "-fopenmp"],
+    [*_COMMON_FLAGS, "-fopenmp-simd"],  # no OpenMP runtime: one thread
 )
 #: Temporary files of a build (``<prefix><random>.so``), and of builds before 2026-12 (``tmp*.so``).
 _TMP_PREFIX = "hf_to_build_"

@@ -82,14 +82,26 @@ def test_native_kernel_equals_reference_over_50_steps(estimator, form, dtype, mo
 @pytest.mark.parametrize("preconditioner", ["adam", "none"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_native_kernel_equals_readable_path_across_block_boundaries(estimator, preconditioner):
+    """Elementwise to a tolerance scaled by each state's largest entry, and no further from
+    the float64 run of the readable path than the float32 readable path is.
+
+    Rank-one's states move by sums over up to 2**20 elements (u'w, u'g, ...), which the kernel
+    adds in blocks and torch in its own order: on an element near zero the two float32 results
+    differ by more than a fixed ``atol`` while both are within float32 rounding of float64."""
     kwargs = dict(estimator=estimator, preconditioner=preconditioner, weight_decay=0.01, diagnostics=True)
-    fast, slow = _params(BLOCK_SHAPES), _params(BLOCK_SHAPES)
+    fast, slow, exact = _params(BLOCK_SHAPES), _params(BLOCK_SHAPES), _params(BLOCK_SHAPES, torch.float64)
     opt_fast = _train(fast, 30, **kwargs)
     opt_slow = _train(slow, 30, fused=False, **kwargs)
-    for pf, ps in zip(fast, slow):
+    opt_exact = _train(exact, 30, fused=False, **kwargs)
+    for pf, ps, pe in zip(fast, slow, exact):
         torch.testing.assert_close(pf, ps, **TOLERANCE[torch.float32])
         for key, value in opt_fast.state[pf].items():
-            torch.testing.assert_close(value, opt_slow.state[ps][key], rtol=1e-4, atol=1e-6, msg=key)
+            want, best = opt_slow.state[ps][key], opt_exact.state[pe][key].double()
+            scale = max(1.0, want.abs().max().item()) if want.is_floating_point() else 1.0
+            torch.testing.assert_close(value, want, rtol=1e-4, atol=1e-6 * scale, msg=key)
+            if value.is_floating_point() and value.numel() > 1:
+                err_fast, err_slow = (value.double() - best).norm(), (want.double() - best).norm()
+                assert err_fast <= 2 * err_slow + 1e-9 * best.norm(), (key, err_fast.item(), err_slow.item())
     (got,), (want,) = opt_fast.diagnostics(), opt_slow.diagnostics()
     for key in ("steps", "skipped"):
         assert got[key] == want[key]
