@@ -94,3 +94,23 @@ def test_hyper_alpha_moves_each_tensor_toward_its_own_rate():
         assert alpha_still < 0.03, alpha_still
     finally:
         FORMS.pop(hyper_rates.NAME, None)
+
+
+def test_whiteness_beta_follows_the_drift_to_noise_ratio():
+    """On a drifting mean under noise the controller's β orders as the Kalman gain does: above
+    the start (0.1) where the drift dominates, below it where the noise does."""
+    out = hyper_rates.check_white(0.3, steps=400, tensors=20, size=200)
+    assert out[0.1]["beta_mean_2nd_half"] > 0.15 > 0.05 > out[0.001]["beta_mean_2nd_half"], out
+    for q, row in out.items():
+        assert 0.02 <= row["beta_final"] <= 0.6, (q, row)  # the clip range
+
+
+def test_slope_signal_moves_alpha_without_a_buffer():
+    try:
+        est = hyper_rates.register(kappa_alpha=0.5, signal="slope")
+        moved = _run(hyper_rates.NAME, steps=20)
+        assert any(abs(info["alpha"] - 0.1) > 1e-3 for info in est.tensors), "α adapts"
+        assert all(not info["cos_beta"] for info in est.tensors)
+        assert any(not torch.allclose(a, b) for a, b in zip(moved, _run("diagonal", steps=20)))
+    finally:
+        FORMS.pop(hyper_rates.NAME, None)

@@ -53,14 +53,25 @@ there; every run takes ``/tmp/hf_to_cpu.lock``)::
     .venv/bin/python recipes/experiments/hyper_rates.py report --kappa-beta K
     .venv/bin/python recipes/experiments/hyper_rates.py report --kappa-alpha K --kappa-beta K
     .venv/bin/python recipes/experiments/hyper_rates.py long --kappa-alpha K --steps 1000
+    .venv/bin/python recipes/experiments/hyper_rates.py real --kappa-alpha K --steps 300 --seeds 0 1 2
     .venv/bin/python recipes/experiments/hyper_rates.py summary
+
+``--signal slope`` replaces α's direction by the whole slope's: since
+:math:`a = -\sum_s \alpha_s q_s`, :math:`\partial a/\partial\log\alpha = a`, and this step's
+weight change moves with log α as :math:`-\mathrm{lr}(1-\beta_t)\, a\odot w/(\sqrt{\hat v}+\epsilon)`
+(no buffer).  ``--signal whiteness`` tunes one β for the optimizer from the lag-1 correlation
+of the estimator's residuals (:class:`WhitenessBeta`, a step hook, so any path);
+``check-white`` tests it on a synthetic drifting-mean problem against the Kalman gain.
 
 Result (2026-12-06, proxy, drop-in, seeds 1–3, references rerun on this host): not kept.  The
 one-step hypergradient raises α on every task (its cosine is −0.012…−0.017 on nearly every
 tensor at α = 0.1): κ_α = 1 (chosen on seed 0) ends at median α 0.62 on pydoc_full (−0.0047
 validation vs the default; the fixed α = 1 is −0.0161) and 0.54 on pydoc_lora (+0.0115, worse
 on every seed).  Hyper-β (κ_β = 1) is −0.0039 mean validation vs the default but +0.0103 test on
-pydoc_lora.  See ``recipes/results/hyper-rates-2026-12-06/SUMMARY.md``.
+pydoc_lora.  See ``recipes/results/hyper-rates-2026-12-06/SUMMARY.md``.  Second round (same day,
+proxy re-pretrained, references rerun): the whole-slope signal (κ_α 0.3) lowers α on full
+fine-tuning (median 0.08) and raises it on LoRA, +0.0009 mean validation vs the default;
+whiteness β is behind the default on every task at seed 0 (``hyper-signals-2026-12-06``).
 """
 
 from __future__ import annotations
@@ -83,6 +94,9 @@ sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT))
 
 import study  # noqa: E402
+import study_data  # noqa: E402
+import study_runner  # noqa: E402
+from study_runner import EVAL_EVERY  # noqa: E402
 
 from hf_to import Form, register_form  # noqa: E402
 from hf_to.forms import FORMS, TINY, intercept_rate  # noqa: E402
@@ -118,9 +132,11 @@ class HyperRateDiagonal:
         beta0: float = 0.1,
         nesterov: bool = True,
         gate: bool = False,
+        signal: str = "step",
     ) -> None:
         self.kappa_alpha, self.kappa_beta = kappa_alpha, kappa_beta
         self.alpha0, self.beta0, self.nesterov, self.gate = alpha0, beta0, nesterov, gate
+        self.signal = signal
         #: Per tensor (by creation order): shape, α, β, cosine sums, gate state, α history.
         self.tensors: list[dict[str, Any]] = []
 
@@ -148,6 +164,11 @@ class HyperRateDiagonal:
         t = float(state["step"])  # already advanced by the optimizer: this is step t (1-based)
         a, ca, cb = state["a"].view(-1), state["c_alpha"].view(-1), state["c_beta"].view(-1)
         # 1. Hypergradient steps on log α, log β from the previous step's ∂w/∂(rate) and this gradient.
+        if self.signal == "slope" and self.kappa_alpha:
+            # ∂w_{t+1}/∂log α through the whole slope a = −Σ α_s q_s (∂a/∂log α = a), one step in w:
+            # −lr (1 − β_t) a⊙w / (√v̂ + ε); v̂ of the previous step (the optimizer updates it later).
+            prev = state["exp_avg_sq"].view(-1) / (1 - BETA2 ** max(t - 1, 1))
+            ca = torch.div(a * w, prev.sqrt().add_(EPS)).neg_()
         for rate, kappa, direction, bounds in (
             ("alpha", self.kappa_alpha, ca, ALPHA_RANGE),
             ("beta", self.kappa_beta, cb, BETA_RANGE),
@@ -183,7 +204,7 @@ class HyperRateDiagonal:
         if self.kappa_alpha or self.kappa_beta:
             v = state["exp_avg_sq"].view(-1) * BETA2 + (1 - BETA2) * g * g
             denom = (v / (1 - BETA2**t)).sqrt_().add_(EPS)
-            if self.kappa_alpha:
+            if self.kappa_alpha and self.signal == "step":
                 q = r * w / norm if normalize else r * w
                 torch.div(q * w, denom, out=ca)
             if self.kappa_beta:
@@ -198,6 +219,102 @@ class HyperRateDiagonal:
             target = g_hat + rate_b * (g - g_hat)
             return r, (target - rho * g) / (1 - rho)
         return r, g_hat
+
+
+class WhitenessBeta:
+    r"""One intercept rate β for the whole optimizer, moved after every step by the lag-1
+    correlation of the estimator's residuals (a step hook: any path, the C kernel included).
+
+    The residual :math:`r_t = \hat G_{t-1}(w_t) - g_t` is the estimator's prediction error (the
+    innovation).  For an EMA tracking a gradient whose mean drifts (variance q per step) under
+    noise (variance σ²), successive innovations are uncorrelated exactly at the Kalman-optimal
+    rate; positively correlated when β is too small (the estimate lags the drift), negatively
+    when it is too large (with no drift their covariance is −β/(2−β) σ²).  So
+
+    .. math::
+        \log\beta \leftarrow \mathrm{clip}\big(\log\beta + \kappa_\beta\,
+        \textstyle\sum_k \rho^k_t\rho^k_{t-1} / \sum_k \tfrac12(\rho^{k\,2}_t + \rho^{k\,2}_{t-1}),\
+        \log 0.02,\ \log 0.6\big),
+
+    summed over the tensors k, with :math:`\rho_t = s^\top r_t/\sqrt n` the projection of a
+    tensor's residual on a fixed random sign vector s (one scalar per tensor and step).  No
+    residual is stored: :math:`b_t = b_{t-1} - \beta_t r_t` makes
+    :math:`\rho_t = (s^\top b_{t-1} - s^\top b_t)/(\beta_t\sqrt n)`, so each tensor keeps
+    two scalars (:math:`s^\top b/\sqrt n` and ρ of the last step).  On a synthetic local-level
+    problem it settles near the Kalman gain (phase ``check-white``).
+    """
+
+    def __init__(self, kappa: float, beta0: float = 0.1) -> None:
+        self.kappa, self.beta = kappa, beta0
+        self.signs: dict[int, torch.Tensor] = {}
+        self.last: dict[int, tuple[float, float | None, float]] = {}  # id → (sᵀb/√n, ρ, step)
+        self.corr_hist: list[float] = []
+        self.beta_hist: list[float] = []
+
+    def attach(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        opt.register_step_post_hook(self._after)
+        return opt
+
+    def _after(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        num = den = 0.0
+        index = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                index += 1
+                state = opt.state.get(p)
+                if not state or "b" not in state:
+                    continue
+                b = state["b"].view(-1).float()
+                if index not in self.signs:
+                    gen = torch.Generator().manual_seed(index)
+                    self.signs[index] = torch.randint(0, 2, b.shape, generator=gen).float().mul_(2).sub_(1)
+                t = float(state["step"])
+                proj = float(torch.dot(self.signs[index], b)) / math.sqrt(b.numel())
+                prev = self.last.get(index)
+                rho = None
+                if prev is not None and t == prev[2] + 1:
+                    rho = (prev[0] - proj) / intercept_rate(group["beta"], t, group["beta_warmup"])
+                    if prev[1] is not None and math.isfinite(rho):
+                        num += rho * prev[1]
+                        den += 0.5 * (rho * rho + prev[1] * prev[1])
+                self.last[index] = (proj, rho, t)
+        if den > 0:
+            corr = num / den
+            lo, hi = (math.log(x) for x in BETA_RANGE)
+            self.beta = math.exp(min(hi, max(lo, math.log(self.beta) + self.kappa * corr)))
+            self.corr_hist.append(corr)
+            self.beta_hist.append(self.beta)
+            for group in opt.param_groups:
+                group["beta"] = self.beta
+
+
+def check_white(kappa: float, steps: int = 1000, tensors: int = 50, size: int = 400) -> dict:
+    """The controller on a local-level problem: g_t = μ_t + noise (σ = 1), μ a random walk of
+    variance q per step, lr 0 (the weights stay); the final β against the Kalman gain
+    K = P/(P+1), P = (q + √(q² + 4q))/2."""
+    from hf_to import TrainableOptimizer
+
+    out = {}
+    for q in (0.001, 0.01, 0.1):
+        params = [torch.nn.Parameter(torch.ones(size)) for _ in range(tensors)]
+        white = WhitenessBeta(kappa)
+        opt = white.attach(TrainableOptimizer(params, lr=0.0))
+        gen = torch.Generator().manual_seed(0)
+        mu = torch.randn(tensors, size, generator=gen)
+        for _ in range(steps):
+            mu += math.sqrt(q) * torch.randn(tensors, size, generator=gen)
+            noise = torch.randn(tensors, size, generator=gen)
+            for i, p in enumerate(params):
+                p.grad = mu[i] + noise[i]
+            opt.step()
+        P = (q + math.sqrt(q * q + 4 * q)) / 2
+        tail = white.beta_hist[steps // 2 :]
+        out[q] = {"kalman": P / (P + 1), "beta_final": white.beta, "beta_mean_2nd_half": statistics.fmean(tail)}
+        print(
+            f"q/σ² = {q}: β {white.beta:.3f} (mean over the second half {out[q]['beta_mean_2nd_half']:.3f}), "
+            f"Kalman gain {P / (P + 1):.3f}"
+        )
+    return out
 
 
 def register(kappa_alpha: float = 0.0, kappa_beta: float = 0.0, **kw: Any) -> HyperRateDiagonal:
@@ -254,23 +371,44 @@ def run(
     ka: float = 0.0,
     kb: float = 0.0,
     gate: bool = False,
+    signal: str = "step",
     overrides: dict | None = None,
+    model: str = "proxy",
+    threads: int = 1,
+    eval_every: int = EVAL_EVERY,
 ) -> dict[str, Any]:
     """One run under the CPU lock: ``variant`` is ``hyper`` (our estimator) or a study config label."""
-    torch.set_num_threads(1)
-    est = None
-    if variant == "hyper":
-        est = register(ka, kb, gate=gate)
+    torch.set_num_threads(threads)
+    est = white = None
+    if variant == "hyper" and signal == "whiteness":
+        white, config = WhitenessBeta(kb), study.CONFIGS["to_nesterov"]  # the default, any path, + the hook
+    elif variant == "hyper":
+        est = register(ka, kb, gate=gate, signal=signal)
         config = hyper_config("hyper")
     else:
         config = study.CONFIGS[variant]
+    build = study_runner.build_optimizer
+    if white is not None:
+        study_runner.build_optimizer = lambda *a, **k: white.attach(build(*a, **k))
     try:
         with cpu_lock():
-            rec = study.run_one(task, "proxy", config, lr, seed, dict(overrides or {}))
+            rec = study.run_one(task, model, config, lr, seed, dict(overrides or {}), eval_every=eval_every)
     finally:
         FORMS.pop(NAME, None)
+        study_runner.build_optimizer = build
     rec.pop("train_losses", None)
     rec.update(variant=variant, kappa_alpha=ka, kappa_beta=kb, gate=gate, steps=task.steps)
+    if signal != "step":
+        rec["signal"] = signal
+    if white is not None:
+        rec["tensors"] = [
+            {"index": i, "alpha": 0.1, "beta": white.beta, "alpha_hist": [], "gated_steps": 0}
+            for i in range(len(white.last))
+        ]
+        rec["alpha_quartiles"] = [0.1] * 3
+        rec["beta_quartiles"] = [white.beta] * 3
+        rec["corr_hist"] = [round(c, 4) for c in white.corr_hist[::10]]
+        rec["beta_hist"] = [round(b, 4) for b in white.beta_hist[::10]]
     if est is not None:
         rec["tensors"] = [
             {
@@ -291,8 +429,19 @@ def run(
     return rec
 
 
-def _rid(task: str, seed: int, variant: str, ka: float, kb: float, gate: bool, steps: int, overrides: dict) -> str:
-    return json.dumps([task, seed, variant, ka, kb, gate, steps, overrides])
+def _rid(
+    task: str, seed: int, variant: str, ka: float, kb: float, gate: bool, steps: int, overrides: dict, signal: str
+) -> str:
+    return json.dumps([task, seed, variant, ka, kb, gate, steps, overrides] + ([signal] if signal != "step" else []))
+
+
+def _form_key(r: dict) -> tuple:
+    """What tells two runs' forms apart (the α signal only when it is not the one-step one)."""
+    return (r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], json.dumps(r["overrides"]), _signal(r))
+
+
+def _signal(r: dict) -> str:
+    return r.get("signal", "step")
 
 
 def _done(out: Path) -> dict[str, dict]:
@@ -300,7 +449,15 @@ def _done(out: Path) -> dict[str, dict]:
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     return {
         _rid(
-            r["task"], r["seed"], r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], r["steps"], r["overrides"]
+            r["task"],
+            r["seed"],
+            r["variant"],
+            r["kappa_alpha"],
+            r["kappa_beta"],
+            r["gate"],
+            r["steps"],
+            r["overrides"],
+            _signal(r),
         ): r
         for r in recs
     }
@@ -323,6 +480,7 @@ def ensure(out: Path, task: study.Task, seed: int, variant: str, lr: float, **kw
         kw.get("gate", False),
         task.steps,
         kw.get("overrides") or {},
+        kw.get("signal", "step"),
     )
     if key in done:
         return done[key]
@@ -367,7 +525,7 @@ def _param_kinds(mode: str) -> list[str]:
     if mode not in _KINDS:
         import re
 
-        model, _ = study.build_model("proxy", mode)
+        model, _ = study_data.build_model("proxy", mode)
         _KINDS[mode] = [
             re.sub(r"\.\d+\.", ".*.", n.replace("base_model.model.", ""))
             for n, p in model.named_parameters()
@@ -407,26 +565,21 @@ def summary(out: Path, steps: int = 200, seeds: frozenset[int] = frozenset({1, 2
             "alpha1": ("to_nesterov", ALPHA1),
         }
         rows = {}
-        variants = sorted(
-            {
-                (r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], json.dumps(r["overrides"]))
-                for r in mine
-                if r["task"] == task and r["steps"] == steps
-            }
-        )
-        for variant, ka, kb, gate, ov in variants:
+        variants = sorted({_form_key(r) for r in mine if r["task"] == task and r["steps"] == steps})
+        for variant, ka, kb, gate, ov, signal in variants:
             runs = {
                 r["seed"]: r
                 for r in mine
                 if r["seed"] in seeds
                 and r["task"] == task
                 and r["steps"] == steps
-                and (r["variant"], r["kappa_alpha"], r["kappa_beta"], r["gate"], json.dumps(r["overrides"]))
-                == (variant, ka, kb, gate, ov)
+                and _form_key(r) == (variant, ka, kb, gate, ov, signal)
             }
             if not runs:
                 continue
             label = variant if variant != "hyper" else f"hyper κα={ka:g} κβ={kb:g}" + (" gate" if gate else "")
+            if signal != "step":
+                label += f" signal={signal}"
             if ov != "{}":
                 label += " " + ov
             row: dict[str, Any] = {"seeds": sorted(runs), "val": {s: runs[s]["final_val"] for s in sorted(runs)}}
@@ -524,12 +677,19 @@ def markdown(res: dict, steps: int, seeds: set[int]) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["check", "tune", "report", "refs", "long", "summary"])
+    ap.add_argument("phase", choices=["check", "check-white", "tune", "report", "refs", "long", "real", "summary"])
     ap.add_argument("--kappas", type=float, nargs="+", default=[0.03, 0.1, 0.3])
     ap.add_argument("--rate", choices=["alpha", "beta"], default="alpha", help="tune: the rate tuned")
     ap.add_argument("--kappa-alpha", type=float, default=0.0)
     ap.add_argument("--kappa-beta", type=float, default=0.0)
     ap.add_argument("--gate", action="store_true")
+    ap.add_argument(
+        "--signal",
+        choices=["step", "slope", "whiteness"],
+        default="step",
+        help="α's hypergradient through the last slope step only (step) or the whole slope (slope); "
+        "whiteness: one β for all tensors from the innovations' lag-1 correlation (κ_β)",
+    )
     ap.add_argument("--tasks", nargs="+", default=list(study.TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=200)
@@ -537,6 +697,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--alpha1", action="store_true", help="refs: also the fixed α = 1 form")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.phase == "check-white":
+        return check_white(args.kappa_beta or 0.3)
     study_recs = [r for r in study._load(STUDY) if r["model"] == "proxy"]
     tasks = [study.TASKS[t] for t in args.tasks]
     if args.phase == "check":
@@ -560,7 +722,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         for k in args.kappas:
             for task in tasks:
                 rates = {"ka": k} if args.rate == "alpha" else {"kb": k}
-                ensure(args.out, task, 0, "hyper", adamw_lr(study_recs, task.name), **rates)
+                ensure(args.out, task, 0, "hyper", adamw_lr(study_recs, task.name), signal=args.signal, **rates)
         return None
     if args.phase == "report":
         for seed in args.seeds:
@@ -574,6 +736,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     ka=args.kappa_alpha,
                     kb=args.kappa_beta,
                     gate=args.gate,
+                    signal=args.signal,
                 )
         return None
     if args.phase == "refs":
@@ -587,15 +750,44 @@ def main(argv: list[str] | None = None) -> dict | None:
                 if args.alpha1:
                     ensure(args.out, task, seed, "to_nesterov", lr, overrides=ALPHA1)
         return None
+    if args.phase == "real":
+        # SmolLM2-135M drop-in at the task's base_lr (long_runs.py --model real pairs with these).
+        for seed in args.seeds:
+            for task in tasks:
+                real_task = dataclasses.replace(task, steps=args.steps)
+                ensure(
+                    args.out,
+                    real_task,
+                    seed,
+                    "hyper",
+                    task.base_lr,
+                    ka=args.kappa_alpha,
+                    kb=args.kappa_beta,
+                    signal=args.signal,
+                    model="real",
+                    threads=2,
+                    eval_every=25,
+                )
+        return None
     if args.phase == "long":
-        study.EVAL_EVERY = 50  # validation every 50 steps (the final step's is the result either way)
+        # validation every 50 steps (the final step's is the result either way)
         for seed in args.seeds:
             for task in tasks:
                 long_task = dataclasses.replace(task, steps=args.steps)
                 lr = adamw_lr(study_recs, task.name)
                 for variant in args.baselines:
-                    ensure(args.out, long_task, seed, variant, lr)
-                ensure(args.out, long_task, seed, "hyper", lr, ka=args.kappa_alpha, kb=args.kappa_beta)
+                    ensure(args.out, long_task, seed, variant, lr, eval_every=50)
+                ensure(
+                    args.out,
+                    long_task,
+                    seed,
+                    "hyper",
+                    lr,
+                    ka=args.kappa_alpha,
+                    kb=args.kappa_beta,
+                    signal=args.signal,
+                    eval_every=50,
+                )
         return None
     seed_sets = [frozenset({0}), frozenset(args.seeds)]
     res = {
