@@ -47,7 +47,7 @@ class StepConfig:
     norm_floor: float = 1e-3
     intercept_init: str = "gradient"
     beta_warmup: bool | Literal["adam"] = "adam"
-    nesterov: bool = True
+    nesterov: bool | float = True
     max_full_numel: int = 4096
     fused: bool | None = None
     state_dtype: torch.dtype | None = None
@@ -70,6 +70,16 @@ class StepConfig:
     @property
     def intercept_from_gradient(self) -> bool:
         return self.intercept_init == "gradient"
+
+    def lookahead(self, beta_t: float) -> float:
+        """The look-ahead weight λ of d = Ĝ + λ (g − Ĝ): β_t with ``nesterov=True``, the number
+        given, 0 with ``False``."""
+        return beta_t if self.nesterov is True else float(self.nesterov)
+
+    @property
+    def lookahead_code(self) -> float:
+        """The look-ahead weight as the kernels take it: < 0 for β_t (``nesterov=True``)."""
+        return -1.0 if self.nesterov is True else float(self.nesterov)
 
     @property
     def warmup_code(self) -> int:
@@ -116,7 +126,11 @@ RULES: dict[str, tuple[Callable[[Any, dict], bool], str]] = {
     "norm_floor": (lambda x, g: _number(x) and x >= 0, "a finite number >= 0"),
     "intercept_init": (lambda x, g: x in INTERCEPT_INITS, f"one of {INTERCEPT_INITS}"),
     "beta_warmup": (lambda x, g: _flag(x) or (isinstance(x, str) and x == "adam"), "True, False or 'adam'"),
-    "nesterov": (lambda x, g: _flag(x), "True or False"),
+    # An int is refused: nesterov=1 would mean True to one reader and the weight 1 (d = g) to another.
+    "nesterov": (
+        lambda x, g: _flag(x) or (isinstance(x, float) and 0 <= x <= 1),
+        "True, False or a float weight in [0, 1]",
+    ),
     "max_full_numel": (lambda x, g: isinstance(x, int) and not _flag(x) and x >= 1, "an int >= 1"),
     "fused": (lambda x, g: x is None or _flag(x), "None, True or False"),
     "state_dtype": (

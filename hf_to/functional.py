@@ -246,8 +246,9 @@ def _single_tensor(
             h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
             stats["estimate_sq"] += torch.dot(h, h).to(device)
         if cfg.nesterov:
-            # One more intercept step on this gradient: Ĝ + β_t (g − Ĝ) (see TrainableOptimizer).
-            g_hat.add_(gf - g_hat, alpha=rate)
+            # The look-ahead Ĝ + λ (g − Ĝ), λ = β_t: one more intercept step on this gradient
+            # (see TrainableOptimizer); or a fixed weight λ.
+            g_hat.add_(gf - g_hat, alpha=cfg.lookahead(rate))
         if cfg.adam:
             v = state["exp_avg_sq"].view(-1)
             v.mul_(cfg.beta2).addcmul_(gf, gf, value=1 - cfg.beta2)

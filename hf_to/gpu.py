@@ -308,7 +308,7 @@ def _rows(TAB, P, R, K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
 def _update_tile(
     wp, gp, bp, s1p, s2p, v2p, off, end, d_rr, d_gg, d_hh,
     live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+    lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, la,
     EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
     PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
@@ -352,8 +352,8 @@ def _update_tile(
         h = tl.where(ok, g_hat, 0.0)
         d_hh += h * h
     d = g_hat
-    if NESTEROV:  # one more intercept step on the same gradient
-        d = g_hat + beta_t * (gz - g_hat)
+    if NESTEROV:  # one more intercept step on the same gradient (la = beta_t), or a fixed weight
+        d = g_hat + la * (gz - g_hat)
     if ADAM:
         v2 = _load(v2p, idx, m, MASKED)
         v2_new = v2 * beta2 + one_minus_beta2 * gz * gz
@@ -374,7 +374,8 @@ def _update_tile(
 @triton.jit
 def _update(
     TAB, CHUNKS, P, STEPS, R, D, ACT, LR, lr_value, decay_value, weight_decay, alpha, beta, beta2,
-    one_minus_beta2, log_beta2, eps, floor, log1m_beta, EST: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    one_minus_beta2, log_beta2, eps, floor, log1m_beta, lookahead, EST: tl.constexpr, K: tl.constexpr,
+    KP: tl.constexpr,
     RB: tl.constexpr, ROWS_GIVEN: tl.constexpr, LR_TENSOR: tl.constexpr, NORMALIZE: tl.constexpr,
     ADAM: tl.constexpr, WARMUP: tl.constexpr, SEED_INTERCEPT: tl.constexpr, DIAGNOSTICS: tl.constexpr,
     NESTEROV: tl.constexpr, PD: tl.constexpr, GD: tl.constexpr, SD: tl.constexpr, ALIGNED: tl.constexpr,
@@ -416,6 +417,7 @@ def _update(
         beta_t = beta / -_expm1(t1 * log1m_beta)
     else:
         beta_t = beta + 0.0 * t1
+    la = tl.where(lookahead < 0.0, beta_t, lookahead)  # the look-ahead weight
     if LR_TENSOR:
         lr = tl.load(LR).to(tl.float32)
         decay = 1.0 - lr * weight_decay
@@ -454,14 +456,14 @@ def _update(
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, tl.multiple_of(off, BLOCK_), end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, la,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, False, NESTEROV,
         )  # fmt: skip
     if full < end:  # the tail
         d_rr, d_gg, d_hh = _update_tile(
             wp, gp, bp, s1p, s2p, v2p, full, end, d_rr, d_gg, d_hh,
             live, first, seeding, step_i64, nf, ww, vw, uu, ub, ug, inv_norm, v_fill,
-            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps,
+            lr, decay, alpha, floor, beta_t, beta2, one_minus_beta2, bc2, eps, la,
             EST, NORMALIZE, ADAM, DIAGNOSTICS, PD, SD, BLOCK_, True, NESTEROV,
         )  # fmt: skip
     if DIAGNOSTICS:
@@ -665,6 +667,7 @@ def triton_trainable_to(
             float(cfg.eps),
             float(cfg.norm_floor),
             math.log1p(-beta) if beta < 1 else -math.inf,
+            cfg.lookahead_code,
             EST=code,
             K=k,
             KP=kp,
@@ -676,7 +679,7 @@ def triton_trainable_to(
             WARMUP=cfg.warmup_code,
             SEED_INTERCEPT=cfg.intercept_from_gradient,
             DIAGNOSTICS=diagnostics,
-            NESTEROV=cfg.nesterov,
+            NESTEROV=bool(cfg.nesterov),
             **codes,
         )
     if not diagnostics:

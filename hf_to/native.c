@@ -11,7 +11,8 @@
  *   b <- b - beta_t r                      (beta_t: beta / (1 - (1 - beta)^t) with beta_warmup='adam',
  *                                           the default; max(beta, 1/t) with True; beta with False)
  *   G  = A w + b                           (the estimate, after the estimator step)
- *   d  = G, or G + beta_t (g - G)          (nesterov: one more intercept step on the same g)
+ *   d  = G, or G + la (g - G)              (nesterov: la = beta_t, one more intercept step on the
+ *                                           same g; or a fixed look-ahead weight la)
  *   v2 <- beta2 v2 + (1 - beta2) g^2       (Adam preconditioner, optional)
  *   w <- (1 - lr wd) w - lr d / (sqrt(v2 / (1 - beta2^t)) + eps)
  *
@@ -94,9 +95,10 @@ typedef struct {
 
 typedef struct {
     double lr, decay, alpha, beta, beta2, eps, floor;
+    double lookahead;    /* the look-ahead weight with nesterov, or < 0 for beta_t */
     int32_t warmup, adam, normalize, diagnostics;
     int32_t pdtype, sdtype, estimator, nthreads;
-    int32_t nesterov;    /* step along gh + beta_t (g - gh) instead of gh */
+    int32_t nesterov;    /* step along gh + lookahead (g - gh) instead of gh */
     int32_t init;        /* a tensor's first step starts the intercept at b_0 = g_0 - A_0 w_0 = g_0 */
     int32_t reduced;     /* sharded: ww, vw, uu, ub, ug and nbad come summed over the shards (to_partials) */
 } to_config;
@@ -320,7 +322,7 @@ int to_sums(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
 /* -- the step ------------------------------------------------------------------------------ */
 
 typedef struct {  /* per-tensor scalars of one step, float32 as in the readable path */
-    float beta, bc2, c, cu, cv, vw, vwn;
+    float beta, la, bc2, c, cu, cv, vw, vwn;  /* la: the look-ahead weight */
     int first;         /* the tensor's first step (its step count is 0) */
     float norm, unit;  /* rank-one's first step: v_0 = w_0 / norm, or unit where norm = 0 */
     uint32_t seed_b, seed_1, seed_2, seed_v2;
@@ -330,7 +332,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
                               int64_t hi, double *out, const int pt, const int st, const int est,
                               const int nest, const int adam, const int norm, const int first) {
     const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
-    const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, bc2 = S->bc2;
+    const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, la = S->la, bc2 = S->bc2;
     /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
      * is 1.3e-5 away from 0.001f, which moves v near the overflow of v / bc2). */
     const float one_minus_beta2 = (float)(1.0 - cfg->beta2);
@@ -395,8 +397,8 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             gh = bn;
         }
         store_state(B, i, bn, ok, st, seed_b);
-        /* Nesterov: one more intercept step on the same gradient (the readable path's add_) */
-        float d = nest ? gh + beta * (g - gh) : gh;
+        /* Nesterov: one more intercept step on the same gradient, or a fixed weight (the readable path's add_) */
+        float d = nest ? gh + la * (g - gh) : gh;
         if (adam) {
             float v2 = load(V2, i, st);
             /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
@@ -440,6 +442,7 @@ static void prepare(const to_tensor *T, const to_config *cfg, scalars *S) {
                   : cfg->warmup == 1 ? fmax(cfg->beta, 1.0 / t)
                                      : cfg->beta;
     S->beta = (float)beta;
+    S->la = cfg->lookahead < 0.0 ? S->beta : (float)cfg->lookahead;
     S->bc2 = (float)(1.0 - pow(cfg->beta2, t));
     S->c = (float)(T->ww / n + cfg->floor + TINY);
     S->first = *T->step == 0.0f;
@@ -616,5 +619,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 7; }
+int to_abi_version(void) { return 8; }
 int to_has_float16(void) { return HAS_F16; }

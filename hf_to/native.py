@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 7
+_ABI = 8
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
@@ -105,7 +105,7 @@ class _Tensor(ctypes.Structure):
 
 class _Config(ctypes.Structure):
     _fields_ = [
-        *((name, ctypes.c_double) for name in ("lr", "decay", "alpha", "beta", "beta2", "eps", "floor")),
+        *((name, ctypes.c_double) for name in ("lr", "decay", "alpha", "beta", "beta2", "eps", "floor", "lookahead")),
         *(
             (name, ctypes.c_int32)
             for name in (
@@ -611,6 +611,7 @@ def native_step(
         beta2=cfg.beta2,
         eps=cfg.eps,
         floor=cfg.norm_floor,
+        lookahead=cfg.lookahead_code,
         warmup=cfg.warmup_code,
         adam=int(adam),
         normalize=int(normalize),
@@ -619,7 +620,7 @@ def native_step(
         sdtype=_SDTYPES[sdtype],
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
-        nesterov=int(cfg.nesterov),
+        nesterov=int(bool(cfg.nesterov)),
         init=int(cfg.intercept_from_gradient),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums

@@ -113,7 +113,11 @@ class TrainableOptimizer(Optimizer):
             is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
             :math:`\beta_1`.  Default ``True`` since 2026-11-30 (chosen by the fine-tuning study;
             ``False`` is the paper's step, ``"to_without_nesterov"`` in the registry).
-            Checkpoints written before the keyword existed resume with ``False``.
+            A number λ in [0, 1] fixes the look-ahead weight instead: the step goes along
+            :math:`(1-\lambda)\hat G_{t+1}(w_t) + \lambda g_t` while β keeps setting the
+            estimator's memory (NAdamW's step in runs of a few hundred steps is about
+            :math:`0.45\, m_t + 0.55\, g_t` with a β₁ = 0.9 average: heavy memory, light
+            look-ahead).  Checkpoints written before the keyword existed resume with ``False``.
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its

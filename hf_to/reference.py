@@ -109,9 +109,11 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
     state["b"] = b.reshape(p.shape)
     # 3. estimate with the updated estimator
     g_hat = _dense_slope(est, state, n, w) @ w + b
-    if group.get("nesterov", False):
-        # the estimator's look-ahead: one more intercept step on the same gradient
-        g_hat = g_hat + beta * (gv - g_hat)
+    nesterov = group.get("nesterov", False)
+    if nesterov:
+        # the estimator's look-ahead: one more intercept step on the same gradient (weight β_t),
+        # or a fixed weight
+        g_hat = g_hat + (beta if nesterov is True else nesterov) * (gv - g_hat)
     # 4. weights (optionally preconditioned), decoupled weight decay
     if group["preconditioner"] == "adam":
         v2 = group["beta2"] * state["exp_avg_sq"].reshape(-1) + (1 - group["beta2"]) * gv * gv

@@ -278,6 +278,9 @@ BAD_HYPERPARAMETERS = [
     ({"intercept_init": "random"}, "Invalid intercept_init: 'random'"),
     ({"max_full_numel": 0}, "Invalid max_full_numel: 0"),
     ({"max_full_numel": 1.5}, "Invalid max_full_numel: 1.5"),
+    ({"nesterov": 1.5}, "Invalid nesterov: 1.5"),
+    ({"nesterov": -0.1}, "Invalid nesterov: -0.1"),
+    ({"nesterov": "yes"}, "Invalid nesterov: 'yes'"),
 ]
 
 

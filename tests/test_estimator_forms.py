@@ -2,7 +2,8 @@
 
 * ``beta_warmup="adam"``: :math:`\\beta_t = \\beta/(1-(1-\\beta)^t)`, Adam's bias correction as
   an intercept rate (with ``estimator="none"`` the optimizer is AdamW);
-* ``nesterov=True``: the step along :math:`\\hat G + \\beta_t (g - \\hat G)`, the estimator's look-ahead.
+* ``nesterov=True``: the step along :math:`\\hat G + \\beta_t (g - \\hat G)`, the estimator's look-ahead;
+  ``nesterov=λ``: along :math:`\\hat G + \\lambda (g - \\hat G)`, a fixed look-ahead weight.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ FORMS = {
     "nesterov_rank_one": {"estimator": "rank_one", "nesterov": True, "weight_decay": 0.1},
     "nesterov_none": {"estimator": "none", "nesterov": True},
     "nesterov_paper": {"nesterov": True, "preconditioner": "none", "alpha_scaling": "none", "beta_warmup": False},
+    "lookahead_diagonal": {"nesterov": 0.55, "weight_decay": 0.1},
+    "lookahead_rank_one": {"estimator": "rank_one", "nesterov": 0.3},
 }
 
 
@@ -80,13 +83,17 @@ def test_estimator_none_with_adam_warmup_is_adamw():
     torch.testing.assert_close(p_to, p_adamw, rtol=0, atol=1e-12)
 
 
-def test_estimator_none_with_nesterov_is_adamw_stepping_one_ema_step_ahead():
+@pytest.mark.parametrize("lookahead", [True, 0.55])
+def test_estimator_none_with_nesterov_is_adamw_stepping_one_ema_step_ahead(lookahead):
     """The default's look-ahead with A ≡ 0: Adam's bias-corrected m̂_t, moved once more towards
-    g_t at the same rate, β_t = (1−β₁)/(1−β₁^t), divided by √v̂_t + ε (float64, by hand)."""
+    g_t at the same rate, β_t = (1−β₁)/(1−β₁^t), divided by √v̂_t + ε (float64, by hand); with
+    ``nesterov=λ`` moved by λ instead, (1−λ) m̂_t + λ g_t."""
     beta1, beta2, eps, lr, wd = 0.9, 0.999, 1e-8, 0.01, 0.1
     w0 = torch.randn(5, 3, dtype=torch.float64)
     p_to = torch.nn.Parameter(w0.clone())
-    to = TrainableOptimizer([p_to], lr=lr, estimator="none", beta=1 - beta1, weight_decay=wd)  # defaults otherwise
+    to = TrainableOptimizer(
+        [p_to], lr=lr, estimator="none", beta=1 - beta1, weight_decay=wd, nesterov=lookahead
+    )  # defaults otherwise
     w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
     gen = torch.Generator().manual_seed(0)
     for t in range(1, 101):
@@ -96,7 +103,7 @@ def test_estimator_none_with_nesterov_is_adamw_stepping_one_ema_step_ahead():
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         m_hat, rate = m / (1 - beta1**t), (1 - beta1) / (1 - beta1**t)
-        d = m_hat + rate * (g - m_hat)
+        d = m_hat + (rate if lookahead is True else lookahead) * (g - m_hat)
         w = w * (1 - lr * wd) - lr * d / ((v / (1 - beta2**t)).sqrt() + eps)
     torch.testing.assert_close(p_to.detach(), w, rtol=0, atol=1e-12)
 

@@ -24,6 +24,7 @@ FORMS = {
     "decay_zero_init": {"weight_decay": 0.1, "intercept_init": "zero"},
     "adam_warmup": {"beta_warmup": "adam", "weight_decay": 0.1},
     "nesterov": {"beta_warmup": "adam", "nesterov": True},
+    "lookahead": {"nesterov": 0.55, "weight_decay": 0.1},
 }
 # Tolerance on weights after 50 steps: float32 arithmetic in a different order; for half
 # precision parameters the same, plus an occasional one-ulp difference in the rounding of p.

@@ -433,12 +433,13 @@ FORMS_OF_MAIN = {
     "adam_warmup": {"beta_warmup": "adam", "weight_decay": 0.1},
     "nesterov": {"nesterov": True, "weight_decay": 0.1},
     "nesterov_rank_one": {"nesterov": True, "beta_warmup": "adam"},
+    "lookahead": {"nesterov": 0.55, "weight_decay": 0.1},
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", sorted(FORMS_OF_MAIN))
-def test_adam_warmup_and_nesterov_forms_equal_the_reference_over_50_steps(form, dtype):
+def test_adam_warmup_nesterov_and_lookahead_forms_equal_the_reference_over_50_steps(form, dtype):
     estimator = "none" if form == "adam_warmup" and dtype == torch.bfloat16 else "diagonal"
     estimator = "rank_one" if form == "nesterov_rank_one" else estimator
     groups = [([(0,), (9, 11), (7,)], FORMS_OF_MAIN[form])]

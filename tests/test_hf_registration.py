@@ -139,6 +139,8 @@ BAD_OPTIM_ARGS = [
     ("max_full_numel=1.5", r"key 'max_full_numel': '1.5' is not a valid int"),
     ("diagnostics=maybe", r"key 'diagnostics': 'maybe' is not a valid bool"),
     ("fused=2", r"key 'fused': '2' is not a valid bool or none"),
+    ("nesterov=maybe", r"key 'nesterov': 'maybe' is not a valid float"),
+    ("nesterov=1.5", r"Invalid nesterov: 1.5"),
     ("state_dtype=int9", r"key 'state_dtype': 'int9' is not a valid dtype or none"),
     ("estimator=huge", r"Invalid estimator: 'huge'"),
     ("beta=2", r"Invalid beta: 2.0"),
@@ -242,6 +244,9 @@ def test_every_keyword_reaches_the_optimizer_from_the_command_line(tmp_path: Pat
         ("state_dtype=torch.bfloat16", "state_dtype", torch.bfloat16),
         ("state_dtype=fp32", "state_dtype", torch.float32),
         ("state_dtype=none", "state_dtype", None),
+        ("nesterov=0.55", "nesterov", 0.55),
+        ("nesterov=true", "nesterov", True),
+        ("nesterov=False", "nesterov", False),
     ],
 )
 def test_fused_and_state_dtype_build_the_optimizer_from_the_command_line(

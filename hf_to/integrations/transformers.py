@@ -167,6 +167,11 @@ def _convert(key: str, raw: str, param: inspect.Parameter) -> Any:
         return None
     if raw in _literal_choices(param):
         return raw
+    if typ is bool and float in typing.get_args(param.annotation):  # ``bool | float``: a flag or a number
+        try:
+            return _parse_bool(raw)
+        except ValueError:
+            typ = float
     typ = typ or str
     try:
         return _PARSERS[typ](raw)
