@@ -42,10 +42,18 @@ from recipe_metrics import format_mean_std, mean_std, steps_to_target  # noqa: E
 from study_runner import EVAL_EVERY  # noqa: E402
 
 #: The report's row order; ``--optimizers`` runs the first four unless told otherwise.
-OPTIMIZERS = ("adamw", "nadamw", "nadamw_fixed", "to_nesterov", "sf_adamw", "to_bf16")
-#: Rows this script adds to the study's table: the default with bfloat16 state (6 B/param).
+OPTIMIZERS = ("adamw", "nadamw", "nadamw_fixed", "to_nesterov", "sf_adamw", "to_bf16", "to_lookahead")
+
+
+def _default_with(label: str, **kwargs: object) -> study.Config:
+    return study.Config(label, "to", tuple({**dict(study.CONFIGS["to_nesterov"].kwargs), **kwargs}.items()))
+
+
+#: Rows this script adds to the study's table: the default with bfloat16 state (6 B/param), and
+#: with the look-ahead weight fixed at 0.55 (``nesterov=0.55``, see lookahead_weight.py).
 EXTRA = {
-    "to_bf16": study.Config("to_bf16", "to", (*study.CONFIGS["to_nesterov"].kwargs, ("state_dtype", torch.bfloat16)))
+    "to_bf16": _default_with("to_bf16", state_dtype=torch.bfloat16),
+    "to_lookahead": _default_with("to_lookahead", nesterov=0.55),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.

@@ -79,12 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--model", choices=["proxy", "real"], default=None, help="report: one model's runs only")
     ap.add_argument("--pair", type=Path, default=PAIR_REAL, help="report: the real-model runs to pair with")
     args = ap.parse_args(argv)
     out = args.out / "runs.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.phase == "report":  # --seeds filters (the proxy's λ was chosen on seed 0)
-        report([r for r in _load(out) if r["seed"] in args.seeds], _load(args.pair))
+        mine = [r for r in _load(out) if r["seed"] in args.seeds and args.model in (None, r["model"])]
+        report(mine, _load(args.pair))
         return
     real = args.phase == "real"
     names = args.tasks or (["pydoc_lora", "pydoc_full"] if real else list(study.TASKS))
