@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import statistics
 import sys
@@ -49,18 +48,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT))
 
+import hyper_rates  # noqa: E402  (the drop-in rate and the CPU lock of the hyper-rate runs)
 import study  # noqa: E402
 
 OUT = ROOT / "runs/lookahead"
 PAIR_REAL = ROOT / "recipes/results/long-runs-real-2026-12-06/runs.jsonl"
-STUDY = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
-LOCK = Path("/tmp/hf_to_cpu.lock")
 
 
 def run(task: study.Task, model: str, lam: float, lr: float, seed: int, threads: int, eval_every: int) -> dict:
     torch.set_num_threads(threads)
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with hyper_rates.cpu_lock():
         rec = study.run_one(
             task, model, study.CONFIGS["to_nesterov"], lr, seed, {"nesterov": lam}, eval_every=eval_every
         )
@@ -90,20 +87,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     real = args.phase == "real"
     names = args.tasks or (["pydoc_lora", "pydoc_full"] if real else list(study.TASKS))
-    proxy_recs = [r for r in study._load(STUDY) if r["model"] == "proxy"]
+    proxy_recs = [r for r in study._load(hyper_rates.STUDY) if r["model"] == "proxy"]
+    done = {(r["task"], r["model"], r["seed"], r["lam"]) for r in _load(out)}
     for seed in args.seeds:
         for name in names:
             task = study.TASKS[name]
             if real:
                 task, lr = dataclasses.replace(task, steps=300), task.base_lr
             else:
-                pool = [r for r in proxy_recs if r["task"] == name and r["config"] == "adamw" and r["phase"] == "tune"]
-                lr = min(pool, key=lambda r: r["final_val"])["lr"]
+                lr = hyper_rates.adamw_lr(proxy_recs, name)
             for lam in args.lams:
-                done = {(r["task"], r["model"], r["seed"], r["lam"]) for r in _load(out)}
-                if (name, "real" if real else "proxy", seed, lam) in done:
+                key = (name, "real" if real else "proxy", seed, lam)
+                if key in done:
                     continue
-                rec = run(task, "real" if real else "proxy", lam, lr, seed, 2 if real else 1, 25 if real else 10)
+                rec = run(task, key[1], lam, lr, seed, 2 if real else 1, 25 if real else 10)
+                done.add(key)
                 with out.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 print(f"[lookahead] {name} seed={seed} λ={lam} val={rec['final_val']:.4f} test={rec['test']:.4f}")
