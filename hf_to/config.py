@@ -47,7 +47,7 @@ class StepConfig:
     norm_floor: float = 1e-3
     intercept_init: str = "gradient"
     beta_warmup: bool | Literal["adam"] = "adam"
-    nesterov: bool | float = True
+    nesterov: bool | float = 0.55
     max_full_numel: int = 4096
     fused: bool | None = None
     state_dtype: torch.dtype | None = None

@@ -246,8 +246,8 @@ def _single_tensor(
             h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
             stats["estimate_sq"] += torch.dot(h, h).to(device)
         if cfg.nesterov:
-            # The look-ahead Ĝ + λ (g − Ĝ), λ = β_t: one more intercept step on this gradient
-            # (see TrainableOptimizer); or a fixed weight λ.
+            # The look-ahead Ĝ + λ (g − Ĝ): a fixed weight λ (default 0.55), or λ = β_t with
+            # nesterov=True, one more intercept step on this gradient (see TrainableOptimizer).
             g_hat.add_(gf - g_hat, alpha=cfg.lookahead(rate))
         if cfg.adam:
             v = state["exp_avg_sq"].view(-1)

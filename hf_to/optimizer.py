@@ -46,7 +46,7 @@ class TrainableOptimizer(Optimizer):
     .. math::
         \begin{aligned}
         &\textbf{input}: \gamma \text{ (lr)},\ \alpha \text{ (slope rate)},\
-            \beta \text{ (intercept rate)},\ \lambda \text{ (weight decay)},\
+            \beta \text{ (intercept rate)},\ \omega \text{ (weight decay)},\
             \beta_2, \epsilon \text{ (preconditioner)} \\
         &\textbf{init}: A_0 = 0,\ b_0 = g_0 \ (\text{so } r_0 = 0),\ v_0 = 0 \\
         &\textbf{for}\ t = 0, 1, \dots \\
@@ -56,12 +56,12 @@ class TrainableOptimizer(Optimizer):
         &\quad \beta_t = \beta / (1 - (1-\beta)^{t+1}) \ \text{(default)},\
                \max(\beta, 1/(t+1)) \text{ or } \beta \ \text{(paper)} && \text{intercept rate} \\
         &\quad \hat G_t = A_{t+1} w_t + b_{t+1}                  && \text{estimate} \\
-        &\quad \tilde G_t = \hat G_t + \beta_t (g_t - \hat G_t) \ \text{(default)}
-               \ \text{or}\ \hat G_t \ \text{(paper)}              && \text{look-ahead} \\
+        &\quad \tilde G_t = \hat G_t + \lambda (g_t - \hat G_t),\ \lambda = 0.55 \ \text{(default)},
+               \ \beta_t \ \text{or}\ 0 \ \text{(paper)}             && \text{look-ahead} \\
         &\quad d_t = \tilde G_t \ \text{(paper)}\quad\text{or}\quad
                d_t = \tilde G_t / (\sqrt{v_{t+1}/(1-\beta_2^{t+1})} + \epsilon),\
                v_{t+1} = \beta_2 v_t + (1-\beta_2) g_t^2     && \text{preconditioner} \\
-        &\quad w_{t+1} = (1 - \gamma\lambda)\, w_t - \gamma\, d_t && \text{weights}
+        &\quad w_{t+1} = (1 - \gamma\omega)\, w_t - \gamma\, d_t && \text{weights}
         \end{aligned}
 
     The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.forms`):
@@ -93,7 +93,7 @@ class TrainableOptimizer(Optimizer):
         preconditioner: ``"adam"`` (default) or ``"none"`` (paper).
         beta2: decay of the preconditioner's second moment (default: 0.999).
         eps: term added to the preconditioner's denominator (default: 1e-8).
-        weight_decay: decoupled weight decay :math:`\lambda`, as in AdamW (default: 0).
+        weight_decay: decoupled weight decay :math:`\omega`, as in AdamW (default: 0).
         alpha_scaling: ``"normalized"`` (default) or ``"none"`` (paper).
         norm_floor: :math:`\delta^2`, the floor of the weights' mean square in the normalised
             slope rate; keeps :math:`A` bounded when :math:`w \approx 0` (default: 1e-3).
@@ -106,18 +106,22 @@ class TrainableOptimizer(Optimizer):
             2026-11-30, ``"to_running_mean"`` in the registry; it lags Adam's EMA early on);
             ``False``: the paper's constant :math:`\beta`.  With ``True`` or ``"adam"`` the first
             step sets :math:`b_1 = g_0 - A_0 w_0` whatever ``intercept_init`` says.
-        nesterov: step along :math:`\hat G_{t+1}(w_t) + \beta_t (g_t - \hat G_{t+1}(w_t))`, the
-            estimate after one more intercept step on the same gradient (the estimator's
-            look-ahead, as Nesterov's momentum looks one step ahead), instead of
-            :math:`\hat G_{t+1}(w_t)`.  With ``estimator="none"`` and the Adam preconditioner it
-            is NAdam's direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant
-            :math:`\beta_1`.  Default ``True`` since 2026-11-30 (chosen by the fine-tuning study;
-            ``False`` is the paper's step, ``"to_without_nesterov"`` in the registry).
-            A number λ in [0, 1] fixes the look-ahead weight instead: the step goes along
-            :math:`(1-\lambda)\hat G_{t+1}(w_t) + \lambda g_t` while β keeps setting the
-            estimator's memory (NAdamW's step in runs of a few hundred steps is about
-            :math:`0.45\, m_t + 0.55\, g_t` with a β₁ = 0.9 average: heavy memory, light
-            look-ahead).  Checkpoints written before the keyword existed resume with ``False``.
+        nesterov: the look-ahead weight λ of the step direction
+            :math:`d_t = (1-\lambda)\hat G_{t+1}(w_t) + \lambda g_t`, the estimate moved toward
+            the gradient it was just trained on (the estimator's look-ahead, as Nesterov's
+            momentum looks one step ahead).  A float λ in [0, 1]; default ``0.55`` since
+            2026-12-06: heavy memory (β = 0.1 keeps a β₁ = 0.9 average in the intercept) and a
+            light look-ahead, the direction NAdamW steps along in runs of a few hundred steps
+            (:math:`\approx 0.45\, m_t + 0.55\, g_t`; chosen on the proxy and confirmed on
+            SmolLM2-135M, docs/design-decisions.md).  ``True`` ties the weight to the intercept
+            rate, λ = β_t: the step along :math:`\hat G_{t+1}(w_t) + \beta_t (g_t - \hat
+            G_{t+1}(w_t))`, the estimate after one more intercept step on the same gradient
+            (the default from 2026-11-30 to 2026-12-06, ``"to_lookahead_beta"`` in the
+            registry); with ``estimator="none"`` and the Adam preconditioner it is NAdam's
+            direction :math:`\beta_1 m_t + (1-\beta_1) g_t` with a constant :math:`\beta_1`.
+            ``False`` (λ = 0) is the paper's step along :math:`\hat G_{t+1}(w_t)`
+            (``"to_without_nesterov"``).  A checkpoint resumes with the value it was written
+            with; one written before the keyword existed resumes with ``False``.
         intercept_init: ``"gradient"`` (default, :math:`b_0 = g_0`) or ``"zero"`` (paper-literal
             reading, :math:`b_0 = 0`).
         max_full_numel: largest tensor (in elements) the ``"full"`` estimator accepts; its

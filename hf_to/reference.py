@@ -111,8 +111,8 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
     g_hat = _dense_slope(est, state, n, w) @ w + b
     nesterov = group.get("nesterov", False)
     if nesterov:
-        # the estimator's look-ahead: one more intercept step on the same gradient (weight β_t),
-        # or a fixed weight
+        # the estimator's look-ahead: a fixed weight (the default 0.55), or one more intercept
+        # step on the same gradient (weight β_t, nesterov=True)
         g_hat = g_hat + (beta if nesterov is True else nesterov) * (gv - g_hat)
     # 4. weights (optionally preconditioned), decoupled weight decay
     if group["preconditioner"] == "adam":

@@ -43,9 +43,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"to_{e}": {"estimator": e} for e in FORMS},
     **{f"to_paper_{e}": {"estimator": e, **PAPER_LITERAL} for e in FORMS},
     # The defaults of before: the intercept's running-mean warm-up β_t = max(β, 1/t) and the step
-    # along Ĝ (until 2026-11-30 morning); Adam's bias correction and the step along Ĝ (that day).
+    # along Ĝ (until 2026-11-30 morning); Adam's bias correction and the step along Ĝ (that day);
+    # the look-ahead weight tied to the intercept rate, λ = β_t (2026-11-30 to 2026-12-06).
     "to_running_mean": {"estimator": "diagonal", "beta_warmup": True, "nesterov": False},
     "to_without_nesterov": {"estimator": "diagonal", "nesterov": False},
+    "to_lookahead_beta": {"estimator": "diagonal", "nesterov": True},
 }
 
 

@@ -117,19 +117,22 @@ def test_intercept_rates_of_the_three_schedules():
 
 
 @pytest.mark.parametrize(
-    "written_with",
+    ("written_with", "resumed_with"),
     [
-        {"estimator": "diagonal", "beta_warmup": True, "nesterov": False},
-        {"estimator": "diagonal", "beta_warmup": "adam", "nesterov": True},
+        ({"beta_warmup": True, "nesterov": False}, {"beta_warmup": "adam", "nesterov": True}),
+        ({"beta_warmup": "adam", "nesterov": True}, {"beta_warmup": True, "nesterov": False}),
+        # the default of 2026-11-30 to 2026-12-06 (λ = β_t), resumed by today's defaults (λ = 0.55),
+        # as a Trainer resuming with --optim trainable_to builds the optimizer
+        ({"nesterov": True}, {}),
     ],
 )
-def test_checkpoint_resumes_exactly_under_another_default_form(written_with):
+def test_checkpoint_resumes_exactly_under_another_default_form(written_with, resumed_with):
     """A checkpoint carries its groups' hyperparameters: an optimizer constructed with other
     beta_warmup / nesterov values (e.g. a later default) continues the saved form exactly."""
     torch.manual_seed(0)
-    w0 = [torch.randn(4, 3), torch.randn(3)]
+    w0 = [torch.randn(64, 48), torch.randn(48)]
     gen = torch.Generator().manual_seed(2)
-    grads = [[torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)] for _ in range(10)]
+    grads = [[torch.randn(64, 48, generator=gen), torch.randn(48, generator=gen)] for _ in range(10)]
 
     def steps(opt, ps, gs):
         for g in gs:
@@ -144,15 +147,20 @@ def test_checkpoint_resumes_exactly_under_another_default_form(written_with):
     qs = [torch.nn.Parameter(w.clone()) for w in w0]
     first = TrainableOptimizer(qs, lr=0.01, **written_with)
     steps(first, qs, grads[:4])
-    other = {
-        "nesterov": not written_with["nesterov"],
-        "beta_warmup": True if written_with["beta_warmup"] == "adam" else "adam",
-    }
-    resumed = TrainableOptimizer(qs, lr=0.01, estimator="diagonal", **other)
-    resumed.load_state_dict(first.state_dict())
+    saved, at_checkpoint = first.state_dict(), [q.detach().clone() for q in qs]
+    resumed = TrainableOptimizer(qs, lr=0.01, **resumed_with)
+    constructed = {k: resumed.param_groups[0][k] for k in ("beta_warmup", "nesterov")}
+    resumed.load_state_dict(saved)
     steps(resumed, qs, grads[4:])
     for a, b in zip(ps, qs):
         assert torch.equal(a, b)
+    # The constructor's form is another step: had its values won, the weights would differ.
+    rs = [torch.nn.Parameter(w.clone()) for w in at_checkpoint]
+    other = TrainableOptimizer(rs, lr=0.01)
+    other.load_state_dict(saved)
+    other.param_groups[0].update(constructed)
+    steps(other, rs, grads[4:])
+    assert not torch.equal(rs[0], qs[0])
 
 
 @pytest.mark.parametrize(

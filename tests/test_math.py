@@ -119,10 +119,11 @@ def test_estimator_error_is_below_a_fifth_of_the_noise_after_warmup(estimator):
 def test_slope_term_reduces_the_lag_of_momentum_while_weights_move(estimator):
     """While w travels (early steps, large lr), EMA momentum lags; the slope term corrects it.
 
-    Constant β (the paper's EMA): the β warm-up itself shortens the lag of the early steps,
-    which would mix two effects.
+    Constant β (the paper's EMA) and the paper's step along Ĝ: the β warm-up and the look-ahead
+    each shorten the lag of the early steps themselves, which would mix two effects (with the
+    default look-ahead weight 0.55 the slope still removes about 40 % of the EMA's error).
     """
-    kw = dict(beta=0.05, lr=0.2, steps=60, warmup=10, beta_warmup=False)
+    kw = dict(beta=0.05, lr=0.2, steps=60, warmup=10, beta_warmup=False, nesterov=False)
     ema = sum(run_noisy_quadratic("none", alpha=0.0, seed=s, **kw)["ratio"] for s in range(3))
     to = sum(run_noisy_quadratic(estimator, alpha=0.1, seed=s, **kw)["ratio"] for s in range(3))
     assert to < 0.5 * ema, (to, ema)

@@ -116,8 +116,10 @@ def _keyword_type(param: inspect.Parameter) -> tuple[type | None, bool]:
     default = param.default
     if default is not inspect.Parameter.empty and default is not None:
         typ = type(default)
-        if typ is str and bool in typing.get_args(param.annotation):
-            typ = bool  # ``bool | Literal["adam"] = "adam"``: the strings are the Literal's choices
+        if typ in (str, float) and bool in typing.get_args(param.annotation):
+            # ``bool | Literal["adam"] = "adam"``: the strings are the Literal's choices;
+            # ``bool | float = 0.55``: a flag or a number (_convert tries the flag first)
+            typ = bool
         return (typ if typ in _PARSERS else None), False
     annotation = param.annotation
     members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
