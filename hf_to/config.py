@@ -77,6 +77,11 @@ class StepConfig:
         return beta_t if self.nesterov is True else float(self.nesterov)
 
     @property
+    def looks_ahead(self) -> bool:
+        """Whether the step moves the estimate toward g (any ``nesterov`` but ``False`` or 0)."""
+        return bool(self.nesterov)
+
+    @property
     def lookahead_code(self) -> float:
         """The look-ahead weight as the kernels take it: < 0 for β_t (``nesterov=True``)."""
         return -1.0 if self.nesterov is True else float(self.nesterov)

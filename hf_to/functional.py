@@ -245,7 +245,7 @@ def _single_tensor(
             stats["grad_sq"] += torch.dot(gf, gf).to(device)
             h = g_hat if bad is None else g_hat.masked_fill(bad, 0)
             stats["estimate_sq"] += torch.dot(h, h).to(device)
-        if cfg.nesterov:
+        if cfg.looks_ahead:
             # The look-ahead Ĝ + λ (g − Ĝ): a fixed weight λ (default 0.55), or λ = β_t with
             # nesterov=True, one more intercept step on this gradient (see TrainableOptimizer).
             g_hat.add_(gf - g_hat, alpha=cfg.lookahead(rate))

@@ -679,7 +679,7 @@ def triton_trainable_to(
             WARMUP=cfg.warmup_code,
             SEED_INTERCEPT=cfg.intercept_from_gradient,
             DIAGNOSTICS=diagnostics,
-            NESTEROV=bool(cfg.nesterov),
+            NESTEROV=cfg.looks_ahead,
             **codes,
         )
     if not diagnostics:

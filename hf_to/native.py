@@ -620,7 +620,7 @@ def native_step(
         sdtype=_SDTYPES[sdtype],
         estimator=_ESTIMATORS[estimator],
         nthreads=torch.get_num_threads(),
-        nesterov=int(bool(cfg.nesterov)),
+        nesterov=int(cfg.looks_ahead),
         init=int(cfg.intercept_from_gradient),
     )
     if stale and sums:  # first native step, or PyTorch wrote to the tensors: recompute the sums

@@ -22,7 +22,7 @@ Results (2026-12-06): proxy, seeds 1–3, in ``recipes/results/long-runs-2026-12
 SmolLM2-135M in ``recipes/results/long-runs-real-2026-12-06/`` (``to_nesterov`` there is the
 default of that morning, λ = β_t; ``to_lookahead`` today's default; ``to_lookahead_none`` the
 same without the slope: within 0.0006 of it on every seed of both tasks); both in
-recipes/README.md.  ``to_lookahead_bf16`` (bfloat16 state) has not been run on SmolLM2-135M.
+recipes/README.md.  ``to_lookahead_bf16`` (bfloat16 state) has no stored SmolLM2-135M runs yet.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ OPTIMIZERS = (
 )
 
 
-def _default_with(label: str, **kwargs: object) -> study.Config:
+def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
     return study.Config(label, "to", tuple({**dict(study.CONFIGS["to_nesterov"].kwargs), **kwargs}.items()))
 
 
@@ -66,10 +66,10 @@ def _default_with(label: str, **kwargs: object) -> study.Config:
 #: bfloat16 state (6 B/param); the look-ahead weight fixed at 0.55 (``nesterov=0.55``, see
 #: lookahead_weight.py), alone, with bfloat16 state, and without the slope (A ≡ 0, 8 B/param).
 EXTRA = {
-    "to_bf16": _default_with("to_bf16", state_dtype=torch.bfloat16),
-    "to_lookahead": _default_with("to_lookahead", nesterov=0.55),
-    "to_lookahead_bf16": _default_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
-    "to_lookahead_none": _default_with("to_lookahead_none", nesterov=0.55, estimator="none"),
+    "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
+    "to_lookahead": _to_nesterov_with("to_lookahead", nesterov=0.55),
+    "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
+    "to_lookahead_none": _to_nesterov_with("to_lookahead_none", nesterov=0.55, estimator="none"),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.
