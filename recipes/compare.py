@@ -9,8 +9,8 @@ schedule; only ``optim`` / ``optim_args`` change.  Writes into ``output_dir``:
   difference from the baseline (``compare_plots.py`` redraws them from ``results.json``).
 
 Usage (from the repository root; the default job is the embedded SmolLM2-135M with LoRA on
-the Python language reference, about 11 minutes from a fresh clone on an idle 2-core CPU,
-measured 2026-12-05)::
+the Python language reference, about 13 minutes from a fresh clone on an idle 2-core CPU,
+measured 2026-12-07)::
 
     .venv/bin/python recipes/compare.py        # = --config recipes/configs/compare_smollm2_135m_lora_cpu.yaml
 
