@@ -16,6 +16,9 @@ lion        ``Lion``                            pytorch-optimizer     0.1
 sf_adamw    ``AdamWScheduleFree``               schedulefree          2.5
 nadamw      ``torch.optim.NAdam``               torch                 2
             (``decoupled_weight_decay=True``)
+ademamix    ``AdEMAMix``                        pytorch-optimizer     1
+soap        ``SOAP``                            pytorch-optimizer     3
+muon        ``Muon``                            pytorch-optimizer     20
 to          ``hf_to.TrainableOptimizer``        hf_to                 1
 =========== =================================== ===================== ========
 
@@ -23,7 +26,11 @@ MARS optimises 1-d tensors (norm weights, biases) with its own AdamW at ``lr_1d`
 ``weight_decay_1d=0.1`` by default; here both follow ``lr`` and ``weight_decay`` so that one
 learning rate governs the whole model, as for the others.  Schedule-free AdamW replaces the
 learning-rate schedule (the caller must not add one) and needs ``optimizer.train()`` /
-``optimizer.eval()`` around evaluation (:func:`needs_train_eval`).
+``optimizer.eval()`` around evaluation (:func:`needs_train_eval`).  Muon orthogonalises the
+updates of matrices and steps every other tensor with its own AdamW, at ``adamw_lr`` (3e-4 by
+default beside its 0.02): its groups are split by dimension (:func:`muon_groups`), and
+``adamw_lr`` follows ``lr`` at that documented ratio, so that one learning rate governs the
+whole model as for MARS.
 """
 
 from __future__ import annotations
@@ -35,7 +42,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEERS", "Peer", "PeerError", "build_optimizer", "needs_train_eval", "optimizer_kwargs", "peer"]
+__all__ = [
+    "MUON_ADAMW_RATIO",
+    "PEERS",
+    "Peer",
+    "PeerError",
+    "build_optimizer",
+    "muon_groups",
+    "needs_train_eval",
+    "optimizer_kwargs",
+    "peer",
+]
+
+
+#: Muon's documented AdamW rate over its Muon rate (3e-4 / 0.02).
+MUON_ADAMW_RATIO = 3e-4 / 0.02
 
 
 class PeerError(ValueError):
@@ -51,15 +72,40 @@ class Peer:
     lr_scale: float  #: documented default lr / AdamW's
     defaults: tuple[tuple[str, Any], ...] = ()
     schedule_free: bool = False
+    #: Turns a parameter list (or a list of groups, as the Trainer passes) into the groups the
+    #: class requires; ``None``: passed on as given.
+    groups: Callable[[list[Any]], list[dict[str, Any]]] | None = None
 
-    def load(self) -> type[torch.optim.Optimizer]:
+    def load(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer's class, or a function building it from plain parameters or groups."""
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
             raise PeerError(
                 f"optimizer {self.name!r} needs the package {self.pip!r}: pip install {self.pip} ({exc})"
             ) from None
-        return getattr(module, self.cls)
+        cls = getattr(module, self.cls)
+        if self.groups is None:
+            return cls
+        split = self.groups
+
+        def build(params: Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
+            return cls(split(list(params)), **kwargs)
+
+        return build
+
+
+def muon_groups(params: list[Any]) -> list[dict[str, Any]]:
+    """Muon's groups: each given group (or the plain list) split into its matrices
+    (``use_muon=True``) and its other tensors (``use_muon=False``, Muon's AdamW)."""
+    given = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in given:
+        tensors = list(group["params"])
+        for flag, chosen in ((True, [p for p in tensors if p.ndim >= 2]), (False, [p for p in tensors if p.ndim < 2])):
+            if chosen:
+                out.append({**group, "params": chosen, "use_muon": flag})
+    return out
 
 
 PEERS: dict[str, Peer] = {
@@ -72,6 +118,10 @@ PEERS: dict[str, Peer] = {
         Peer("sf_adamw", "schedulefree", "AdamWScheduleFree", "schedulefree", 2.5, schedule_free=True),
         # AdamW with Nesterov momentum (torch's default lr 2e-3); the peer for TO's look-ahead.
         Peer("nadamw", "torch.optim", "NAdam", "torch", 2.0, (("decoupled_weight_decay", True),)),
+        # Recent winners of independent optimizer benchmarks (the study runs them on full fine-tuning).
+        Peer("ademamix", "pytorch_optimizer", "AdEMAMix", "pytorch-optimizer", 1.0),
+        Peer("soap", "pytorch_optimizer", "SOAP", "pytorch-optimizer", 3.0),
+        Peer("muon", "pytorch_optimizer", "Muon", "pytorch-optimizer", 20.0, groups=muon_groups),
         Peer("to", "hf_to", "TrainableOptimizer", "hf-to", 1.0),
     )
 }
@@ -109,6 +159,9 @@ def optimizer_kwargs(
     if name == "mars":
         options.setdefault("lr_1d", options["lr"])
         options.setdefault("weight_decay_1d", options["weight_decay"])
+    if name == "muon":
+        options.setdefault("adamw_lr", options["lr"] * MUON_ADAMW_RATIO)
+        options.setdefault("adamw_wd", options["weight_decay"])
     if spec.schedule_free:
         options.setdefault("warmup_steps", warmup_steps)
     return options

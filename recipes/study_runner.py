@@ -69,10 +69,12 @@ def run_one(
         train_eval_modes=needs_train_eval(opt),
     )
     diverged = loop.stopped
+    # tensors in lists too (SOAP keeps its per-dimension preconditioners in lists)
     state_bytes = sum(
         v.numel() * v.element_size()
         for s in opt.state.values()
-        for v in s.values()
+        for entry in s.values()
+        for v in (entry if isinstance(entry, (list, tuple)) else [entry])
         if isinstance(v, torch.Tensor) and v.numel() > 1
     )
     return {

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "experi
 
 import hyper_rates  # a broken prototype fails here: never skipped
 import online_alpha
+import slope_share
 
 from hf_to import TrainableOptimizer
 from hf_to.forms import FORMS
@@ -114,3 +115,23 @@ def test_slope_signal_moves_alpha_without_a_buffer():
         assert any(not torch.allclose(a, b) for a, b in zip(moved, _run("diagonal", steps=20)))
     finally:
         FORMS.pop(hyper_rates.NAME, None)
+
+
+def test_slope_share_sees_travel_only_where_the_weights_move():
+    """slope_share.py's decomposition: the rate term α w²/(w²+c) ⊙ r is there whenever the
+    estimator is off, the travel term a ⊙ Δw only where the weights moved (lr > 0)."""
+    for lr in (0.0, 0.05):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(40))
+        opt = TrainableOptimizer([p], lr=lr, fused=False)
+        prev: dict = {}
+        for _ in range(4):
+            p.grad = torch.randn(40)
+            before = slope_share.snapshot(opt, [p], prev)
+            prev = {p: p.detach().double().reshape(-1).clone()}
+            opt.step()
+        rate2, travel2, extra, count = slope_share.shares(opt, before, {p: p.grad})
+        w = before[p][0]
+        assert count == 40 and rate2 > 0
+        assert math.isclose(extra, float((0.1 * w * w / (w * w + float(w @ w) / 40 + 1e-3)).sum()), rel_tol=1e-12)
+        assert (travel2 > 0) == (lr > 0), (lr, travel2)

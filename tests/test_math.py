@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_to import ESTIMATORS, ReferenceTrainableOptimizer, TrainableOptimizer
+from hf_to.forms import diagonal_step
 from hf_to.registry import PAPER_LITERAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -127,6 +128,21 @@ def test_slope_term_reduces_the_lag_of_momentum_while_weights_move(estimator):
     ema = sum(run_noisy_quadratic("none", alpha=0.0, seed=s, **kw)["ratio"] for s in range(3))
     to = sum(run_noisy_quadratic(estimator, alpha=0.1, seed=s, **kw)["ratio"] for s in range(3))
     assert to < 0.5 * ema, (to, ema)
+
+
+def test_diagonal_slope_at_unmoved_weights_is_a_per_coordinate_intercept_rate():
+    """Ĝ'(w) = Ĝ(w) − (β + α w²/(w² + c)) r exactly: where the weights barely move between steps
+    (fine-tuning at AdamW's rates), the normalised diagonal slope acts as momentum with a
+    per-coordinate rate in [β, β + α), larger for larger |w|; only a·Δw is left to the slope."""
+    gen = torch.Generator().manual_seed(0)
+    w, g, b, a = (torch.randn(1000, generator=gen, dtype=torch.float64) for _ in range(4))
+    w[:10] = 0.0  # where w = 0 the slope is silent: the rate is β
+    alpha, beta, floor = 0.1, 0.1, 1e-3
+    ww, nf = float(w @ w), float(w.numel())
+    r, _, _, _, estimate = diagonal_step(w, g, b, a, None, ww, 0, 0, 0, 0, nf, alpha, floor, beta, True)
+    rate = beta + alpha * w * w / (w * w + ww / nf + floor)
+    torch.testing.assert_close(estimate, (b + a * w) - rate * r, rtol=0, atol=1e-12)
+    assert rate.min() == beta and rate.max() < beta + alpha
 
 
 def logistic_problem(n: int = 200, d: int = 8):

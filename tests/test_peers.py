@@ -21,9 +21,22 @@ def test_every_peer_builds_and_steps(name):
     opt = peers.build_optimizer(name, [p], lr=1e-2, warmup_steps=1)
     if peers.needs_train_eval(opt):
         opt.train()
-    p.grad = torch.ones_like(p)
-    opt.step()
+    for _ in range(2):  # SOAP's first step only sets up its preconditioner, as in its paper's code
+        p.grad = torch.ones_like(p)
+        opt.step()
     assert not torch.equal(p.detach(), torch.ones(3, 2)), f"{name} did not move the weights"
+
+
+def test_muon_steps_matrices_with_muon_and_the_rest_with_its_adamw_at_the_documented_ratio():
+    w, bias = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))
+    opt = peers.build_optimizer("muon", [w, bias], lr=0.02)
+    by_flag = {g["use_muon"]: g for g in opt.param_groups}
+    assert by_flag[True]["params"] == [w] and by_flag[False]["params"] == [bias]
+    assert by_flag[False]["lr"] == pytest.approx(0.02 * peers.MUON_ADAMW_RATIO)
+    # the Trainer passes groups (decay / no decay): each is split, its keys kept
+    trainer_groups = [{"params": [w], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}]
+    split = peers.muon_groups(trainer_groups)
+    assert [(g["use_muon"], g["weight_decay"]) for g in split] == [(True, 0.1), (False, 0.0)]
 
 
 def test_unknown_peer_is_named_with_the_known_ones():

@@ -21,8 +21,9 @@ study's ``base_lr``: 3e-4 for LoRA, 3e-5 for full fine-tuning) rather than a tun
 Results (2026-12-06): proxy, seeds 1–3, in ``recipes/results/long-runs-2026-12-06/``;
 SmolLM2-135M in ``recipes/results/long-runs-real-2026-12-06/`` (``to_nesterov`` there is the
 default of that morning, λ = β_t; ``to_lookahead`` today's default; ``to_lookahead_none`` the
-same without the slope: within 0.0006 of it on every seed of both tasks); both in
-recipes/README.md.  ``to_lookahead_bf16`` (bfloat16 state) has no stored SmolLM2-135M runs yet.
+same without the slope: within 0.0006 of it on every seed of both tasks; ``to_lookahead_a1``
+and ``to_lookahead_bf16``, full fine-tuning only, added 2026-12-07); the proxy at 1,000 steps
+with today's default in ``recipes/results/long-runs-1000-2026-12-07/``; all in recipes/README.md.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ OPTIMIZERS = (
     "to_lookahead",
     "to_lookahead_bf16",
     "to_lookahead_none",
+    "to_lookahead_a1",
+    "to_lookahead_none_b115",
 )
 
 
@@ -62,14 +65,17 @@ def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
     return study.Config(label, "to", tuple({**dict(study.CONFIGS["to_nesterov"].kwargs), **kwargs}.items()))
 
 
-#: Rows this script adds to the study's table: ``to_nesterov`` (the look-ahead weight β_t) with
-#: bfloat16 state (6 B/param); the look-ahead weight fixed at 0.55 (``nesterov=0.55``, see
-#: lookahead_weight.py), alone, with bfloat16 state, and without the slope (A ≡ 0, 8 B/param).
+#: Rows this script adds to the study's table (whose ``to_lookahead`` is today's default, the
+#: look-ahead weight fixed at 0.55, see lookahead_weight.py): ``to_nesterov`` (the look-ahead
+#: weight β_t) with bfloat16 state (6 B/param); today's default with bfloat16 state, without the
+#: slope (A ≡ 0, 8 B/param), with the slope rate the proxy's full fine-tuning liked (α = 1), and
+#: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py).
 EXTRA = {
     "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
-    "to_lookahead": _to_nesterov_with("to_lookahead", nesterov=0.55),
     "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
     "to_lookahead_none": _to_nesterov_with("to_lookahead_none", nesterov=0.55, estimator="none"),
+    "to_lookahead_a1": _to_nesterov_with("to_lookahead_a1", nesterov=0.55, alpha=1.0),
+    "to_lookahead_none_b115": _to_nesterov_with("to_lookahead_none_b115", nesterov=0.55, estimator="none", beta=0.115),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.
