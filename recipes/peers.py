@@ -76,8 +76,9 @@ class Peer:
     #: class requires; ``None``: passed on as given.
     groups: Callable[[list[Any]], list[dict[str, Any]]] | None = None
 
-    def load(self) -> Callable[..., torch.optim.Optimizer]:
-        """The optimizer's class, or a function building it from plain parameters or groups."""
+    def load(self) -> type[torch.optim.Optimizer]:
+        """The optimizer's class; with ``groups``, a subclass that splits what it is given first
+        (a class, not a function: the Trainer calls a non-class ``optimizer_cls`` as a factory)."""
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
@@ -89,22 +90,30 @@ class Peer:
             return cls
         split = self.groups
 
-        def build(params: Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
-            return cls(split(list(params)), **kwargs)
+        def __init__(opt: torch.optim.Optimizer, params: Iterable[Any], **kwargs: Any) -> None:
+            cls.__init__(opt, split(list(params)), **kwargs)
 
-        return build
+        return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__})
 
 
 def muon_groups(params: list[Any]) -> list[dict[str, Any]]:
     """Muon's groups: each given group (or the plain list) split into its matrices
-    (``use_muon=True``) and its other tensors (``use_muon=False``, Muon's AdamW)."""
+    (``use_muon=True``) and its other tensors (``use_muon=False``, Muon's AdamW; a group's own
+    ``lr`` becomes ``lr`` × :data:`MUON_ADAMW_RATIO` there).  By shape only: a trained embedding
+    or LM head goes to Muon, where Muon's authors put it in the AdamW group (the study's full
+    fine-tuning freezes SmolLM2's tied embeddings, so no such tensor reaches it)."""
     given = params if params and isinstance(params[0], dict) else [{"params": params}]
     out = []
     for group in given:
         tensors = list(group["params"])
-        for flag, chosen in ((True, [p for p in tensors if p.ndim >= 2]), (False, [p for p in tensors if p.ndim < 2])):
-            if chosen:
-                out.append({**group, "params": chosen, "use_muon": flag})
+        matrices, rest = [p for p in tensors if p.ndim >= 2], [p for p in tensors if p.ndim < 2]
+        if matrices:
+            out.append({**group, "params": matrices, "use_muon": True})
+        if rest:
+            adamw = {**group, "params": rest, "use_muon": False}
+            if "lr" in group:
+                adamw["lr"] = group["lr"] * MUON_ADAMW_RATIO
+            out.append(adamw)
     return out
 
 

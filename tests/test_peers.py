@@ -37,6 +37,20 @@ def test_muon_steps_matrices_with_muon_and_the_rest_with_its_adamw_at_the_docume
     trainer_groups = [{"params": [w], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}]
     split = peers.muon_groups(trainer_groups)
     assert [(g["use_muon"], g["weight_decay"]) for g in split] == [(True, 0.1), (False, 0.0)]
+    with_lr = peers.muon_groups([{"params": [w, bias], "lr": 0.04}])
+    assert [(g["use_muon"], g["lr"]) for g in with_lr] == [(True, 0.04), (False, 0.04 * peers.MUON_ADAMW_RATIO)]
+
+
+@pytest.mark.parametrize("name", sorted(peers.PEERS))
+def test_every_peer_loads_as_a_class_that_takes_trainer_groups(name):
+    """The Trainer calls a non-class ``optimizer_cls`` as a factory of the model, so compare.py
+    must get a class; it builds it from groups with decay / no decay, as here."""
+    cls = peers.peer(name).load()
+    assert isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+    w, bias = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))
+    groups = [{"params": [w], "weight_decay": 0.01}, {"params": [bias], "weight_decay": 0.0}]
+    opt = cls(groups, **peers.optimizer_kwargs(name, 1e-3, warmup_steps=1))
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(w), id(bias)}
 
 
 def test_unknown_peer_is_named_with_the_known_ones():
