@@ -26,7 +26,6 @@ tuned rate on the proxy, ``--lr`` overrides).  Results (2026-12-07):
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
 from pathlib import Path
@@ -37,14 +36,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "recipes" / "experiments"))
+
+import hyper_rates  # noqa: E402  (the drop-in rate and the CPU lock of the hyper-rate runs)
+import study  # noqa: E402
 from study_data import build_model, lm_loss, task_data  # noqa: E402
 from study_spec import TASKS  # noqa: E402
 
 from hf_to import TrainableOptimizer  # noqa: E402
-
-CPU_LOCK = Path("/tmp/hf_to_cpu.lock")
-#: AdamW's tuned drop-in rate of the stored proxy study (seed 0), per task.
-PROXY_LR = {"pydoc_full": 0.0027, "pydoc_lora": 0.009, "code_lora": 0.009}
 
 
 def snapshot(opt: TrainableOptimizer, params: list, prev_w: dict) -> dict:
@@ -97,7 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
-    lr = args.lr or (task.base_lr if args.model == "real" else PROXY_LR[args.task])
+    if args.lr:
+        lr = args.lr
+    elif args.model == "real":
+        lr = task.base_lr
+    else:
+        proxy = [r for r in study._load(hyper_rates.STUDY) if r["model"] == "proxy"]
+        lr = hyper_rates.adamw_lr(proxy, args.task)
     data = task_data(task)
     model, remap = build_model(args.model, task.mode)
     train = remap[data["train"]] if remap is not None else data["train"]
@@ -107,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     prev_w: dict = {}
     totals = [0.0, 0.0, 0.0, 0]
     rows = []
-    with CPU_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with hyper_rates.cpu_lock():
         for step in range(1, args.steps + 1):
             idx = order[((step - 1) * task.batch + torch.arange(task.batch)) % len(order)]
             loss = lm_loss(model, train[idx])
