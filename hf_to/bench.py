@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from . import native, rounding
+from .forms import FORMS
 from .optimizer import TrainableOptimizer
 from .registry import VARIANTS
 from .threads import configure_threads
@@ -172,7 +173,8 @@ VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = 
     "to_paper_rank_one": _to("to_paper_rank_one", fused=True, alpha=1e-6),
     "trainable_to": _to("trainable_to", fused=True),
     "trainable_to[bf16 state]": _to("trainable_to", fused=True, state_dtype=torch.bfloat16),
-    "to_rank_one": _to("to_rank_one", fused=True),
+    # Every form with a kernel under the default's other settings (to_diagonal, to_folded, ...).
+    **{f"to_{name}": _to(f"to_{name}", fused=True) for name, form in FORMS.items() if form.kernels},
     "trainable_to[readable]": _to("trainable_to", fused=False),
 }
 DEFAULT_VARIANTS = (

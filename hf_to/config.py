@@ -36,7 +36,7 @@ class StepConfig:
     """One param group's step: every hyperparameter and path option, with its default."""
 
     lr: float | Tensor = 1e-3
-    estimator: str = "diagonal"
+    estimator: str = "folded"
     alpha: float = 0.1
     beta: float = 0.1
     preconditioner: str = "adam"

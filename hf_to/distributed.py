@@ -167,8 +167,8 @@ def check_unflattened(p: Tensor, given: Container[Tensor], *, estimator: str, al
 
     The rank-one and full estimators need each parameter whole: their sums and matrix span
     one tensor, and a flat partition holds pieces of several tensors, each summed on its own
-    rank.  ``diagonal`` and ``none`` are elementwise and run; the diagonal estimator's
-    normalised rate then uses the partition's mean square of the weights instead of each
+    rank.  ``folded``, ``diagonal`` and ``none`` are elementwise and run; the normalised rate
+    of the first two then uses the partition's mean square of the weights instead of each
     tensor's (a warning says so).
     """
     reason = flattened_reason(p, given)
@@ -180,16 +180,17 @@ def check_unflattened(p: Tensor, given: Container[Tensor], *, estimator: str, al
         raise ValueError(
             f"estimator={estimator!r} cannot run on param group {index}: {reason}. The {estimator} "
             "estimator couples all elements of one parameter tensor (whole-tensor sums such as v^T w, "
-            "or an n x n matrix), which a flat partition no longer holds. Use estimator='diagonal' or "
-            "estimator='none' (elementwise) with DeepSpeed ZeRO or FSDP1; with FSDP2 (fully_shard; "
+            "or an n x n matrix), which a flat partition no longer holds. Use estimator='folded' (the "
+            "default), estimator='diagonal' or estimator='none' (elementwise) with DeepSpeed ZeRO or FSDP1; with FSDP2 (fully_shard; "
             "accelerate's fsdp_version: 2) estimator='rank_one' runs on sharded parameters"
         )
-    if estimator == "diagonal" and alpha_scaling == "normalized" and (id(given), index) not in _warned:
+    if "ww" in get_form(estimator).stat_names and alpha_scaling == "normalized" and (id(given), index) not in _warned:
         _warned.add((id(given), index))
         logger.warning(
-            "hf_to: param group %d holds flat partitions (%s); the diagonal estimator runs elementwise "
+            "hf_to: param group %d holds flat partitions (%s); the %s estimator runs elementwise "
             "on them, its normalised slope rate using each partition's mean square of the weights "
             "instead of each parameter's",
             index,
             reason,
+            estimator,
         )

@@ -20,7 +20,16 @@ diagonal   :math:`\mathrm{diag}(a)`  :math:`a \leftarrow a - \alpha\, r\odot w` 
 rank_one   :math:`u v^\top`          :math:`u \leftarrow u - \alpha\,(v^\top w)\,r`,   2n values
                                      :math:`v \leftarrow v - \alpha\,(u^\top r)\,w`
 none       :math:`0`                 — (the estimator is EMA momentum)               0
+folded     diag(a) folded into b     :math:`b \leftarrow b - \alpha_i w_i^2\, r_i`   0
+                                     (besides :math:`b`'s own step)
 ========== ========================= =============================================== =========
+
+``folded`` is ``diagonal`` without its slope vector: while the weights stand still the
+diagonal estimate at the current weights, :math:`a\odot w + b`, moves exactly as an intercept
+whose rate is raised per coordinate by :math:`\alpha_i w_i^2` (:math:`\alpha_i` the normalised
+rate below), so ``folded`` keeps only that sum, in :math:`b`, and drops the slope's *travel
+term* :math:`a\odot\Delta w` (:func:`folded_step`).  In fine-tuning, where the weights move
+little per step, the two forms train alike at half the estimator's memory.
 
 A form is one :class:`Form`: the names of its slope-state tensors, the whole-tensor sums its
 step needs (``stat_names``; partial sums over the elements at hand, so that sharded
@@ -62,6 +71,7 @@ __all__ = [
     "count_nonfinite",
     "diagonal_step",
     "finite_mask_and_count",
+    "folded_step",
     "get_form",
     "intercept_rate",
     "none_step",
@@ -119,6 +129,22 @@ def rank_one_step(w, g, b, s1, s2, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t,
     vw_new = vw - rate * ur * ww
     b_new = b - beta_t * r
     return r, u, v, b_new, b_new + u * vw_new
+
+
+def folded_step(w, g, b, s1, s2, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, normalize):
+    r""":math:`\hat G = b` with the diagonal slope folded into a per-coordinate intercept rate:
+    :math:`b' = b - (\beta_t + \alpha\, w^2/(w^2 + w^\top w/n + \delta^2))\, r`, :math:`r = b - g`
+    (raw rate: :math:`\beta_t + \alpha w^2`).  This is how the diagonal form's estimate at the
+    current weights, :math:`a\odot w + b`, moves when the weights do not move between steps
+    (its travel term :math:`a\odot\Delta w` dropped), kept as one vector: 4 bytes per
+    parameter instead of the diagonal's 8."""
+    r = b - g
+    if normalize:
+        rate = beta_t + alpha * (w * w) / (w * w + (ww / nf + floor + 1e-30))
+    else:
+        rate = beta_t + alpha * (w * w)
+    b_new = b - rate * r
+    return r, s1, s2, b_new, b_new
 
 
 def none_step(w, g, b, s1, s2, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, normalize):
@@ -251,6 +277,16 @@ FORMS: dict[str, Form] = {
             step=rank_one_step,
             kernels=frozenset(KERNELS),
             first=_rank_one_first,
+        ),
+        Form(
+            "folded",
+            (),
+            ("ww",),
+            slope_times=lambda s, w: torch.zeros_like(w),
+            state_numel=lambda n: 0,
+            step=folded_step,
+            kernels=frozenset(KERNELS),
+            coordinatewise=True,
         ),
         Form(
             "none",

@@ -35,7 +35,7 @@ graph.  A ``lr`` given as a tensor is read from the device; a float ``lr`` is a 
 (as in ``torch.optim.Adam(capturable=True)``, a captured float is replayed as captured).
 
 *Forms.*  Each form's per-element step is the plain arithmetic function of :mod:`hf_to.forms`
-(``diagonal_step``, ``rank_one_step``, ``none_step``), compiled here as a device function: the
+(``diagonal_step``, ``rank_one_step``, ``none_step``, ``folded_step``), compiled here as a device function: the
 readable path runs the same function on whole tensors.  A form with a Triton step also has
 a code in :data:`_CODES` and a branch in ``_partials_tile`` (which sums it needs) and
 ``_update_tile`` (which state it loads and stores).
@@ -80,7 +80,7 @@ BLOCK = 1024
 # The forms with a Triton step -> kernel code (the ``EST`` constant of the kernels).  A form's
 # sums per tensor are column 0, the non-finite count, then its ``stat_names``; its slope-state
 # tensors are the table's s1, s2 columns.
-_CODES = {"diagonal": 0, "rank_one": 1, "none": 2}
+_CODES = {"diagonal": 0, "rank_one": 1, "none": 2, "folded": 3}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Columns of the tensor table.
 _W, _G, _B, _S1, _S2, _V2, _STEP, _N, _FIRST, _NCH, _ROW = range(11)
@@ -191,6 +191,7 @@ def _sums_rank_one(w, g, b, u, v):
 _step_diagonal = _device_fn(forms.diagonal_step)
 _step_rank_one = _device_fn(forms.rank_one_step)
 _step_none = _device_fn(forms.none_step)
+_step_folded = _device_fn(forms.folded_step)
 
 
 # -- kernels -------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def _partials_tile(
         s3 += uu
         s4 += ub
         s5 += ug
-    elif EST == 0:
+    elif EST == 0 or EST == 3:
         if NORMALIZE:
             w = _load(wp, idx, m, MASKED)
             s1 += w * w
@@ -312,7 +313,7 @@ def _update_tile(
     EST: tl.constexpr, NORMALIZE: tl.constexpr, ADAM: tl.constexpr, DIAGNOSTICS: tl.constexpr,
     PD: tl.constexpr, SD: tl.constexpr, BLOCK_: tl.constexpr, MASKED: tl.constexpr, NESTEROV: tl.constexpr,
 ):  # fmt: skip
-    """One tile of the step.  Entries not stepped (a non-finite gradient entry of diagonal/none,
+    """One tile of the step.  Entries not stepped (a non-finite gradient entry of folded/diagonal/none,
     every entry of a skipped tensor) are written back as they were, bit for bit, so that full
     tiles store without a mask (16-byte vectors)."""
     idx = off + tl.arange(0, BLOCK_).to(tl.int64)
@@ -341,6 +342,8 @@ def _update_tile(
         )
         u_new = tl.where(seeding, u, u_new)
         v_new = tl.where(seeding, v_first, v_new)
+    elif EST == 3:
+        r, _, _, b_new, g_hat = _step_folded(w, gz, b, b, b, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE)
     else:
         r, _, _, b_new, g_hat = _step_none(w, gz, b, b, b, ww, vw, uu, ub, ug, nf, alpha, floor, beta_t, NORMALIZE)
     b_new = tl.where(seeding, gz, b_new)

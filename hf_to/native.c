@@ -7,7 +7,8 @@
  * which the tests pin to the paper-literal reference hf_to.reference:
  *
  *   r  = A w + b - g                       (residual of the estimator G(w) = A w + b)
- *   A <- A - alpha_t * dA(r, w)            (diagonal: a -= alpha r w / (w^2 + mean(w^2) + floor))
+ *   A <- A - alpha_t * dA(r, w)            (diagonal: a -= alpha r w / (w^2 + mean(w^2) + floor);
+ *                                           folded: A = 0 and b takes alpha w^2 / (...) r more)
  *   b <- b - beta_t r                      (beta_t: beta / (1 - (1 - beta)^t) with beta_warmup='adam',
  *                                           the default; max(beta, 1/t) with True; beta with False)
  *   G  = A w + b                           (the estimate, after the estimator step)
@@ -36,7 +37,7 @@
  * the caller sums them over the shards (one all-reduce per group) and to_step() runs with the
  * totals, the whole tensor's element count ntotal, and no pre-pass of its own.
  *
- * Non-finite gradients: the diagonal and none estimators leave an entry whose gradient is
+ * Non-finite gradients: the diagonal, folded and none estimators leave an entry whose gradient is
  * inf/nan untouched (weight and state keep their bits) in the same pass; rank-one skips the
  * tensor (its pre-pass counts the non-finite entries).
  *
@@ -73,7 +74,9 @@ typedef _Float16 f16_t;
 #define HAS_F16 0
 typedef uint16_t f16_t; /* placeholder: never loaded or stored */
 #endif
-enum { EST_DIAGONAL = 0, EST_RANK_ONE = 1, EST_NONE = 2 };
+enum { EST_DIAGONAL = 0, EST_RANK_ONE = 1, EST_NONE = 2, EST_FOLDED = 3 };
+/* The estimators with a slope-state tensor s1 (none and folded keep only b). */
+#define HAS_SLOPE(est) ((est) == EST_DIAGONAL || (est) == EST_RANK_ONE)
 /* Per-block partial sums: carried sums first, then the counts and diagnostics. */
 enum { S_WW = 0, S_VW, S_UU, S_UB, S_BAD, S_RR, S_GG, S_HH, NSUMS };
 
@@ -218,7 +221,7 @@ static int descriptors_ok(const to_tensor *ts, int64_t k, const to_config *cfg, 
     for (int64_t t = 0; t < k; ++t) {
         const to_tensor *T = &ts[t];
         if (T->n < 0 || T->ntotal < T->n || !T->step) return 0;
-        if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (cfg->estimator != EST_NONE && !T->s1) ||
+        if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (HAS_SLOPE(cfg->estimator) && !T->s1) ||
                          (cfg->estimator == EST_RANK_ONE && !T->s2) || (cfg->adam && !T->v2)))
             return 0;
     }
@@ -358,7 +361,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
         prefetch_range(G, p0, p1, pt, 0);
         prefetch_range(W, p0, p1, pt, 1);
         prefetch_range(B, p0, p1, st, 1);
-        if (est != EST_NONE) prefetch_range(S1, p0, p1, st, 1);
+        if (HAS_SLOPE(est)) prefetch_range(S1, p0, p1, st, 1);
         if (est == EST_RANK_ONE) prefetch_range(S2, p0, p1, st, 1);
         if (adam) prefetch_range(V2, p0, p1, st, 1);
     }
@@ -391,6 +394,12 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
             store_state(S2, i, v - w * cv, ok, st, seed_2);
             bn = b - beta * r;
             gh = bn + un * vwn;
+        } else if (est == EST_FOLDED) {
+            /* the diagonal's slope step at unmoved weights, as a per-coordinate intercept rate */
+            r = b - g;
+            float rate = norm ? beta + alpha * (w * w) / (w * w + c) : beta + alpha * (w * w);
+            bn = b - rate * r;
+            gh = bn;
         } else {
             r = b - g;
             bn = b - beta * r;
@@ -415,7 +424,7 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
     }
     /* The sums the next step needs, from the values just stored (still in cache), by the
      * code to_sums() runs: the same values give the same bits. */
-    if (est == EST_RANK_ONE || (est == EST_DIAGONAL && norm)) block_sums(T, lo, hi, out, cfg);
+    if (est == EST_RANK_ONE || ((est == EST_DIAGONAL || est == EST_FOLDED) && norm)) block_sums(T, lo, hi, out, cfg);
     else out[S_WW] = out[S_VW] = out[S_UU] = out[S_UB] = 0.0;  /* w'w is not used */
     out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
 }
@@ -594,6 +603,7 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
         STEP_CASES(PT, ST, EST_DIAGONAL)                                                      \
         STEP_CASES(PT, ST, EST_RANK_ONE)                                                      \
         STEP_CASES(PT, ST, EST_NONE)                                                          \
+        STEP_CASES(PT, ST, EST_FOLDED)                                                        \
         }                                                                                     \
     }
         DISPATCH_TYPES(STEP)

@@ -77,7 +77,7 @@ _SOURCE = Path(__file__).with_name("native.c")
 _ABI = 8
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2}
+_ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2, "folded": 3}
 
 
 class _Tensor(ctypes.Structure):
@@ -539,9 +539,10 @@ def native_step(
         raise RuntimeError("native_step on sharded parameters needs reduce_stats (their sums span the shards)")
     params, grads, states = _local(params, grads, states)
     k = len(params)
-    keys = FORMS[estimator].state_keys(adam)
+    form = FORMS[estimator]
+    keys = form.state_keys(adam)
     # w'w (and rank-one's sums) are needed, hence carried, only with a normalised rate or rank-one.
-    sums = estimator == "rank_one" or (estimator == "diagonal" and normalize)
+    sums = bool(form.stat_names) and (normalize or estimator == "rank_one")
     # Without an owner's cache (the functional API) nothing is kept: the sums are recomputed.
     plan = _Plan(whole, (*keys, sums)) if plans is None else _plan(whole, (*keys, sums), plans)
     ts = plan.ts
@@ -596,8 +597,8 @@ def native_step(
         t = ts[i]
         t.step = ctypes.cast(held[-1].data_ptr(), ctypes.POINTER(ctypes.c_float))
         t.w, t.n, t.ntotal, t.b = p.data_ptr(), numels[i], whole[i].numel(), held[0].data_ptr()
-        t.s1 = held[1].data_ptr() if estimator != "none" else None
-        t.s2 = held[2].data_ptr() if estimator == "rank_one" else None
+        t.s1 = held[1].data_ptr() if form.slope_keys else None
+        t.s2 = held[2].data_ptr() if len(form.slope_keys) > 1 else None
         t.v2 = held[-2].data_ptr() if adam else None
         plan.held[i] = held
     if stale:

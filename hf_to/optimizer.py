@@ -66,9 +66,11 @@ class TrainableOptimizer(Optimizer):
 
     The structure of :math:`A` is chosen by ``estimator`` (see :mod:`hf_to.forms`):
     ``"full"`` (dense, the paper's main form, small tensors only), ``"diagonal"`` and
-    ``"rank_one"`` (the paper's O(n) variants) and ``"none"`` (:math:`A \equiv 0`, EMA momentum:
+    ``"rank_one"`` (the paper's O(n) variants), ``"none"`` (:math:`A \equiv 0`, EMA momentum:
     with ``preconditioner="none", beta_warmup=False, nesterov=False`` it is
-    ``SGD(momentum=1-β, dampening=1-β)``).  With the normalised slope rate (default) the
+    ``SGD(momentum=1-β, dampening=1-β)``) and ``"folded"`` (the default: the diagonal form with
+    its slope folded into the intercept, :math:`b_{t+1} = b_t - (\beta_t + \alpha_i w_i^2) r_t`,
+    exact while the weights stand still; it drops the slope's term :math:`a \odot \Delta w`).  With the normalised slope rate (default) the
     :math:`\alpha` above is divided per structure by the squared norm of the estimator's input
     Jacobian plus a floor (see :mod:`hf_to.forms`).
 
@@ -82,8 +84,11 @@ class TrainableOptimizer(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate :math:`\gamma` (default: 1e-3).
-        estimator: structure of :math:`A`: ``"diagonal"`` (default), ``"rank_one"``,
-            ``"full"`` or ``"none"``.
+        estimator: structure of :math:`A`: ``"folded"`` (default since 2026-12-07; 4 bytes of
+            estimator per parameter, 8 with the preconditioner: AdamW's), ``"diagonal"`` (the
+            default before, ``"to_diagonal"``; 8 bytes, 12), ``"rank_one"``, ``"full"`` or
+            ``"none"``.  A checkpoint written with another estimator resumes with its own when
+            this keyword is left at its default.
         alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
             (default: 0.1; with ``alpha_scaling="normalized"`` the largest fraction of the
             residual that the slope term absorbs per step, below 2, where the normalised step
@@ -132,7 +137,7 @@ class TrainableOptimizer(Optimizer):
             one-pass C kernel of :mod:`hf_to.native` (one call per param group; built on first
             use with the system C compiler, ``HF_TO_NATIVE=0`` turns it off), for plain or
             FSDP2-sharded (one all-reduce per group) float32/bfloat16/float16 parameters and the
-            diagonal, rank-one and none estimators.  It carries whole-tensor sums from one step
+            folded, diagonal, rank-one and none estimators.  It carries whole-tensor sums from one step
             to the next and notices any write PyTorch makes to the weights or state between
             steps (version counters); writes through ``p.data`` bypass those counters, so write on the parameter itself
             under ``torch.no_grad()`` instead, or set ``HF_TO_NATIVE=0``.
@@ -158,12 +163,13 @@ class TrainableOptimizer(Optimizer):
 
     State (per parameter, created on the first step): ``step`` (0-d float32; on the CPU, on
     the parameter's device for CUDA parameters or ``capturable=True``),
-    ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``), and
+    ``b`` and the slope state of the estimator (``a``; ``u``, ``v``; ``A``; none for ``folded``
+    and ``none``), and
     ``exp_avg_sq`` with the Adam preconditioner.  State is float32 for float16/bfloat16/float32
     parameters and float64 for float64 parameters, and keeps that dtype through
     ``load_state_dict``.
 
-    Non-finite gradients: with the coordinate-wise estimators ``"diagonal"`` and ``"none"``
+    Non-finite gradients: with the coordinate-wise estimators ``"folded"``, ``"diagonal"`` and ``"none"``
     the entries whose gradient is ``inf``/``nan`` keep their weight and every state entry
     for that step while the other entries step as usual (the tensor's ``step`` advances; the
     normalised rate's :math:`w^\top w` still sums all entries); a tensor whose gradient is
@@ -259,9 +265,23 @@ class TrainableOptimizer(Optimizer):
                     "this version no longer has (it lost the fine-tuning study; docs/design-decisions.md)"
                 )
             # beta_warmup and nesterov need not match: the saved group's values (and state) win,
-            # so a checkpoint written under an older default resumes exactly.
+            # so a checkpoint written under an older default resumes exactly.  So does an
+            # estimator or preconditioner where this optimizer has the default (a Trainer resuming
+            # with --optim trainable_to builds it so); one chosen otherwise must match.
             for key in ("estimator", "preconditioner"):
-                if saved.get(key) != group[key]:
+                if (
+                    saved.get(key) != group[key]
+                    and group[key] == getattr(StepConfig, key)
+                    and saved.get(key) is not None
+                ):
+                    logger.info(
+                        "hf_to: param group %d resumes with the checkpoint's %s=%r (this optimizer's default is %r)",
+                        i,
+                        key,
+                        saved[key],
+                        group[key],
+                    )
+                elif saved.get(key) != group[key]:
                     raise ValueError(
                         f"param group {i}: the checkpoint was written with {key}={saved.get(key)!r}, "
                         f"this optimizer has {key}={group[key]!r}; their states are not interchangeable"

@@ -9,6 +9,8 @@ from :math:`\partial_A \tfrac12\lVert r\rVert^2 = r w^\top`:
 * diagonal:  :math:`\partial a = \mathrm{diag}(r w^\top)`
 * rank-one:  :math:`\partial u = (r w^\top) v`, :math:`\partial v = (r w^\top)^\top u`
 * none:      no slope.
+* folded:    no slope; the intercept takes, besides its own step, the step the diagonal slope
+  would add to the estimate at unmoved weights, :math:`\mathrm{diag}(\partial a)\,w`.
 
 It is slow (O(n²) memory and time per tensor) and meant only for small tensors in tests.
 Its state has the same keys and layout as :class:`~hf_to.TrainableOptimizer`, so the two
@@ -105,6 +107,9 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
         state["u"] = (u - scale * (grad_A @ v)).reshape(p.shape)
         state["v"] = (v - scale * (grad_A.T @ u)).reshape(p.shape)
     beta = intercept_rate(group["beta"], t, group["beta_warmup"])
+    if est == "folded":  # the diagonal's slope step, evaluated at w and added to b
+        scale = alpha / (w * w + (w * w).mean() + floor + 1e-30) if normalized else alpha
+        b = b - scale * torch.diagonal(grad_A) * w
     b = b - beta * r
     state["b"] = b.reshape(p.shape)
     # 3. estimate with the updated estimator

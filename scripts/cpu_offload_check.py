@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_to import TrainableOptimizer, native
 
-ESTIMATORS = ("diagonal", "rank_one", "none")
+ESTIMATORS = ("diagonal", "rank_one", "none", "folded")
 STEPS = 5
 
 

@@ -64,6 +64,7 @@ VARIANTS = [
     "to_paper_diagonal",
     "trainable_to",
     "trainable_to[bf16 state]",
+    "to_diagonal",
     "to_rank_one",
 ]
 # 1.24 B values: fewer variants keep the states within the GPU's memory (about 75 GB in fp32).
@@ -234,7 +235,7 @@ def lora_run(out: Path, steps: int, timeout: int) -> dict[str, Any]:
         str(run_dir),
         "--variants",
         "adamw=adamw_torch_fused",
-        "to_diagonal=trainable_to:estimator=diagonal",
+        "to_default=trainable_to",
         "to_rank_one=trainable_to:estimator=rank_one",
     ]
     start = time.perf_counter()

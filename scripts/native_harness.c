@@ -1,8 +1,9 @@
 /* Times hf_to/native.c's to_step on 8 x 2M float32 parameters, without Python (best of 9).
  *
  *   gcc -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math scripts/native_harness.c -o /tmp/harness -lm
- *   /tmp/harness ESTIMATOR ADAM BF16_STATE [NORMALIZE]  # ESTIMATOR: 0 diagonal, 1 rank-one, 2 none
- *   /tmp/harness 0 1 0; /tmp/harness 0 1 1     # the default form, fp32 and bf16 state
+ *   /tmp/harness ESTIMATOR ADAM BF16_STATE [NORMALIZE [NESTEROV]]
+ *       # ESTIMATOR: 0 diagonal, 1 rank-one, 2 none, 3 folded; NESTEROV 1: look-ahead weight 0.55
+ *   /tmp/harness 3 1 0 1 1; /tmp/harness 3 1 1 1 1  # the default form, fp32 and bf16 state
  *   /tmp/harness 0 0 0 0                       # the paper diagonal (no Adam, raw rate)
  *
  * Add -DHF_TO_CONSTANT_ROUNDING_NOISE to replace the stochastic-rounding hash by a constant
@@ -22,6 +23,7 @@ static double now(void) {
 int main(int argc, char **argv) {
     if (argc < 4) { fprintf(stderr, "usage: %s ESTIMATOR ADAM BF16_STATE\n", argv[0]); return 2; }
     int est = atoi(argv[1]), adam = atoi(argv[2]), bf16 = atoi(argv[3]), norm = argc > 4 ? atoi(argv[4]) : 1;
+    int nest = argc > 5 ? atoi(argv[5]) : 0;
     enum { K = 8 };
     const int64_t n = 2048 * 1024;
     static double scratch[1 << 20];
@@ -35,13 +37,15 @@ int main(int argc, char **argv) {
         for (int64_t i = 0; i < n; ++i) { w[i] = (i % 97) * 0.001f; g[i] = (i % 13) * 0.0001f; }
         steps[t] = 3;
         ts[t] = (to_tensor){.w = w, .g = g, .b = calloc(n, es), .s1 = calloc(n, es), .s2 = calloc(n, es),
-                            .v2 = adam ? calloc(n, es) : NULL, .n = n, .step = &steps[t], .ww = 1.0};
+                            .v2 = adam ? calloc(n, es) : NULL, .n = n, .ntotal = n, .step = &steps[t], .ww = 1.0};
         grads[t] = g;
     }
     to_config cfg = {.lr = 1e-3, .decay = 1.0, .alpha = 0.1, .beta = 0.1, .beta2 = 0.999, .eps = 1e-8,
                      .floor = 1e-3, .warmup = 1, .adam = adam, .normalize = norm, .diagnostics = 0,
-                     .pdtype = F32, .sdtype = bf16 ? BF16 : F32, .estimator = est, .nthreads = 1};
-    for (int r = 0; r < 3; ++r) to_step(ts, K, &cfg, scratch, 1 << 20, grads);
+                     .pdtype = F32, .sdtype = bf16 ? BF16 : F32, .estimator = est, .nthreads = 1,
+                     .nesterov = nest, .lookahead = 0.55};
+    for (int r = 0; r < 3; ++r)
+        if (to_step(ts, K, &cfg, scratch, 1 << 20, grads)) { fprintf(stderr, "to_step refused the call\n"); return 1; }
     double best = 1e9;
     for (int r = 0; r < 9; ++r) {
         double t0 = now();
@@ -49,7 +53,8 @@ int main(int argc, char **argv) {
         double dt = now() - t0;
         if (dt < best) best = dt;
     }
-    if (argc > 4) printf("estimator %d adam %d bf16 state %d normalize %d: %.2f ms\n", est, adam, bf16, norm, best * 1e3);
+    if (argc > 5) printf("estimator %d adam %d bf16 state %d normalize %d nesterov %d: %.2f ms\n", est, adam, bf16, norm, nest, best * 1e3);
+    else if (argc > 4) printf("estimator %d adam %d bf16 state %d normalize %d: %.2f ms\n", est, adam, bf16, norm, best * 1e3);
     else printf("estimator %d adam %d bf16 state %d: %.2f ms\n", est, adam, bf16, best * 1e3);
     return 0;
 }

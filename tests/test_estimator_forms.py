@@ -116,6 +116,22 @@ def test_intercept_rates_of_the_three_schedules():
     assert adam[2] == pytest.approx(0.1 / (1 - 0.9**10)) and adam[3] == pytest.approx(0.1, rel=1e-6)
 
 
+def _resume_problem() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Two tensors' starting weights and ten steps of their gradients."""
+    torch.manual_seed(0)
+    w0 = [torch.randn(64, 48), torch.randn(48)]
+    gen = torch.Generator().manual_seed(2)
+    return w0, [[torch.randn(64, 48, generator=gen), torch.randn(48, generator=gen)] for _ in range(10)]
+
+
+def steps(opt, ps, gs):
+    """One optimizer step per list of gradients in ``gs``."""
+    for g in gs:
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+        opt.step()
+
+
 @pytest.mark.parametrize(
     ("written_with", "resumed_with"),
     [
@@ -129,17 +145,7 @@ def test_intercept_rates_of_the_three_schedules():
 def test_checkpoint_resumes_exactly_under_another_default_form(written_with, resumed_with):
     """A checkpoint carries its groups' hyperparameters: an optimizer constructed with other
     beta_warmup / nesterov values (e.g. a later default) continues the saved form exactly."""
-    torch.manual_seed(0)
-    w0 = [torch.randn(64, 48), torch.randn(48)]
-    gen = torch.Generator().manual_seed(2)
-    grads = [[torch.randn(64, 48, generator=gen), torch.randn(48, generator=gen)] for _ in range(10)]
-
-    def steps(opt, ps, gs):
-        for g in gs:
-            for p, gi in zip(ps, g):
-                p.grad = gi.clone()
-            opt.step()
-
+    w0, grads = _resume_problem()
     ps = [torch.nn.Parameter(w.clone()) for w in w0]
     straight = TrainableOptimizer(ps, lr=0.01, **written_with)
     steps(straight, ps, grads)
@@ -161,6 +167,31 @@ def test_checkpoint_resumes_exactly_under_another_default_form(written_with, res
     other.param_groups[0].update(constructed)
     steps(other, rs, grads[4:])
     assert not torch.equal(rs[0], qs[0])
+
+
+#: The default of 2026-12-06 (diagonal estimator, look-ahead 0.55), written out.
+DIAGONAL_DEFAULT = {"estimator": "diagonal", "beta_warmup": "adam", "nesterov": 0.55}
+
+
+def test_checkpoint_of_the_diagonal_default_resumes_exactly_under_todays_defaults():
+    """A Trainer resuming with ``--optim trainable_to`` builds the optimizer with the defaults of
+    its day: a checkpoint of the diagonal default continues with its estimator and state, bit for
+    bit; an estimator the user chose must still match the checkpoint's."""
+    w0, grads = _resume_problem()
+    ps = [torch.nn.Parameter(w.clone()) for w in w0]
+    steps(TrainableOptimizer(ps, lr=0.01, **DIAGONAL_DEFAULT), ps, grads)
+    qs = [torch.nn.Parameter(w.clone()) for w in w0]
+    first = TrainableOptimizer(qs, lr=0.01, **DIAGONAL_DEFAULT)
+    steps(first, qs, grads[:4])
+    saved = first.state_dict()
+    resumed = TrainableOptimizer(qs, lr=0.01)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["estimator"] == "diagonal" and "a" in resumed.state[qs[0]]
+    steps(resumed, qs, grads[4:])
+    for a, b in zip(ps, qs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"estimator='diagonal'.*estimator='rank_one'"):
+        TrainableOptimizer(qs, lr=0.01, estimator="rank_one").load_state_dict(saved)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ def test_slope_share_sees_travel_only_where_the_weights_move():
     for lr in (0.0, 0.05):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(40))
-        opt = TrainableOptimizer([p], lr=lr, fused=False)
+        opt = TrainableOptimizer([p], lr=lr, estimator="diagonal", fused=False)
         prev: dict = {}
         for _ in range(4):
             p.grad = torch.randn(40)

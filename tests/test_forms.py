@@ -188,7 +188,10 @@ def test_a_registered_form_steps_on_the_readable_path_and_claims_no_kernel_it_la
         register_form(mine)
         w0 = torch.randn(6, 4)
         p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-        opt_mine, opt_diag = TrainableOptimizer([p], estimator="mine"), TrainableOptimizer([q], fused=False)
+        opt_mine, opt_diag = (
+            TrainableOptimizer([p], estimator="mine"),
+            TrainableOptimizer([q], estimator="diagonal", fused=False),
+        )
         for t in range(5):
             _grads([p], t)
             _grads([q], t)

@@ -64,6 +64,6 @@ def test_the_cpu_offload_check_runs_its_steps_without_a_gpu():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    for estimator in ("diagonal", "rank_one", "none"):
+    for estimator in ("diagonal", "rank_one", "none", "folded"):
         assert report[estimator]["native_sharded_calls"] == report[estimator]["steps"]
         assert report[estimator]["max_rel_diff_vs_no_fsdp"] <= 1e-6

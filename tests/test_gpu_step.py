@@ -176,7 +176,7 @@ def test_diagnostics_equal_the_readable_paths():
         assert math.isclose(fast[key], readable[key], rel_tol=1e-5, abs_tol=1e-9), key
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one", "folded"])
 def test_sharded_groups_sum_their_rows_through_one_reducer_call_per_step(estimator, monkeypatch):
     """The FSDP2 path: a third launch writes the per-tensor sums, ``reduce_stats`` sums them over
     the shard group (here: the identity, once per group and step), then the update."""

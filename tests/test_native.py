@@ -11,14 +11,14 @@ import logging
 
 import pytest
 import torch
-from test_fast_paths import FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
+from test_fast_paths import FORM_TABLE, FORMS, ODD_SHAPES, TOLERANCE, _grads, _run_pair
 
 from hf_to import StepConfig, TrainableOptimizer, native
 from hf_to.settings import env_switch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: hf_to.native cannot be built")
 
-ESTIMATORS = ["diagonal", "rank_one", "none"]
+ESTIMATORS = [name for name, form in FORM_TABLE.items() if "native" in form.kernels]
 # Sizes around the kernel's block (2048 elements) and rank-one chunk (2**17) boundaries.
 BLOCK_SHAPES = [(2048,), (2048 * 3 + 5,), (4099, 3), (1, 2049), ((1 << 20) + 3,), ((1 << 17) + 1,), (1 << 16,)]
 
@@ -205,7 +205,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(params, resumed))
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one", "folded"])
 def test_in_place_change_of_the_weights_between_steps_is_noticed(estimator):
     """Carried sums are dropped when PyTorch writes a parameter (its version counter moves)."""
     fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
@@ -264,9 +264,9 @@ def test_bf16_state_matches_the_readable_path(monkeypatch):
     (with other noise about half would differ), and all agree to bf16 precision; float32
     arithmetic in another order flips a rare rounding, which the next steps carry on."""
     fast, slow = _params(BLOCK_SHAPES[:3]), _params(BLOCK_SHAPES[:3])
-    opt_fast = _train(fast, 20, state_dtype=torch.bfloat16)
+    opt_fast = _train(fast, 20, state_dtype=torch.bfloat16, estimator="diagonal")
     monkeypatch.setenv("HF_TO_NATIVE", "0")
-    opt_slow = _train(slow, 20, state_dtype=torch.bfloat16)
+    opt_slow = _train(slow, 20, state_dtype=torch.bfloat16, estimator="diagonal")
     for pf, ps in zip(fast, slow):
         assert opt_fast.state[pf]["b"].dtype == torch.bfloat16
         torch.testing.assert_close(pf, ps, rtol=1e-3, atol=1e-4)
@@ -380,7 +380,7 @@ def test_state_that_does_not_fit_its_parameter_raises_instead_of_writing_out_of_
 def test_state_replaced_through_data_is_noticed():
     """``state[k].data = ...`` keeps the tensor and its version counter: the storage is stamped too."""
     fast, slow = _params(BLOCK_SHAPES[:2]), _params(BLOCK_SHAPES[:2])
-    opt_fast, opt_slow = _train(fast, 3), _train(slow, 3, fused=False)
+    opt_fast, opt_slow = _train(fast, 3, estimator="diagonal"), _train(slow, 3, estimator="diagonal", fused=False)
     for opt, ps in ((opt_fast, fast), (opt_slow, slow)):
         for p in ps:
             for key in ("b", "a", "exp_avg_sq"):
@@ -391,7 +391,7 @@ def test_state_replaced_through_data_is_noticed():
         torch.testing.assert_close(opt_fast.state[pf]["b"], opt_slow.state[ps_]["b"], **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "rank_one"])
+@pytest.mark.parametrize("estimator", ["diagonal", "rank_one", "folded"])
 def test_gradients_that_come_and_go_keep_the_carried_sums_current(estimator):
     """Each set of tensors with gradients has its own cached plan; a step of one set bumps the
     version counters, so another set's carried sums for the same tensors are recomputed."""
@@ -476,7 +476,8 @@ def test_sums_through_reduce_stats_step_like_the_unsharded_kernel(estimator, mon
             opt.step()
         runs.append((params, opt))
     assert len(calls) == 24
-    columns = {"diagonal": 2, "rank_one": 6, "none": 1}[estimator]  # the count, then Estimator.stat_names
+    columns = 1 + len(FORM_TABLE[estimator].stat_names)  # the count, then the form's stat_names
+    assert columns == {"diagonal": 2, "rank_one": 6, "none": 1, "folded": 2}[estimator]
     assert rows == [torch.Size([4, columns])] * 12
     (plain, opt_plain), (reduced, opt_reduced) = runs
     for p, q in zip(plain, reduced):

@@ -53,7 +53,7 @@ def test_parameter_shrunk_through_data_is_refused_not_read_past_its_end():
 @pytest.mark.parametrize("key", ["b", "a", "exp_avg_sq"])
 def test_state_shrunk_through_data_is_refused(key):
     p = torch.nn.Parameter(torch.randn(3000))
-    opt = _stepped([p])
+    opt = _stepped([p], estimator="diagonal")  # a slope tensor "a" beside b and exp_avg_sq
     state = opt.state[p][key]
     state.data = state.data[:7]
     p.grad = torch.randn(3000)
@@ -241,7 +241,7 @@ def test_add_param_group_keeps_the_accumulated_diagnostics():
 )
 def test_changing_the_form_under_existing_state_raises_a_value_error_naming_it(fused, key, value, named):
     p = torch.nn.Parameter(torch.randn(10))
-    opt = _stepped([p], fused=fused)
+    opt = _stepped([p], fused=fused, estimator="diagonal")
     opt.param_groups[0][key] = value
     p.grad = torch.randn(10)
     w0 = p.detach().clone()

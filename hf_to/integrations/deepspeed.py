@@ -3,7 +3,7 @@
 DeepSpeed's ZeRO optimizer (stages 1-3) and its bf16 optimizer wrap the client optimizer
 and overwrite each ``param_group["params"]`` with one flat fp32 partition per rank, a slice of
 the concatenation of the group's parameters (``runtime/zero/stage_1_and_2.py``,
-``stage3.py``, ``bf16_optimizer.py``).  The elementwise estimators (``diagonal``, ``none``)
+``stage3.py``, ``bf16_optimizer.py``).  The elementwise estimators (``folded``, ``diagonal``, ``none``)
 run on such partitions; ``rank_one`` and ``full`` need each parameter whole and refuse them.
 
 :class:`~hf_to.TrainableOptimizer` detects the partitions itself at its first step (see
@@ -43,7 +43,8 @@ def check_estimator(estimator: str, *, training_args: Any = None) -> None:
             f"estimator={estimator!r} cannot run under DeepSpeed: ZeRO (and DeepSpeed's bf16 optimizer) "
             "hands the optimizer one flat partition per param group and rank, pieces of several "
             f"parameters, and the {estimator} estimator couples all elements of one parameter tensor. "
-            "Use estimator='diagonal' or estimator='none' with DeepSpeed, or FSDP2 (accelerate's "
+            "Use estimator='folded' (the default), estimator='diagonal' or estimator='none' with DeepSpeed, "
+            "or FSDP2 (accelerate's "
             "fsdp_version: 2), where estimator='rank_one' runs on sharded parameters"
         )
 

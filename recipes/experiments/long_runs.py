@@ -20,10 +20,12 @@ study's ``base_lr``: 3e-4 for LoRA, 3e-5 for full fine-tuning) rather than a tun
 
 Results (2026-12-06): proxy, seeds 1–3, in ``recipes/results/long-runs-2026-12-06/``;
 SmolLM2-135M in ``recipes/results/long-runs-real-2026-12-06/`` (``to_nesterov`` there is the
-default of that morning, λ = β_t; ``to_lookahead`` today's default; ``to_lookahead_none`` the
-same without the slope: within 0.0006 of it on every seed of both tasks; ``to_lookahead_a1``
-and ``to_lookahead_bf16``, full fine-tuning only, added 2026-12-07); the proxy at 1,000 steps
-with today's default in ``recipes/results/long-runs-1000-2026-12-07/``; all in recipes/README.md.
+default of that morning, λ = β_t; ``to_lookahead`` the diagonal default of 2026-12-06;
+``to_lookahead_none`` the same without the slope: within 0.0006 of it on every seed of both
+tasks; ``to_lookahead_a1`` and ``to_lookahead_bf16``, full fine-tuning only, added 2026-12-07;
+``to_lookahead_folded``, the default since 2026-12-07: level with ``to_lookahead`` to 0.00004
+on every seed of both tasks); the proxy at 1,000 steps in
+``recipes/results/long-runs-1000-2026-12-07/``; all in recipes/README.md.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ OPTIMIZERS = (
     "to_lookahead_none",
     "to_lookahead_a1",
     "to_lookahead_none_b115",
+    "to_lookahead_folded",
 )
 
 
@@ -76,6 +79,7 @@ EXTRA = {
     "to_lookahead_none": _to_nesterov_with("to_lookahead_none", nesterov=0.55, estimator="none"),
     "to_lookahead_a1": _to_nesterov_with("to_lookahead_a1", nesterov=0.55, alpha=1.0),
     "to_lookahead_none_b115": _to_nesterov_with("to_lookahead_none_b115", nesterov=0.55, estimator="none", beta=0.115),
+    "to_lookahead_folded": _to_nesterov_with("to_lookahead_folded", nesterov=0.55, estimator="folded"),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.

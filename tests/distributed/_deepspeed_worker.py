@@ -37,7 +37,7 @@ def main() -> None:
         "zero_allow_untested_optimizer": True,
     }
     results = {}
-    for estimator in ("diagonal", "none", "rank_one", "full"):
+    for estimator in ("diagonal", "none", "folded", "rank_one", "full"):
         model = make_model(0)
         # (the engine casts the model to bf16: compare in bf16)
         before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().bfloat16().float()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from _models import batch, loss_fn, make_model, param_groups
+from _models import FSDP_ESTIMATORS, FSDP_NONFINITE, batch, loss_fn, make_model, param_groups
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument(
         "--estimators",
         nargs="+",
-        default=["diagonal", "rank_one", "none", "diagonal+fused", "rank_one+fused", "none+fused"],
+        default=list(FSDP_ESTIMATORS),
     )
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -309,10 +309,7 @@ def main() -> None:
     results = {"world": world}
     for estimator in args.estimators:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
-    results["nonfinite"] = {
-        est: run_nonfinite(est, mesh, rank, world)
-        for est in ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
-    }  # the names of test_fsdp.NONFINITE
+    results["nonfinite"] = {est: run_nonfinite(est, mesh, rank, world) for est in FSDP_NONFINITE}
 
     # Diagnostics: local shard sums, summed over the shard group on request.
     ref = make_model(0)

@@ -8,6 +8,29 @@ from torch import Tensor, nn
 
 D_IN, D_MODEL, D_FF, D_OUT, SEQ = 5, 12, 33, 2, 4
 
+#: The FSDP2 worker's runs (``+fused``: the fast path of the shards' device) and, of those, the
+#: ones its non-finite check covers; tests/distributed/test_fsdp.py reads the results by these names.
+FSDP_ESTIMATORS = (
+    "diagonal",
+    "rank_one",
+    "none",
+    "folded",
+    "diagonal+fused",
+    "rank_one+fused",
+    "none+fused",
+    "folded+fused",
+)
+FSDP_NONFINITE = (
+    "diagonal",
+    "none",
+    "folded",
+    "rank_one",
+    "diagonal+fused",
+    "none+fused",
+    "folded+fused",
+    "rank_one+fused",
+)
+
 
 class Block(nn.Module):
     """A pre-norm transformer block: attention and an MLP, each with a residual."""

@@ -29,7 +29,7 @@ def test_zero_hands_the_client_optimizer_one_flat_partition_per_group(results):
     assert all(len(shape) == 1 for shape in res["client_param_shapes"])
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "none"])
+@pytest.mark.parametrize("estimator", ["diagonal", "none", "folded"])
 def test_elementwise_estimators_train_under_zero2(results, estimator):
     res = results[estimator]
     assert res["error"] is None

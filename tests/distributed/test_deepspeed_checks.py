@@ -28,7 +28,7 @@ def test_check_estimator_refuses_whole_tensor_estimators_under_deepspeed(estimat
         check_estimator(estimator, training_args=SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}))
 
 
-@pytest.mark.parametrize("estimator", ["diagonal", "none"])
+@pytest.mark.parametrize("estimator", ["diagonal", "none", "folded"])
 def test_check_estimator_accepts_elementwise_estimators_under_deepspeed(estimator):
     check_estimator(estimator, training_args=SimpleNamespace(deepspeed="ds_config.json"))
 

@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from _launch import torchrun
+from _models import FSDP_ESTIMATORS, FSDP_NONFINITE
 
-ESTIMATORS = (
-    "diagonal",
-    "rank_one",
-    "none",
-    "diagonal+fused",
-    "rank_one+fused",
-    "none+fused",
-)
+ESTIMATORS = FSDP_ESTIMATORS
 WORLDS = (2, 3)
 TOLERANCE = 1e-5  # max relative difference of fp32 parameters after 20 steps (issue 4)
 
@@ -119,7 +113,7 @@ def test_parameters_swapped_in_by_accelerate_fsdp2_are_not_flat_partitions(run):
         assert r["accelerate_swap_max_abs_diff"] == 0.0
 
 
-NONFINITE = ("diagonal", "none", "rank_one", "diagonal+fused", "none+fused", "rank_one+fused")
+NONFINITE = FSDP_NONFINITE
 
 
 @pytest.mark.parametrize("estimator", NONFINITE)
