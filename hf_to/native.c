@@ -220,7 +220,7 @@ static int layout_init(layout *L, const to_tensor *ts, int64_t k, double *scratc
 static int descriptors_ok(const to_tensor *ts, int64_t k, const to_config *cfg, int with_grads) {
     for (int64_t t = 0; t < k; ++t) {
         const to_tensor *T = &ts[t];
-        if (T->n < 0 || T->ntotal < T->n || !T->step) return 0;
+        if (T->n < 0 || T->ntotal < T->n || !T->step || (uint32_t)cfg->estimator > EST_FOLDED) return 0;
         if (T->n > 0 && (!T->w || !T->b || (with_grads && !T->g) || (HAS_SLOPE(cfg->estimator) && !T->s1) ||
                          (cfg->estimator == EST_RANK_ONE && !T->s2) || (cfg->adam && !T->v2)))
             return 0;
@@ -629,5 +629,5 @@ int to_step(to_tensor *ts, int64_t k, const to_config *cfg, double *scratch, int
     return rc;
 }
 
-int to_abi_version(void) { return 8; }
+int to_abi_version(void) { return 9; }
 int to_has_float16(void) { return HAS_F16; }

@@ -17,7 +17,7 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
   inside its storage (gradients in full every call; parameters and state by pointer, byte
   size, dtype and contiguity every call and in full when one of those moved), so that no
   ``.data`` reassignment, resize or mismatched state can make it read or write out of bounds;
-* the coordinate-wise estimators (diagonal, none) mask non-finite gradient entries in the
+* the coordinate-wise estimators (folded, diagonal, none) mask non-finite gradient entries in the
   same pass; rank-one needs ``uᵀg`` of the new gradient and pays a pre-pass over ``u`` and ``g``;
 * sharded groups (FSDP2's DTensors on the CPU, as ``CPUOffloadPolicy`` hands them over) step
   their local shards: the carried sums are the local shards' partial sums, one pass over the
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 _ENV = "HF_TO_NATIVE"
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 8
+_ABI = 9
 _PDTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SDTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ESTIMATORS = {"diagonal": 0, "rank_one": 1, "none": 2, "folded": 3}

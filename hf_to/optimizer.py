@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import FIELDS, LEGACY_DEFAULTS, StepConfig, constructor_signature, validate
 from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
-from .forms import get_form
+from .forms import FORMS, get_form
 from .functional import Path, empty_stats, trainable_to
 
 __all__ = ["TrainableOptimizer"]
@@ -87,8 +87,8 @@ class TrainableOptimizer(Optimizer):
         estimator: structure of :math:`A`: ``"folded"`` (default since 2026-12-07; 4 bytes of
             estimator per parameter, 8 with the preconditioner: AdamW's), ``"diagonal"`` (the
             default before, ``"to_diagonal"``; 8 bytes, 12), ``"rank_one"``, ``"full"`` or
-            ``"none"``.  A checkpoint written with another estimator resumes with its own when
-            this keyword is left at its default.
+            ``"none"``.  A checkpoint written with another estimator resumes with its own (with a
+            warning) when this optimizer's estimator is the default; any other mismatch raises.
         alpha: slope rate :math:`\alpha`, the step of :math:`A` on the residual loss
             (default: 0.1; with ``alpha_scaling="normalized"`` the largest fraction of the
             residual that the slope term absorbs per step, below 2, where the normalised step
@@ -265,19 +265,15 @@ class TrainableOptimizer(Optimizer):
                     "this version no longer has (it lost the fine-tuning study; docs/design-decisions.md)"
                 )
             # beta_warmup and nesterov need not match: the saved group's values (and state) win,
-            # so a checkpoint written under an older default resumes exactly.  So does an
-            # estimator or preconditioner where this optimizer has the default (a Trainer resuming
-            # with --optim trainable_to builds it so); one chosen otherwise must match.
+            # so a checkpoint written under an older default resumes exactly.  So does the
+            # estimator where this optimizer's equals today's default (a Trainer resuming with
+            # --optim trainable_to builds it so; the default changed on 2026-12-07); another
+            # estimator, or another preconditioner, must match.
             for key in ("estimator", "preconditioner"):
-                if (
-                    saved.get(key) != group[key]
-                    and group[key] == getattr(StepConfig, key)
-                    and saved.get(key) is not None
-                ):
-                    logger.info(
-                        "hf_to: param group %d resumes with the checkpoint's %s=%r (this optimizer's default is %r)",
+                if key == "estimator" and saved.get(key) in FORMS and group[key] == StepConfig.estimator != saved[key]:
+                    logger.warning(
+                        "hf_to: param group %d resumes with the checkpoint's estimator=%r, not the default %r",
                         i,
-                        key,
                         saved[key],
                         group[key],
                     )

@@ -79,7 +79,7 @@ def section_lm(steps: int) -> None:
     print("|---|---|---|---|")
     for lr in (1e-5, 1e-4, 3e-4, 1e-3):
         adamw = lm_run(lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), steps)
-        to = lm_run(lambda p, lr=lr: TrainableOptimizer(p, lr=lr), steps)
+        to = lm_run(lambda p, lr=lr: TrainableOptimizer(p, lr=lr, estimator="diagonal"), steps)
         paper = lm_run(lambda p, lr=lr: TrainableOptimizer(p, lr=lr, **PAPER_LITERAL, alpha=1e-3), steps)
         print(f"| {lr:g} | {adamw:.3f} | {to:.3f} | {paper:.3f} |")
     print("\nPaper-literal form needs SGD-scale rates:\n")
@@ -191,7 +191,10 @@ def section_init() -> None:
     print("\n### Intercept initialisation b₀ (logistic regression, full-batch loss, 5 seeds)\n")
     print("| form | lr | steps | b₀ = g₀ (default) | b₀ = 0 |")
     print("|---|---|---|---|---|")
-    forms = {"paper-literal diagonal": (dict(PAPER_LITERAL, alpha=1e-3), 0.5), "default diagonal": ({}, 0.05)}
+    forms = {
+        "paper-literal diagonal": (dict(PAPER_LITERAL, alpha=1e-3), 0.5),
+        "default diagonal": ({"estimator": "diagonal"}, 0.05),
+    }
     for name, (form, lr) in forms.items():
         for steps in (5, 20, 100):
             cells = []

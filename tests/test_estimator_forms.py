@@ -192,6 +192,11 @@ def test_checkpoint_of_the_diagonal_default_resumes_exactly_under_todays_default
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"estimator='diagonal'.*estimator='rank_one'"):
         TrainableOptimizer(qs, lr=0.01, estimator="rank_one").load_state_dict(saved)
+    # only the estimator follows the checkpoint: another preconditioner still raises
+    plain = TrainableOptimizer(qs, lr=0.01, preconditioner="none")
+    steps(plain, qs, grads[:1])
+    with pytest.raises(ValueError, match=r"preconditioner='none'.*preconditioner='adam'"):
+        TrainableOptimizer(qs, lr=0.01).load_state_dict(plain.state_dict())
 
 
 @pytest.mark.parametrize(

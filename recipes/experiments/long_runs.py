@@ -68,11 +68,12 @@ def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
     return study.Config(label, "to", tuple({**dict(study.CONFIGS["to_nesterov"].kwargs), **kwargs}.items()))
 
 
-#: Rows this script adds to the study's table (whose ``to_lookahead`` is today's default, the
-#: look-ahead weight fixed at 0.55, see lookahead_weight.py): ``to_nesterov`` (the look-ahead
-#: weight β_t) with bfloat16 state (6 B/param); today's default with bfloat16 state, without the
-#: slope (A ≡ 0, 8 B/param), with the slope rate the proxy's full fine-tuning liked (α = 1), and
-#: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py).
+#: Rows this script adds to the study's table (whose ``to_lookahead`` is the diagonal default of
+#: 2026-12-06, the look-ahead weight fixed at 0.55, see lookahead_weight.py): ``to_nesterov`` (the
+#: look-ahead weight β_t) with bfloat16 state (6 B/param); that default with bfloat16 state, without
+#: the slope (A ≡ 0, 8 B/param), with the slope rate the proxy's full fine-tuning liked (α = 1),
+#: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py), and the
+#: folded estimator, the default since 2026-12-07 (8 B/param).
 EXTRA = {
     "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
     "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
