@@ -97,19 +97,19 @@ def _step(p: Tensor, gv: Tensor, state: dict[str, Tensor], group: dict[str, Any]
     if est == "full":
         scale = alpha / (w @ w + n * floor + 1e-30) if normalized else alpha
         state["A"] = A - scale * grad_A
-    elif est == "diagonal":
-        a = torch.diagonal(A)
+    elif est in ("diagonal", "folded"):
         scale = alpha / (w * w + (w * w).mean() + floor + 1e-30) if normalized else alpha
-        state["a"] = (a - scale * torch.diagonal(grad_A)).reshape(p.shape)
+        step_a = scale * torch.diagonal(grad_A)
+        if est == "diagonal":
+            state["a"] = (torch.diagonal(A) - step_a).reshape(p.shape)
+        else:  # folded: the diagonal's slope step, evaluated at w, added to the intercept
+            b = b - step_a * w
     elif est == "rank_one":
         u, v = state["u"].reshape(-1), state["v"].reshape(-1)
         scale = alpha / ((v @ w) ** 2 + (u @ u) * (w @ w) + n * floor + 1e-30) if normalized else alpha
         state["u"] = (u - scale * (grad_A @ v)).reshape(p.shape)
         state["v"] = (v - scale * (grad_A.T @ u)).reshape(p.shape)
     beta = intercept_rate(group["beta"], t, group["beta_warmup"])
-    if est == "folded":  # the diagonal's slope step, evaluated at w and added to b
-        scale = alpha / (w * w + (w * w).mean() + floor + 1e-30) if normalized else alpha
-        b = b - scale * torch.diagonal(grad_A) * w
     b = b - beta * r
     state["b"] = b.reshape(p.shape)
     # 3. estimate with the updated estimator

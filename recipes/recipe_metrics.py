@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
-__all__ = ["format_mean_std", "mean_std", "steps_to_target"]
+__all__ = ["format_mean_std", "mean_std", "state_tensors", "steps_to_target"]
+
+
+def state_tensors(optimizer: Any) -> Iterator[Any]:
+    """Every tensor of an optimizer's state, those it keeps in lists or tuples too (SOAP keeps
+    its per-dimension preconditioners in lists), for the runs' state-size figures."""
+    import torch
+
+    for state in optimizer.state.values():
+        for entry in state.values():
+            for value in entry if isinstance(entry, (list, tuple)) else (entry,):
+                if isinstance(value, torch.Tensor):
+                    yield value
 
 
 def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float, *, above: bool = False) -> int | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from recipe_config import ModelArguments, RecipeError, ScriptArguments
 from recipe_data import load_model_and_tokenizer, prepare_datasets
+from recipe_metrics import state_tensors
 
 __all__ = [
     "PeakMemory",
@@ -88,18 +89,12 @@ class PeakMemory:
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of optimizer state: ``state_bytes()`` when the optimizer has it, else a tensor sum."""
-    import torch
-
+    """Bytes of optimizer state: ``state_bytes()`` when the optimizer has it, else a tensor sum
+    (tensors kept in lists included)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     if hasattr(inner, "state_bytes"):
         return int(inner.state_bytes())
-    total = 0
-    for state in inner.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
+    return sum(value.numel() * value.element_size() for value in state_tensors(inner))
 
 
 def _timing_callback() -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from peers import PEERS, build_optimizer, needs_train_eval
 from recipe_loop import LoopRecord, train_loop, warmup_cosine
+from recipe_metrics import state_tensors
 from study_data import build_model, evaluate, lm_loss, proxy_checkpoint, task_data
 from study_spec import ALL_CONFIGS, CONFIGS, EDGE_EXTENSIONS, GRID, TASKS, Config, Task
 
@@ -69,14 +70,7 @@ def run_one(
         train_eval_modes=needs_train_eval(opt),
     )
     diverged = loop.stopped
-    # tensors in lists too (SOAP keeps its per-dimension preconditioners in lists)
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values()
-        for entry in s.values()
-        for v in (entry if isinstance(entry, (list, tuple)) else [entry])
-        if isinstance(v, torch.Tensor) and v.numel() > 1
-    )
+    state_bytes = sum(v.numel() * v.element_size() for v in state_tensors(opt) if v.numel() > 1)
     return {
         **_run_id(task, kind, config, lr, seed, overrides),
         "val_curve": curve,

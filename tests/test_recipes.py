@@ -401,6 +401,17 @@ def test_compare_writes_results_json_table_and_plots_with_the_runs_numbers(compa
         assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
+def test_optimizer_state_bytes_counts_the_tensors_an_optimizer_keeps_in_lists() -> None:
+    """SOAP keeps its preconditioners in lists: they count, as top-level tensors and scalars do."""
+    import types
+
+    import torch
+
+    state = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(10), "GG": [torch.zeros(3, 3), torch.zeros(4, 4)]}
+    fake = types.SimpleNamespace(state={0: state})
+    assert recipe_train.optimizer_state_bytes(fake) == 4 * (1 + 10 + 9 + 16)
+
+
 def test_compare_reports_optimizer_state_bytes_of_each_optimizer(comparison: tuple[Path, dict]) -> None:
     _, results = comparison
     for run in results["runs"]:
