@@ -169,15 +169,21 @@ static inline float store_state(void *p, int64_t i, float x, int ok, const int d
     float *q = (float *)p; float s = ok ? x : q[i]; q[i] = s; return s;
 }
 
-/* Software prefetch of the step's streams (hf_to.native's step loop; see step_block).  On an
- * AMD EPYC (Zen 5, AVX-512) host a single thread kept too few cache misses in flight for the
- * 5-11 streams of a step (the hardware prefetchers alone: half the memory bandwidth that
- * fused AdamW reaches); prefetching PF_AHEAD elements ahead, PF_CHUNK elements at a time,
- * brought the float32 forms to the bandwidth bound (larger chunks or distances were slower:
- * the prefetched lines of 5+ streams then compete for the L1).  A prefetch is a hint, never
- * a load: it cannot fault or change a result, and prefetch_range stays inside the tensor. */
+/* Software prefetch of the step's streams (hf_to.native's step loop; see step_block), on the
+ * hosts where it was measured to pay: built with -DHF_TO_PREFETCH=1 (hf_to.native passes it on
+ * AMD family 1Ah, Zen 5).  There a single thread kept too few cache misses in flight for the
+ * 5-11 streams of a step (the hardware prefetchers alone: half the memory bandwidth that fused
+ * AdamW reaches); prefetching PF_AHEAD elements ahead, PF_CHUNK elements at a time, brought the
+ * float32 forms to the bandwidth bound (larger chunks or distances were slower: the prefetched
+ * lines of 5+ streams then compete for the L1).  On a Zen 4 host the chunked loop cost a
+ * quarter of the step instead (docs/speed.md), so elsewhere a block is one loop, unprefetched.
+ * A prefetch is a hint, never a load: it cannot fault or change a result, and prefetch_range
+ * stays inside the tensor. */
+#ifndef HF_TO_PREFETCH
+#define HF_TO_PREFETCH 0
+#endif
 #ifndef PF_CHUNK
-#define PF_CHUNK 128
+#define PF_CHUNK (HF_TO_PREFETCH ? 128 : BLOCK)
 #endif
 #ifndef PF_AHEAD
 #define PF_AHEAD 512
@@ -351,12 +357,13 @@ __attribute__((always_inline)) static inline void step_block(const to_tensor *T,
     const int init = first && cfg->init;
     const uint32_t seed_b = S->seed_b, seed_1 = S->seed_1, seed_2 = S->seed_2, seed_v2 = S->seed_v2;
     const int64_t n = T->n;
-    /* The block in chunks of PF_CHUNK elements, each first prefetching the chunk PF_AHEAD
-     * elements on (within the tensor: into the next block too).  The element-wise math is
-     * unchanged (the same values, bit for bit); the diagnostic sums add per chunk. */
+    /* With HF_TO_PREFETCH (Zen 5) the block in chunks of PF_CHUNK elements, each first
+     * prefetching the chunk PF_AHEAD elements on (within the tensor: into the next block too);
+     * elsewhere PF_CHUNK is the block, one loop.  The element-wise math is the same either way
+     * (the same values, bit for bit); the diagnostic sums add per chunk. */
     for (int64_t c0 = lo; c0 < hi; c0 += PF_CHUNK) {
     const int64_t c1 = c0 + PF_CHUNK < hi ? c0 + PF_CHUNK : hi;
-    {
+    if (HF_TO_PREFETCH) {
         const int64_t p0 = c0 + PF_AHEAD, p1 = c1 + PF_AHEAD < n ? c1 + PF_AHEAD : n;
         prefetch_range(G, p0, p1, pt, 0);
         prefetch_range(W, p0, p1, pt, 1);

@@ -27,7 +27,7 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no FMA contraction, so the rounding does not depend on the
-host's instruction set), 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+host's instruction set; on Zen 5 also ``-DHF_TO_PREFETCH=1``, :func:`_tuning_flags`), 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
 ``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
 feature flags.  The cache cannot hurt a run: a library is loaded only when the sidecar
 ``<name>.so.sha256`` written after its build still matches its byte size and sha256 (a
@@ -157,9 +157,23 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _tuning_flags() -> list[str]:
+    """``-DHF_TO_PREFETCH=1`` on AMD family 1Ah (Zen 5), the host where the step's software
+    prefetch was measured to pay (it doubled a single thread's bandwidth); on Zen 4 and on
+    the Intel host before, the plain loop was faster (docs/speed.md)."""
+    try:
+        info = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()[:32])
+        )
+    except OSError:
+        return []
+    return ["-DHF_TO_PREFETCH=1"] if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "26" else []
+
+
 _COMMON_FLAGS = ["-std=gnu11", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _FLAG_SETS = (
-    [*_COMMON_FLAGS, "-march=native", "-fopenmp"],
+    [*_COMMON_FLAGS, "-march=native", "-fopenmp", *_tuning_flags()],
     [*_COMMON_FLAGS, "-fopenmp"],
     [*_COMMON_FLAGS, "-fopenmp-simd"],  # no OpenMP runtime: one thread
 )

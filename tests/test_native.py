@@ -494,3 +494,35 @@ def test_sharded_parameters_without_reduce_stats_are_refused(monkeypatch):
     monkeypatch.setattr(native, "is_sharded", lambda p: True)
     with pytest.raises(RuntimeError, match="needs reduce_stats"):
         native.native_step(params, [torch.ones(10)], states, cfg, diagnostics=False)
+
+
+def test_the_prefetching_build_steps_exactly_as_the_plain_one(monkeypatch, tmp_path):
+    """The software prefetch (compiled in on Zen 5 only, HF_TO_PREFETCH) is a hint, and its
+    chunked loop does the same element-wise math: 30 steps of every kernel form, float32,
+    bfloat16 (bf16 state) and float16 parameters, across block boundaries, give the same
+    weights and state, bit for bit, as the build this host takes; the health sums agree to
+    rounding (added per chunk there)."""
+    runs = []
+    for prefetch in (False, True):
+        flags = [*native._FLAG_SETS[0], *(["-DHF_TO_PREFETCH=1"] if prefetch else [])]
+        monkeypatch.setattr(native, "_FLAG_SETS", (flags,))
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_failed", False)
+        monkeypatch.setenv("HF_TO_CACHE", str(tmp_path / str(prefetch)))
+        assert native.available() and tmp_path / str(prefetch) in native.library_path().parents
+        runs.append([])
+        for estimator in ESTIMATORS:
+            for pdtype, state_dtype in ((torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float16, None)):
+                if pdtype == torch.float16 and not native._lib.to_has_float16():
+                    continue
+                params = _params([*BLOCK_SHAPES[:4], (37,)], pdtype)
+                opt = _train(params, 30, estimator=estimator, state_dtype=state_dtype, diagnostics=True)
+                runs[-1].append((params, [opt.state[p] for p in params], opt.diagnostics()[0]))
+    plain, prefetching = runs
+    assert len(plain) == len(prefetching) >= 2 * len(ESTIMATORS)
+    for (ps, states, diag), (qs, other_states, other_diag) in zip(plain, prefetching):
+        for p, q, s, o in zip(ps, qs, states, other_states):
+            assert torch.equal(p, q)
+            assert all(torch.equal(s[k], o[k]) for k in s)
+        for key in ("residual_sq", "grad_sq", "estimate_sq"):
+            assert float(diag[key]) == pytest.approx(float(other_diag[key]), rel=1e-5), key
