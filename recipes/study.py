@@ -55,10 +55,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_report import report
-from study_runner import EDGE_EXTENSIONS, load_records, run_one, run_phase, table_runs
+from study_runner import EDGE_EXTENSIONS, load_records, run_one, run_phase, table_runs, tuned_lr
 from study_spec import CANDIDATES, CONFIGS, TASKS, Config, Task
 
-__all__ = ["CANDIDATES", "CONFIGS", "TASKS", "Config", "Task", "main", "parse_args", "run_one", "table_runs"]
+__all__ = [
+    "CANDIDATES",
+    "CONFIGS",
+    "TASKS",
+    "Config",
+    "Task",
+    "main",
+    "parse_args",
+    "run_one",
+    "table_runs",
+    "tuned_lr",
+]
 
 #: The run records of ``<out>/runs.jsonl`` (the name an experiment script imports).
 _load = load_records

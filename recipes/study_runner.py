@@ -133,6 +133,13 @@ def _edge_rate(records: list[dict[str, Any]], task: Task, config: Config, kind: 
     return None
 
 
+def tuned_lr(records: list[dict[str, Any]], task: str, config: str = "adamw") -> float | None:
+    """The learning rate ``config`` was tuned to on ``task`` (selected on validation, one seed);
+    the drop-in table runs every optimizer and seed at AdamW's."""
+    best = _select(records, task, config)
+    return None if best is None else best["lr"]
+
+
 def _select(records: list[dict[str, Any]], task: str, config: str) -> dict[str, Any] | None:
     """The tuning run (lr grid, then α/β grid) with the lowest final validation loss (one seed)."""
     pool = [

@@ -99,11 +99,9 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for name in args.tasks:
         task = dataclasses.replace(study.TASKS[name], steps=args.steps)
-        # proxy: AdamW's tuned rate of the stored study (selected on validation, seed 0)
-        stored = [] if args.model == "real" else study.table_runs(records, name, "dropin", set(args.seeds))["adamw"]
-        adamw_lr = {r["seed"]: r["lr"] for r in stored}
+        # proxy: AdamW's tuned rate of the stored study (selected on validation, seed 0), every seed
+        lr = task.base_lr if args.model == "real" else study.tuned_lr(records, name)
         for seed in args.seeds:
-            lr = task.base_lr if args.model == "real" else adamw_lr[seed]
             for label in args.optimizers:
                 if (name, seed, label) in done:
                     continue
@@ -144,6 +142,18 @@ def report(args: argparse.Namespace) -> str:
             lines.append(
                 f"| {label} | {format_mean_std(*mean_std(val), 4)} | {format_mean_std(*mean_std(test), 4)} | {d_adamw} | {d_nadamw} | {' '.join(reach)} |"
             )
+        if len(seeds) > 2:  # paired over seeds: mean ± standard error, and the seeds where the label is behind
+            lines += ["", "Paired with NAdamW over the seeds (mean ± s.e.; seeds behind it):", ""]
+            for label in labels:
+                if label == "nadamw":
+                    continue
+                parts = []
+                for split, key in (("test", "test"), ("validation", "final_val")):
+                    diff = [by[label, s][key] - by["nadamw", s][key] for s in seeds]
+                    m, sd = mean_std(diff)
+                    behind = sum(d > 0 for d in diff)
+                    parts.append(f"{split} {m:+.4f} ± {sd / len(diff) ** 0.5:.4f} ({behind} of {len(diff)} behind)")
+                lines.append(f"- {label} − nadamw: " + "; ".join(parts))
         lines.append("")
     text = "\n".join(lines)
     print(text)
