@@ -61,6 +61,7 @@ OPTIMIZERS = (
     "to_lookahead_a1",
     "to_lookahead_none_b115",
     "to_lookahead_folded",
+    "to_lookahead_folded_b02",
 )
 
 
@@ -73,7 +74,8 @@ def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
 #: look-ahead weight β_t) with bfloat16 state (6 B/param); that default with bfloat16 state, without
 #: the slope (A ≡ 0, 8 B/param), with the slope rate the proxy's full fine-tuning liked (α = 1),
 #: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py), and the
-#: folded estimator, the default since 2026-12-07 (8 B/param).
+#: folded estimator, the default since 2026-12-07 (8 B/param), also with the lighter memory the
+#: study tuned on prose LoRA (β = 0.2, i.e. β₁ = 0.8).
 EXTRA = {
     "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
     "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
@@ -81,6 +83,9 @@ EXTRA = {
     "to_lookahead_a1": _to_nesterov_with("to_lookahead_a1", nesterov=0.55, alpha=1.0),
     "to_lookahead_none_b115": _to_nesterov_with("to_lookahead_none_b115", nesterov=0.55, estimator="none", beta=0.115),
     "to_lookahead_folded": _to_nesterov_with("to_lookahead_folded", nesterov=0.55, estimator="folded"),
+    "to_lookahead_folded_b02": _to_nesterov_with(
+        "to_lookahead_folded_b02", nesterov=0.55, estimator="folded", beta=0.2
+    ),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 #: Held while a run trains, so that concurrent jobs on a shared machine take turns.
