@@ -147,36 +147,48 @@ def _compiler() -> str | None:
     return next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
 
 
-def _cpu_flags() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` ({} without one), read once per build."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor()
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if info:
+                break
+            continue
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
 
 
-def _tuning_flags() -> list[str]:
+def _cpu_flags(info: dict[str, str]) -> str:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``): part of the cache key."""
+    return info.get("flags") or info.get("Features") or platform.processor()
+
+
+def _tuning_flags(info: dict[str, str]) -> list[str]:
     """``-DHF_TO_PREFETCH=1`` on AMD family 1Ah (Zen 5), the host where the step's software
     prefetch was measured to pay (it doubled a single thread's bandwidth); on Zen 4 and on
     the Intel host before, the plain loop was faster (docs/speed.md)."""
-    try:
-        info = dict(
-            (key.strip(), value.strip())
-            for key, _, value in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()[:32])
-        )
-    except OSError:
-        return []
-    return ["-DHF_TO_PREFETCH=1"] if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "26" else []
+    zen5 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "26"
+    return ["-DHF_TO_PREFETCH=1"] if zen5 else []
 
 
 _COMMON_FLAGS = ["-std=gnu11", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-_FLAG_SETS = (
-    [*_COMMON_FLAGS, "-march=native", "-fopenmp", *_tuning_flags()],
-    [*_COMMON_FLAGS, "-fopenmp"],
-    [*_COMMON_FLAGS, "-fopenmp-simd"],  # no OpenMP runtime: one thread
-)
+
+
+def _flag_sets(info: dict[str, str]) -> tuple[list[str], ...]:
+    """The compiler flags to try, in order: tuned for this CPU, then portable, then without OpenMP."""
+    return (
+        [*_COMMON_FLAGS, "-march=native", "-fopenmp", *_tuning_flags(info)],
+        [*_COMMON_FLAGS, "-fopenmp"],
+        [*_COMMON_FLAGS, "-fopenmp-simd"],  # no OpenMP runtime: one thread
+    )
+
+
 #: Temporary files of a build (``<prefix><random>.so``), and of builds before 2026-12 (``tmp*.so``).
 _TMP_PREFIX = "hf_to_build_"
 #: A temporary build file older than this is left over from a killed build, and is removed.
@@ -289,8 +301,10 @@ def _build() -> Path:
     version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
     directory = _cache_dir()
     errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join(x.encode() for x in (version, _cpu_flags(), *flags)) + source).hexdigest()
+    info = _cpuinfo()
+    cpu = _cpu_flags(info)
+    for flags in _flag_sets(info):
+        key = hashlib.sha256(b"\0".join(x.encode() for x in (version, cpu, *flags)) + source).hexdigest()
         name = f"hf_to_native_{key[:20]}.so"
         if _verified(directory / name):
             return directory / name

@@ -504,8 +504,8 @@ def test_the_prefetching_build_steps_exactly_as_the_plain_one(monkeypatch, tmp_p
     rounding (added per chunk there)."""
     runs = []
     for prefetch in (False, True):
-        flags = [*native._FLAG_SETS[0], *(["-DHF_TO_PREFETCH=1"] if prefetch else [])]
-        monkeypatch.setattr(native, "_FLAG_SETS", (flags,))
+        tuning = ["-DHF_TO_PREFETCH=1"] if prefetch else []
+        monkeypatch.setattr(native, "_tuning_flags", lambda info, tuning=tuning: tuning)
         monkeypatch.setattr(native, "_lib", None)
         monkeypatch.setattr(native, "_failed", False)
         monkeypatch.setenv("HF_TO_CACHE", str(tmp_path / str(prefetch)))
