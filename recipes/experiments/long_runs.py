@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> None:
         task = dataclasses.replace(study.TASKS[name], steps=args.steps)
         # proxy: AdamW's tuned rate of the stored study (selected on validation, seed 0), every seed
         lr = task.base_lr if args.model == "real" else study.tuned_lr(records, name)
+        if lr is None:
+            raise SystemExit(f"long_runs: the stored study {STORED} has no tuned AdamW rate for task {name!r}")
         for seed in args.seeds:
             for label in args.optimizers:
                 if (name, seed, label) in done:
