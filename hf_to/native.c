@@ -19,12 +19,15 @@
  *
  * Whole-tensor sums that the step needs *before* it writes (w'w for the normalised rate;
  * v'w, u'u, u'b for rank-one) are sums of values the previous step wrote, so the previous
- * pass forms them right after it writes each block (re-reading it from cache) and the caller
+ * step forms them as it writes each block (w'w of the diagonal and folded forms with float32
+ * weights and state inside its loop, by lanes; otherwise by a pass over the block just
+ * written, still in cache) and the caller
  * carries them to the next step (hf_to.native checks they are still current and calls
- * to_sums otherwise).  Every such sum is formed per block of BLOCK elements by the one
- * compiled copy of block_sums() and the block sums are added in block order in double: the
- * result does not depend on the thread count, and to_sums() reproduces the carried value bit
- * for bit (so a resumed run continues exactly).  Only rank-one needs
+ * to_sums otherwise).  Every such sum is formed per block of BLOCK elements, to_sums() by the
+ * same code or in the same lane order as the step (block_sums, lanes_shape), and the block
+ * sums are added in block order in double: the result does not depend on the thread count,
+ * and to_sums() reproduces the carried value bit for bit (so a resumed run continues
+ * exactly).  Only rank-one needs
  * a sum of the new gradient (u'g), which costs it a pre-pass over u and g.
  *
  * A tensor's first step (its step count 0) runs here too, by one generic compiled copy of the
@@ -273,14 +276,61 @@ static double total(const layout *L, int64_t t, int s) {
     default: rc = -2;                                                                         \
     }
 
+/* Lanes (the lanes loop of step_block, and block_sums for the same variants): element lo + k
+ * of a block adds to lane k % LANES of its sum, and lanes_total adds the lanes in a fixed
+ * tree.  The step loop (w'w of the weights it stores) and to_sums (w'w of the weights as they
+ * are) use this same order, so a recomputed sum equals the carried one bit for bit whatever
+ * vector width the compiler picked for either loop. */
+#define LANES 16
+typedef float lanes_v __attribute__((vector_size(LANES * sizeof(float))));
+_Static_assert(PF_CHUNK % LANES == 0, "a prefetch chunk must hold whole lanes");
+static inline float lanes_total(const lanes_v acc) {
+    float a[LANES];
+    memcpy(a, &acc, sizeof a);
+    for (int h = LANES / 2; h > 0; h /= 2)
+        for (int j = 0; j < h; ++j) a[j] += a[j + h];
+    return a[0];
+}
+
+/* acc += q, lane by lane (memcpy: a float array read as a vector without breaking aliasing rules). */
+static inline void lanes_add(lanes_v *acc, const float q[LANES]) {
+    lanes_v x;
+    memcpy(&x, q, sizeof x);
+    *acc += x;
+}
+
+/* Which block loop a step variant runs (step_block): the lanes loop where the step carries w'w
+ * alone (the normalised diagonal and folded forms) with float32 weights and state; the flat
+ * loop otherwise.  block_sums forms w'w in the same order as the variant's step, so to_sums
+ * reproduces the carried sum bit for bit. */
+static inline int lanes_shape(const int pt, const int st, const int est, const int norm) {
+    return pt == F32 && st == F32 && (est == EST_DIAGONAL || est == EST_FOLDED) && norm;
+}
+
 __attribute__((always_inline)) static inline void sums_block(const to_tensor *T, int64_t lo, int64_t hi, double *out,
-                                                             const int pt, const int st, const int est) {
+                                                             const int pt, const int st, const int est, const int norm) {
     const void *const W = T->w, *const B = T->b, *const U = T->s1, *const V = T->s2;
-    float ww = 0.0f, vw = 0.0f, uu = 0.0f, ub = 0.0f;
-    if (est != EST_RANK_ONE) {
+    out[S_VW] = out[S_UU] = out[S_UB] = 0.0;
+    if (lanes_shape(pt, st, est, norm)) {
+        /* each group of LANES weights through a small array q into the vector accumulator,
+         * as in step_lanes (q is not zeroed but for the lanes a short group leaves) */
+        lanes_v acc = {0};
+        float q[LANES] __attribute__((aligned(64)));
+        for (int64_t l0 = lo; l0 < hi; l0 += LANES) {
+            const int m = hi - l0 < LANES ? (int)(hi - l0) : LANES;
+#pragma omp simd
+            for (int j = 0; j < m; ++j) { float w = ((const float *)W)[l0 + j]; q[j] = w * w; }
+            for (int j = m; j < LANES; ++j) q[j] = 0.0f;
+            lanes_add(&acc, q);
+        }
+        out[S_WW] = lanes_total(acc);
+    } else if (est != EST_RANK_ONE) {
+        float ww = 0.0f;
 #pragma omp simd reduction(+ : ww)
         for (int64_t i = lo; i < hi; ++i) { float w = load(W, i, pt); ww += w * w; }
+        out[S_WW] = ww;
     } else {
+        float ww = 0.0f, vw = 0.0f, uu = 0.0f, ub = 0.0f;
 #pragma omp simd reduction(+ : ww, vw, uu, ub)
         for (int64_t i = lo; i < hi; ++i) {
             float w = load(W, i, pt), u = load(U, i, st);
@@ -289,8 +339,8 @@ __attribute__((always_inline)) static inline void sums_block(const to_tensor *T,
             uu += u * u;
             ub += u * load(B, i, st);
         }
+        out[S_WW] = ww; out[S_VW] = vw; out[S_UU] = uu; out[S_UB] = ub;
     }
-    out[S_WW] = ww; out[S_VW] = vw; out[S_UU] = uu; out[S_UB] = ub;
 }
 
 /* One compiled copy of the block sums for both callers, to_step and to_sums (and kept out
@@ -298,7 +348,7 @@ __attribute__((always_inline)) static inline void sums_block(const to_tensor *T,
 __attribute__((noinline)) static int block_sums(const to_tensor *T, int64_t lo, int64_t hi, double *out,
                                                 const to_config *cfg) {
     int rc = 0;
-#define SB(PT, ST) sums_block(T, lo, hi, out, PT, ST, cfg->estimator)
+#define SB(PT, ST) sums_block(T, lo, hi, out, PT, ST, cfg->estimator, cfg->normalize)
     DISPATCH_TYPES(SB)
 #undef SB
     return rc;
@@ -337,103 +387,188 @@ typedef struct {  /* per-tensor scalars of one step, float32 as in the readable 
     uint32_t seed_b, seed_1, seed_2, seed_v2;
 } scalars;
 
+/* The step's constants, copied out of the descriptor, the config and the scalars once per
+ * block: stores through the data pointers cannot then alias them (with the loads inside the
+ * loop, GCC reloaded them at every element). */
+typedef struct {
+    float lr, decay, alpha, beta2, eps, beta, la, bc2, one_minus_beta2;
+    float c, cu, cv, vw, vwn, vnorm, vunit;
+    uint32_t seed_b, seed_1, seed_2, seed_v2;
+    void *W, *B, *S1, *S2, *V2;
+    const void *G;
+    int init;
+} step_consts;
+
+static inline step_consts consts_of(const to_tensor *T, const scalars *S, const to_config *cfg, const int first) {
+    step_consts K = {
+        .lr = (float)cfg->lr, .decay = (float)cfg->decay, .alpha = (float)cfg->alpha, .beta2 = (float)cfg->beta2,
+        .eps = (float)cfg->eps, .beta = S->beta, .la = S->la, .bc2 = S->bc2,
+        /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in
+         * float is 1.3e-5 away from 0.001f, which moves v near the overflow of v / bc2). */
+        .one_minus_beta2 = (float)(1.0 - cfg->beta2),
+        .c = S->c, .cu = S->cu, .cv = S->cv, .vw = S->vw, .vwn = S->vwn, .vnorm = S->norm, .vunit = S->unit,
+        .seed_b = S->seed_b, .seed_1 = S->seed_1, .seed_2 = S->seed_2, .seed_v2 = S->seed_v2,
+        .W = T->w, .B = T->b, .S1 = T->s1, .S2 = T->s2, .V2 = T->v2, .G = T->g, .init = first && cfg->init};
+    return K;
+}
+
+/* What one element's step leaves for the block's sums. */
+typedef struct { float ws, r, g, gh, ok; } elem;
+
+/* Element i's step (the math of the header comment); ws is the weight as stored. */
+__attribute__((always_inline)) static inline elem step_elem(const step_consts *K, const int64_t i, const int pt,
+                                                            const int st, const int est, const int nest,
+                                                            const int adam, const int norm, const int first) {
+    float w = load(K->W, i, pt), g0 = load(K->G, i, pt);
+    /* rank-one runs only on all-finite gradients (its pre-pass counted them) */
+    int ok = est == EST_RANK_ONE ? 1 : is_finite(g0);
+    float g = ok ? g0 : 0.0f, b = load(K->B, i, st), r, gh, bn;
+    /* rank-one's first step sets v_0 = w_0 / ||w_0|| (the readable path's RankOneEstimator.step) */
+    float v = est != EST_RANK_ONE ? 0.0f : !first ? load(K->S2, i, st) : K->vnorm > 0.0f ? w / K->vnorm : K->vunit;
+    if (K->init) {
+        /* b_0 = g_0: the residual is 0, the slope stays, and the estimate is g_0 */
+        r = 0.0f;
+        bn = g;
+        gh = g;
+        if (est == EST_RANK_ONE) store_state(K->S2, i, v, ok, st, K->seed_2);
+    } else if (est == EST_DIAGONAL) {
+        float a = load(K->S1, i, st);
+        r = (b - g) + a * w;
+        float an = norm ? a - K->alpha * r * w / (w * w + K->c) : a - K->alpha * (r * w);
+        bn = b - K->beta * r;
+        store_state(K->S1, i, an, ok, st, K->seed_1);
+        gh = bn + an * w;
+    } else if (est == EST_RANK_ONE) {
+        float u = load(K->S1, i, st);
+        r = (b - g) + u * K->vw;
+        float un = u - r * K->cu;
+        store_state(K->S1, i, un, ok, st, K->seed_1);
+        store_state(K->S2, i, v - w * K->cv, ok, st, K->seed_2);
+        bn = b - K->beta * r;
+        gh = bn + un * K->vwn;
+    } else if (est == EST_FOLDED) {
+        /* the diagonal's slope step at unmoved weights, as a per-coordinate intercept rate */
+        r = b - g;
+        float rate = norm ? K->beta + K->alpha * (w * w) / (w * w + K->c) : K->beta + K->alpha * (w * w);
+        bn = b - rate * r;
+        gh = bn;
+    } else {
+        r = b - g;
+        bn = b - K->beta * r;
+        gh = bn;
+    }
+    store_state(K->B, i, bn, ok, st, K->seed_b);
+    /* Nesterov: one more intercept step on the same gradient, or a fixed weight (the readable path's add_) */
+    float d = nest ? gh + K->la * (g - gh) : gh;
+    if (adam) {
+        float v2 = load(K->V2, i, st);
+        /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
+        float v2n = v2 * K->beta2 + (K->one_minus_beta2 * g) * g;
+        store_state(K->V2, i, v2n, ok, st, K->seed_v2);
+        d = d / (sqrtf(v2n / K->bc2) + K->eps);
+    }
+    elem e = {store_param(K->W, i, w * K->decay - K->lr * d, ok, pt), r, g, gh, ok ? 1.0f : 0.0f};
+    return e;
+}
+
+/* Elements l0 .. l0 + m - 1 (m <= LANES), element l0 + j adding to lane j of each sum in acc:
+ * the health sums, and w'w of the weights as stored (what to_sums reads). */
+__attribute__((always_inline)) static inline void step_lanes(const step_consts *K, const int64_t l0, const int m,
+                                                             lanes_v acc[NSUMS], const int pt, const int st,
+                                                             const int est, const int nest, const int adam,
+                                                             const int norm, const int first) {
+    float q[NSUMS][LANES] __attribute__((aligned(64)));  /* q[S_VW .. S_UB] unused */
+#pragma omp simd
+    for (int j = 0; j < m; ++j) {
+        const elem e = step_elem(K, l0 + j, pt, st, est, nest, adam, norm, first);
+        q[S_WW][j] = e.ws * e.ws;  /* used where the form carries w'w */
+        q[S_BAD][j] = 1.0f - e.ok;
+        q[S_RR][j] = e.ok != 0.0f ? e.r * e.r : 0.0f;
+        q[S_GG][j] = e.g * e.g;
+        q[S_HH][j] = e.ok != 0.0f ? e.gh * e.gh : 0.0f;
+    }
+    for (int s = 0; s < NSUMS; ++s) {
+        if (s != S_WW && s < S_BAD) continue;
+        for (int j = m; j < LANES; ++j) q[s][j] = 0.0f;  /* a short group's other lanes */
+        lanes_add(&acc[s], q[s]);
+    }
+}
+
+/* A block's last short group (fewer than LANES elements: only a tensor's last block has one),
+ * once per tensor: one compiled copy with the flags as run-time values, as first_block (a copy
+ * per variant made the build a seventh longer). */
+__attribute__((noinline)) static void tail_lanes(const to_tensor *T, const scalars *S, const to_config *cfg,
+                                                 const int64_t l0, const int m, lanes_v acc[NSUMS], const int first) {
+    const step_consts K = consts_of(T, S, cfg, first);
+    step_lanes(&K, l0, m, acc, cfg->pdtype, cfg->sdtype, cfg->estimator, cfg->nesterov, cfg->adam, cfg->normalize,
+               first);
+}
+
+/* The step of the block's elements lo .. hi - 1, and its sums in out.  Two loop shapes, chosen
+ * at compile time by lanes_shape (every flag here is a compile-time constant: with a run-time
+ * flag inside the loop, GCC kept a scalar copy of it and ran that):
+ *   - the normalised diagonal and folded forms (the default) with float32 weights and state:
+ *     groups of LANES elements (step_lanes) whose sums go to vector accumulators lane by lane,
+ *     w'w among them, from the weights as stored, in the order to_sums reproduces bit for bit.
+ *     The pass over the block's weights after the loop that this replaces cost the default
+ *     about a seventh of its step (docs/speed.md);
+ *   - everything else: one flat loop with the health sums as its reductions, and the carried
+ *     sums, where the form has them, after it by the code to_sums runs (block_sums, on the
+ *     values just stored, still in cache).  With 16-bit weights or state the lanes loop
+ *     measured up to 1.8x slower (a group of 16 is short for GCC's 16-bit vectors); rank-one
+ *     needs four sums of three new tensors; the forms without sums gain nothing from it.
+ * Health sums are float: double accumulators halve the loop's speed. */
 __attribute__((always_inline)) static inline void step_block(const to_tensor *T, const scalars *S, const to_config *cfg, int64_t lo,
                               int64_t hi, double *out, const int pt, const int st, const int est,
                               const int nest, const int adam, const int norm, const int first) {
-    const float lr = (float)cfg->lr, decay = (float)cfg->decay, alpha = (float)cfg->alpha;
-    const float beta2 = (float)cfg->beta2, eps = (float)cfg->eps, beta = S->beta, la = S->la, bc2 = S->bc2;
-    /* 1 - beta2 in double, then rounded: the readable path's addcmul value (1 - 0.999f in float
-     * is 1.3e-5 away from 0.001f, which moves v near the overflow of v / bc2). */
-    const float one_minus_beta2 = (float)(1.0 - cfg->beta2);
-    /* Every flag the loop tests is a compile-time constant (est, adam, norm, the storage
-     * types): with a run-time flag inside, GCC kept a scalar copy of the loop and ran it.
-     * The diagnostic sums are always formed (three FMAs on values in registers). */
-    /* float block sums: double accumulators in a 16-lane loop halve its speed. */
+    const step_consts K = consts_of(T, S, cfg, first);
+    const int carry = est == EST_RANK_ONE || ((est == EST_DIAGONAL || est == EST_FOLDED) && norm);
+    const int in_loop = lanes_shape(pt, st, est, norm);
+    lanes_v acc[NSUMS] = {0};
     float bad = 0.0f, rr = 0.0f, gg = 0.0f, hh = 0.0f;
-    /* Local copies: stores through the data pointers cannot then alias the descriptor. */
-    void *const W = T->w, *const B = T->b, *const S1 = T->s1, *const S2 = T->s2, *const V2 = T->v2;
-    const void *const G = T->g;
-    const float c = S->c, cu = S->cu, cv = S->cv, vw = S->vw, vwn = S->vwn, vnorm = S->norm, vunit = S->unit;
-    const int init = first && cfg->init;
-    const uint32_t seed_b = S->seed_b, seed_1 = S->seed_1, seed_2 = S->seed_2, seed_v2 = S->seed_v2;
     const int64_t n = T->n;
     /* With HF_TO_PREFETCH (Zen 5) the block in chunks of PF_CHUNK elements, each first
      * prefetching the chunk PF_AHEAD elements on (within the tensor: into the next block too);
-     * elsewhere PF_CHUNK is the block, one loop.  The element-wise math is the same either way
-     * (the same values, bit for bit); the diagnostic sums add per chunk. */
+     * elsewhere PF_CHUNK is the block.  PF_CHUNK is a multiple of LANES, so element i adds to
+     * lane (i - lo) % LANES either way: the same values and w'w, bit for bit. */
     for (int64_t c0 = lo; c0 < hi; c0 += PF_CHUNK) {
-    const int64_t c1 = c0 + PF_CHUNK < hi ? c0 + PF_CHUNK : hi;
-    if (HF_TO_PREFETCH) {
-        const int64_t p0 = c0 + PF_AHEAD, p1 = c1 + PF_AHEAD < n ? c1 + PF_AHEAD : n;
-        prefetch_range(G, p0, p1, pt, 0);
-        prefetch_range(W, p0, p1, pt, 1);
-        prefetch_range(B, p0, p1, st, 1);
-        if (HAS_SLOPE(est)) prefetch_range(S1, p0, p1, st, 1);
-        if (est == EST_RANK_ONE) prefetch_range(S2, p0, p1, st, 1);
-        if (adam) prefetch_range(V2, p0, p1, st, 1);
-    }
-#pragma omp simd reduction(+ : bad, rr, gg, hh)
-    for (int64_t i = c0; i < c1; ++i) {
-        float w = load(W, i, pt), g0 = load(G, i, pt);
-        /* rank-one runs only on all-finite gradients (its pre-pass counted them) */
-        int ok = est == EST_RANK_ONE ? 1 : is_finite(g0);
-        float g = ok ? g0 : 0.0f, b = load(B, i, st), r, gh, bn;
-        /* rank-one's first step sets v_0 = w_0 / ||w_0|| (the readable path's RankOneEstimator.step) */
-        float v = est != EST_RANK_ONE ? 0.0f : !first ? load(S2, i, st) : vnorm > 0.0f ? w / vnorm : vunit;
-        if (init) {
-            /* b_0 = g_0: the residual is 0, the slope stays, and the estimate is g_0 */
-            r = 0.0f;
-            bn = g;
-            gh = g;
-            if (est == EST_RANK_ONE) store_state(S2, i, v, ok, st, seed_2);
-        } else if (est == EST_DIAGONAL) {
-            float a = load(S1, i, st);
-            r = (b - g) + a * w;
-            float an = norm ? a - alpha * r * w / (w * w + c) : a - alpha * (r * w);
-            bn = b - beta * r;
-            store_state(S1, i, an, ok, st, seed_1);
-            gh = bn + an * w;
-        } else if (est == EST_RANK_ONE) {
-            float u = load(S1, i, st);
-            r = (b - g) + u * vw;
-            float un = u - r * cu;
-            store_state(S1, i, un, ok, st, seed_1);
-            store_state(S2, i, v - w * cv, ok, st, seed_2);
-            bn = b - beta * r;
-            gh = bn + un * vwn;
-        } else if (est == EST_FOLDED) {
-            /* the diagonal's slope step at unmoved weights, as a per-coordinate intercept rate */
-            r = b - g;
-            float rate = norm ? beta + alpha * (w * w) / (w * w + c) : beta + alpha * (w * w);
-            bn = b - rate * r;
-            gh = bn;
+        const int64_t c1 = c0 + PF_CHUNK < hi ? c0 + PF_CHUNK : hi;
+        if (HF_TO_PREFETCH) {
+            const int64_t p0 = c0 + PF_AHEAD, p1 = c1 + PF_AHEAD < n ? c1 + PF_AHEAD : n;
+            prefetch_range(K.G, p0, p1, pt, 0);
+            prefetch_range(K.W, p0, p1, pt, 1);
+            prefetch_range(K.B, p0, p1, st, 1);
+            if (HAS_SLOPE(est)) prefetch_range(K.S1, p0, p1, st, 1);
+            if (est == EST_RANK_ONE) prefetch_range(K.S2, p0, p1, st, 1);
+            if (adam) prefetch_range(K.V2, p0, p1, st, 1);
+        }
+        if (in_loop) {
+            int64_t l0 = c0;
+            for (; l0 + LANES <= c1; l0 += LANES) step_lanes(&K, l0, LANES, acc, pt, st, est, nest, adam, norm, first);
+            if (l0 < c1) tail_lanes(T, S, cfg, l0, (int)(c1 - l0), acc, first);
         } else {
-            r = b - g;
-            bn = b - beta * r;
-            gh = bn;
+#pragma omp simd reduction(+ : bad, rr, gg, hh)
+            for (int64_t i = c0; i < c1; ++i) {
+                const elem e = step_elem(&K, i, pt, st, est, nest, adam, norm, first);
+                bad += 1.0f - e.ok;
+                rr += e.ok != 0.0f ? e.r * e.r : 0.0f;
+                gg += e.g * e.g;
+                hh += e.ok != 0.0f ? e.gh * e.gh : 0.0f;
+            }
         }
-        store_state(B, i, bn, ok, st, seed_b);
-        /* Nesterov: one more intercept step on the same gradient, or a fixed weight (the readable path's add_) */
-        float d = nest ? gh + la * (g - gh) : gh;
-        if (adam) {
-            float v2 = load(V2, i, st);
-            /* (1 - beta2) g, then times g, as the readable path: g*g alone overflows for |g| > 1.8e19 */
-            float v2n = v2 * beta2 + (one_minus_beta2 * g) * g;
-            store_state(V2, i, v2n, ok, st, seed_v2);
-            d = d / (sqrtf(v2n / bc2) + eps);
-        }
-        store_param(W, i, w * decay - lr * d, ok, pt);
-        bad += ok ? 0.0f : 1.0f;
-        rr += ok ? r * r : 0.0f;
-        gg += g * g;
-        hh += ok ? gh * gh : 0.0f;
     }
+    if (in_loop) {
+        out[S_WW] = carry ? lanes_total(acc[S_WW]) : 0.0;
+        out[S_VW] = out[S_UU] = out[S_UB] = 0.0;
+        out[S_BAD] = lanes_total(acc[S_BAD]);
+        out[S_RR] = lanes_total(acc[S_RR]);
+        out[S_GG] = lanes_total(acc[S_GG]);
+        out[S_HH] = lanes_total(acc[S_HH]);
+    } else {
+        if (carry) block_sums(T, lo, hi, out, cfg);
+        else out[S_WW] = out[S_VW] = out[S_UU] = out[S_UB] = 0.0;  /* w'w is not used */
+        out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
     }
-    /* The sums the next step needs, from the values just stored (still in cache), by the
-     * code to_sums() runs: the same values give the same bits. */
-    if (est == EST_RANK_ONE || ((est == EST_DIAGONAL || est == EST_FOLDED) && norm)) block_sums(T, lo, hi, out, cfg);
-    else out[S_WW] = out[S_VW] = out[S_UU] = out[S_UB] = 0.0;  /* w'w is not used */
-    out[S_BAD] = bad; out[S_RR] = rr; out[S_GG] = gg; out[S_HH] = hh;
 }
 
 /* Rank-one pre-pass: u'g of the new gradient, and whether it is finite: u*g is inf or NaN

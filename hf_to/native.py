@@ -27,7 +27,7 @@ and every tensor cost one compiled call (~50–100 µs; most of a LoRA step).  H
 
 The build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no FMA contraction, so the rounding does not depend on the
-host's instruction set; on Zen 5 also ``-DHF_TO_PREFETCH=1``, :func:`_tuning_flags`), 2-15 s once; the library is cached under ``$HF_TO_CACHE/native`` (default
+host's instruction set; on Zen 5 also ``-DHF_TO_PREFETCH=1``, :func:`_tuning_flags`), 2-20 s once (19 s on the Zen 4 host of 2026-12-07); the library is cached under ``$HF_TO_CACHE/native`` (default
 ``~/.cache/hf_to/native``) by a hash of the source, the flags, the compiler and the CPU's
 feature flags.  The cache cannot hurt a run: a library is loaded only when the sidecar
 ``<name>.so.sha256`` written after its build still matches its byte size and sha256 (a
