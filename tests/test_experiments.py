@@ -6,12 +6,15 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "experiments"))
 
 import hyper_rates  # a broken prototype fails here: never skipped
 import online_alpha
+import peer_step_cost
+import residual_gate
 import slope_share
 
 from hf_to import TrainableOptimizer
@@ -135,3 +138,50 @@ def test_slope_share_sees_travel_only_where_the_weights_move():
         assert count == 40 and rate2 > 0
         assert math.isclose(extra, float((0.1 * w * w / (w * w + float(w @ w) / 40 + 1e-3)).sum()), rel_tol=1e-12)
         assert (travel2 > 0) == (lr > 0), (lr, travel2)
+
+
+def test_residual_gate_is_the_folded_form_open_and_the_none_form_closed():
+    """The gate only chooses between the two package steps: never closed (threshold ∞) it is
+    ``folded``, always closed (threshold 0: every average is above it) ``none``."""
+    try:
+        for threshold, form in ((math.inf, "folded"), (0.0, "none")):
+            gate = residual_gate.register(threshold)
+            for a, b in zip(_run(residual_gate.NAME, steps=20), _run(form, steps=20)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            assert gate.closed_share() == (1.0 if threshold == 0 else 0.0)
+    finally:
+        FORMS.pop(residual_gate.NAME, None)
+
+
+def test_residual_gate_closes_on_noise_and_opens_on_a_signal():
+    """A tensor whose gradient is pure noise has a relative residual above 1 (the estimate is a
+    worse predictor than zero): its gate closes; one whose gradient is a steady signal with
+    little noise keeps it open."""
+    try:
+        gate = residual_gate.register(1.0)
+        torch.manual_seed(0)
+        noisy, steady = torch.nn.Parameter(torch.zeros(200)), torch.nn.Parameter(torch.zeros(200))
+        opt = TrainableOptimizer([noisy, steady], lr=0.0, estimator=residual_gate.NAME, fused=False)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(100):
+            noisy.grad = torch.randn(200, generator=gen)
+            steady.grad = 1.0 + 0.1 * torch.randn(200, generator=gen)
+            opt.step()
+        noisy_info = gate.tensors[opt.state[noisy]["b"].data_ptr()]
+        steady_info = gate.tensors[opt.state[steady]["b"].data_ptr()]
+        assert noisy_info["ema"] > 1 and noisy_info["closed"] > 90, noisy_info["ema"]
+        assert steady_info["ema"] < 0.1 and steady_info["closed"] == 0, steady_info["ema"]
+    finally:
+        FORMS.pop(residual_gate.NAME, None)
+
+
+def test_residual_gate_refuses_a_negative_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        residual_gate.ResidualGate(-1.0)
+
+
+def test_peer_step_cost_times_every_step_and_moves_the_weights():
+    p = torch.nn.Parameter(torch.zeros(6, 4))
+    times = peer_step_cost.step_seconds("to", [p], steps=3, lr=1e-2)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert bool(p.detach().abs().sum() > 0)

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT))
 
+import residual_gate  # noqa: E402
 import study  # noqa: E402
 from recipe_metrics import format_mean_std, mean_std, steps_to_target  # noqa: E402
 from study_runner import EVAL_EVERY  # noqa: E402
@@ -62,6 +63,7 @@ OPTIMIZERS = (
     "to_lookahead_none_b115",
     "to_lookahead_folded",
     "to_lookahead_folded_b02",
+    "to_lookahead_folded_gate",
 )
 
 
@@ -75,7 +77,8 @@ def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
 #: the slope (A ≡ 0, 8 B/param), with the slope rate the proxy's full fine-tuning liked (α = 1),
 #: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py), and the
 #: folded estimator, the default since 2026-12-07 (8 B/param), also with the lighter memory the
-#: study tuned on prose LoRA (β = 0.2, i.e. β₁ = 0.8).
+#: study tuned on prose LoRA (β = 0.2, i.e. β₁ = 0.8), and behind the relative-residual gate
+#: (residual_gate.py: the slope off per tensor while its estimate predicts worse than zero).
 EXTRA = {
     "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
     "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
@@ -85,6 +88,9 @@ EXTRA = {
     "to_lookahead_folded": _to_nesterov_with("to_lookahead_folded", nesterov=0.55, estimator="folded"),
     "to_lookahead_folded_b02": _to_nesterov_with(
         "to_lookahead_folded_b02", nesterov=0.55, estimator="folded", beta=0.2
+    ),
+    "to_lookahead_folded_gate": _to_nesterov_with(
+        "to_lookahead_folded_gate", nesterov=0.55, estimator=residual_gate.NAME
     ),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
@@ -113,9 +119,12 @@ def run(args: argparse.Namespace) -> None:
                 if (name, seed, label) in done:
                     continue
                 config = EXTRA.get(label) or study.CONFIGS[label]
+                gate = residual_gate.register() if dict(config.kwargs).get("estimator") == residual_gate.NAME else None
                 with CPU_LOCK.open("w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     rec = study.run_one(task, args.model, config, lr, seed, {}, eval_every=args.eval_every)
+                if gate is not None:
+                    rec["gate_closed_share"] = gate.closed_share()
                 with out.open("a") as f:
                     f.write(json.dumps({**rec, "steps": args.steps}) + "\n")
                 print(f"{name} seed {seed} {label}: val {rec['final_val']:.4f} test {rec['test']:.4f}", flush=True)
@@ -149,18 +158,19 @@ def report(args: argparse.Namespace) -> str:
             lines.append(
                 f"| {label} | {format_mean_std(*mean_std(val), 4)} | {format_mean_std(*mean_std(test), 4)} | {d_adamw} | {d_nadamw} | {' '.join(reach)} |"
             )
-        if len(seeds) > 2:  # paired over seeds: mean ± standard error, and the seeds where the label is behind
-            lines += ["", "Paired with NAdamW over the seeds (mean ± s.e.; seeds behind it):", ""]
+        # paired over seeds: mean ± standard error, and the seeds where the label is behind
+        for base in (b for b in args.paired_with if len(seeds) > 2 and b in labels):
+            lines += ["", f"Paired with {base} over the seeds (mean ± s.e.; seeds behind it):", ""]
             for label in labels:
-                if label == "nadamw":
+                if label == base:
                     continue
                 parts = []
                 for split, key in (("test", "test"), ("validation", "final_val")):
-                    diff = [by[label, s][key] - by["nadamw", s][key] for s in seeds]
+                    diff = [by[label, s][key] - by[base, s][key] for s in seeds]
                     m, sd = mean_std(diff)
                     behind = sum(d > 0 for d in diff)
                     parts.append(f"{split} {m:+.4f} ± {sd / len(diff) ** 0.5:.4f} ({behind} of {len(diff)} behind)")
-                lines.append(f"- {label} − nadamw: " + "; ".join(parts))
+                lines.append(f"- {label} − {base}: " + "; ".join(parts))
         lines.append("")
     text = "\n".join(lines)
     print(text)
@@ -190,6 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/long-runs")
     ap.add_argument("--report", action="store_true", help="print the tables of the runs in --out")
+    ap.add_argument(
+        "--paired-with",
+        nargs="+",
+        default=["nadamw"],
+        choices=list(OPTIMIZERS),
+        help="--report: the rows every other row is paired with over the seeds (default: NAdamW)",
+    )
     args = ap.parse_args(argv)
     if args.report:
         (args.out / "REPORT.md").write_text(report(args))
