@@ -159,7 +159,10 @@ def report(args: argparse.Namespace) -> str:
                 f"| {label} | {format_mean_std(*mean_std(val), 4)} | {format_mean_std(*mean_std(test), 4)} | {d_adamw} | {d_nadamw} | {' '.join(reach)} |"
             )
         # paired over seeds: mean ± standard error, and the seeds where the label is behind
-        for base in (b for b in args.paired_with if len(seeds) > 2 and b in labels):
+        for base in args.paired_with if len(seeds) > 2 else ():
+            if base not in labels:
+                lines += ["", f"Not paired with {base}: it has no run for every seed of this task.", ""]
+                continue
             lines += ["", f"Paired with {base} over the seeds (mean ± s.e.; seeds behind it):", ""]
             for label in labels:
                 if label == base:

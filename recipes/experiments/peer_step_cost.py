@@ -4,7 +4,7 @@ Every weight but the tied embeddings trains (the study's ``pydoc_full`` on the r
 the gradients are random (the step's cost does not depend on their values), each optimizer
 is built as the study builds it (``recipes/peers.py``, package defaults) and steps ``--steps``
 times; the first step (state allocation, SOAP's first eigenbases) is printed apart from the
-median of the others.  It says what a SmolLM2-135M run of a peer costs on this machine beside
+median of the others.  It says what a SmolLM2-135M run of a peer costs on the machine at hand beside
 the model's forward and backward pass, before one is started::
 
     .venv/bin/python recipes/experiments/peer_step_cost.py --optimizers adamw to soap muon --steps 4
