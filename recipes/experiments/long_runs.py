@@ -98,6 +98,18 @@ STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 CPU_LOCK = Path("/tmp/hf_to_cpu.lock")
 
 
+def dropin_lr(task: str, model: str = "proxy") -> float:
+    """AdamW's learning rate, at which every optimizer runs drop-in: on the real model the task's
+    usual rate (``base_lr``), on the proxy the rate the stored study tuned AdamW to (selected on
+    validation, seed 0)."""
+    if model == "real":
+        return study.TASKS[task].base_lr
+    lr = study.tuned_lr([r for r in study._load(STORED) if r["model"] == "proxy"], task)
+    if lr is None:
+        raise SystemExit(f"long_runs: the stored study {STORED} has no tuned AdamW rate for task {task!r}")
+    return lr
+
+
 def run(args: argparse.Namespace) -> None:
     out = args.out / "runs.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,14 +118,10 @@ def run(args: argparse.Namespace) -> None:
         if out.exists()
         else set()
     )
-    records = [r for r in study._load(STORED) if r["model"] == "proxy"]
     torch.set_num_threads(args.threads)
     for name in args.tasks:
         task = dataclasses.replace(study.TASKS[name], steps=args.steps)
-        # proxy: AdamW's tuned rate of the stored study (selected on validation, seed 0), every seed
-        lr = task.base_lr if args.model == "real" else study.tuned_lr(records, name)
-        if lr is None:
-            raise SystemExit(f"long_runs: the stored study {STORED} has no tuned AdamW rate for task {name!r}")
+        lr = dropin_lr(name, args.model)
         for seed in args.seeds:
             for label in args.optimizers:
                 if (name, seed, label) in done:

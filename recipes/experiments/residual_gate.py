@@ -101,9 +101,8 @@ def probe(task_name: str, steps: int, seed: int) -> None:
 
     gate = register(threshold=math.inf)
     task = dataclasses.replace(study.TASKS[task_name], steps=steps)
-    records = [r for r in study._load(long_runs.STORED) if r["model"] == "proxy"]
     config = long_runs._to_nesterov_with("probe", nesterov=0.55, estimator=NAME)
-    rec = study.run_one(task, "proxy", config, study.tuned_lr(records, task_name), seed, {}, eval_every=100)
+    rec = study.run_one(task, "proxy", config, long_runs.dropin_lr(task_name), seed, {}, eval_every=100)
     print(f"{task_name} seed {seed}: val {rec['final_val']:.4f} test {rec['test']:.4f} (the folded default's)")
     for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
         vals = [i["hist"][max(0, int(frac * len(i["hist"])) - 1)] for i in gate.tensors.values()]
