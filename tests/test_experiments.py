@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "experiments"))
 
 import hyper_rates  # a broken prototype fails here: never skipped
+import long_runs
 import online_alpha
 import peer_step_cost
 import residual_gate
@@ -185,3 +188,34 @@ def test_peer_step_cost_times_every_step_and_moves_the_weights():
     times = peer_step_cost.step_seconds("to", [p], steps=3, lr=1e-2)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert bool(p.detach().abs().sum() > 0)
+
+
+def _long_run(config: str, seed: int, test: float, val: float) -> str:
+    curve = [[0, 4.0, 0.0], [50, val + 0.1, 1.0], [100, val, 2.0]]
+    rec = dict(task="pydoc_lora", model="real", config=config, seed=seed, test=test, final_val=val, val_curve=curve)
+    return json.dumps({**rec, "steps": 100})
+
+
+def test_long_runs_report_pairs_each_seed_and_marks_a_peer_run_that_is_missing(tmp_path):
+    runs = [
+        _long_run("adamw", 0, 2.90, 2.80),
+        _long_run("nadamw", 0, 2.91, 2.81),
+        _long_run("to_lookahead_folded", 0, 2.93, 2.79),
+        _long_run("adamw", 1, 2.95, 2.85),
+        _long_run("to_lookahead_folded", 1, 2.94, 2.84),
+    ]
+    (tmp_path / "runs.jsonl").write_text("\n".join(runs) + "\n")
+    text = long_runs.report(argparse.Namespace(out=tmp_path, paired_with=["nadamw"]))
+    row = next(line for line in text.splitlines() if line.startswith("| to_lookahead_folded"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[4] == "+0.0300 -0.0100"  # minus AdamW, seeds 0 and 1
+    assert cells[5] == "+0.0200 n/a"  # minus NAdamW: no NAdamW run for seed 1
+    assert cells[6] == "100 100"  # reaches min(AdamW, NAdamW)'s final validation at its last evaluation
+    assert "| nadamw" not in text  # a row without every seed is left out
+
+
+def test_long_runs_dropin_lr_is_the_tasks_usual_rate_on_the_real_model():
+    import study
+
+    for name, task in study.TASKS.items():
+        assert long_runs.dropin_lr(name, "real") == task.base_lr

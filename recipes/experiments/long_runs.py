@@ -155,11 +155,20 @@ def report(args: argparse.Namespace) -> str:
         for label in labels:
             test = [by[label, s]["test"] for s in seeds]
             val = [by[label, s]["final_val"] for s in seeds]
-            d_adamw = " ".join(f"{by[label, s]['test'] - by['adamw', s]['test']:+.4f}" for s in seeds)
-            d_nadamw = " ".join(f"{by[label, s]['test'] - by['nadamw', s]['test']:+.4f}" for s in seeds)
+            # a peer without a run for a seed (a study stopped early) shows "n/a" there
+            d_adamw, d_nadamw = (
+                " ".join(
+                    f"{by[label, s]['test'] - by[peer, s]['test']:+.4f}" if (peer, s) in by else "n/a" for s in seeds
+                )
+                for peer in ("adamw", "nadamw")
+            )
             reach = []
             for s in seeds:
-                target = min(by["adamw", s]["final_val"], by["nadamw", s]["final_val"])
+                peers = [by[peer, s]["final_val"] for peer in ("adamw", "nadamw") if (peer, s) in by]
+                if not peers:
+                    reach.append("n/a")
+                    continue
+                target = min(peers)
                 curve = by[label, s]["val_curve"]
                 step = steps_to_target([c[0] for c in curve], [c[1] for c in curve], target)
                 reach.append("never" if step is None else str(step))
