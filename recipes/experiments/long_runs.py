@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import json
 import sys
 from pathlib import Path
@@ -98,13 +99,19 @@ STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"
 CPU_LOCK = Path("/tmp/hf_to_cpu.lock")
 
 
+@functools.cache
+def _stored_proxy_records() -> list[dict]:
+    """The stored study's proxy runs, read once per process (every task's rate comes from them)."""
+    return [r for r in study._load(STORED) if r["model"] == "proxy"]
+
+
 def dropin_lr(task: str, model: str = "proxy") -> float:
     """AdamW's learning rate, at which every optimizer runs drop-in: on the real model the task's
     usual rate (``base_lr``), on the proxy the rate the stored study tuned AdamW to (selected on
     validation, seed 0)."""
     if model == "real":
         return study.TASKS[task].base_lr
-    lr = study.tuned_lr([r for r in study._load(STORED) if r["model"] == "proxy"], task)
+    lr = study.tuned_lr(_stored_proxy_records(), task)
     if lr is None:
         raise SystemExit(f"long_runs: the stored study {STORED} has no tuned AdamW rate for task {task!r}")
     return lr
