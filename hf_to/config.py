@@ -52,6 +52,7 @@ class StepConfig:
     fused: bool | None = None
     state_dtype: torch.dtype | None = None
     capturable: bool = False
+    tune_beta: float = 0.0
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> StepConfig:
@@ -106,6 +107,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "fused": None,
     "state_dtype": None,
     "capturable": False,
+    "tune_beta": 0.0,
 }
 
 
@@ -143,6 +145,10 @@ RULES: dict[str, tuple[Callable[[Any, dict], bool], str]] = {
         f"one of {STATE_DTYPES}; bfloat16 with an estimator that has kernels ({sorted(n for n, f in FORMS.items() if f.kernels)})",
     ),
     "capturable": (lambda x, g: _flag(x), "True or False"),
+    "tune_beta": (
+        lambda x, g: _number(x) and x >= 0 and not (x and g["capturable"]),
+        "a finite number >= 0 (0: β fixed); not with capturable=True, since it reads three numbers back per step",
+    ),
 }
 
 

@@ -145,6 +145,11 @@ def trainable_to(
         config = StepConfig(**keywords)
     elif keywords:
         raise TypeError("pass either config or keywords, not both")
+    if config.tune_beta:
+        raise ValueError(
+            "Invalid tune_beta: the functional step takes beta as given; the tuned rate (hf_to.tuning) "
+            "lives in TrainableOptimizer, which keeps it per param group"
+        )
     if not params:
         return None
     path = choose_path(config, params, grads, states)

@@ -21,10 +21,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import tuning
 from .config import FIELDS, LEGACY_DEFAULTS, StepConfig, constructor_signature, validate
-from .distributed import all_reduce_diagnostics, check_unflattened, is_sharded, local_view, make_stats_reducer
+from .distributed import (
+    all_reduce_diagnostics,
+    check_unflattened,
+    flattened_reason,
+    is_sharded,
+    local_view,
+    make_stats_reducer,
+)
 from .forms import FORMS, get_form
 from .functional import Path, empty_stats, trainable_to
+from .tuning import STATE_KEYS as TUNING_KEYS
 
 __all__ = ["TrainableOptimizer"]
 
@@ -160,6 +169,12 @@ class TrainableOptimizer(Optimizer):
             ``estimator="full"``, no triton) raise instead of syncing.  A ``lr`` given as a
             tensor is read on the device (a float ``lr`` is captured as it is).  On a CPU it
             is accepted and changes nothing (default: ``False``).
+        tune_beta: κ, the step of :math:`\log\beta` on the training loss's hypergradient
+            (:mod:`hf_to.tuning`): each param group trains its own β, carried forward through
+            the trajectory, within [0.02, 0.6]; the tuned β is the group's ``beta``, saved with
+            it.  ``0`` (default) keeps β fixed.  Adds two float32 vectors of at most 4,096 values
+            per tensor and three numbers read back per group and step (refused with
+            ``capturable=True``).  A checkpoint written before the keyword existed resumes with 0.
 
     State (per parameter, created on the first step): ``step`` (0-d float32; on the CPU, on
     the parameter's device for CUDA parameters or ``capturable=True``),
@@ -332,6 +347,12 @@ class TrainableOptimizer(Optimizer):
                     alpha_scaling=group["alpha_scaling"],
                     index=next(i for i, g in enumerate(self.param_groups) if g is group),
                 )
+                if group["tune_beta"] and (reason := flattened_reason(p, self._given_params)) is not None:
+                    raise ValueError(
+                        f"tune_beta cannot run on {reason}: each rank would tune its own beta on its slice of "
+                        "the model. Use tune_beta=0 with DeepSpeed ZeRO or FSDP1; with FSDP2 (fully_shard) or "
+                        "DDP it tunes one beta per param group from the sums of all ranks"
+                    )
                 _init_state(state, p, group)
             params.append(p)
             grads.append(grad)
@@ -357,16 +378,22 @@ class TrainableOptimizer(Optimizer):
             params, grads, states = self._gather(group)
             if not params:
                 continue
+            reducer = self._stats_reducer(params)
+            snaps = tuning.before_step(group, params, grads, states, reducer) if group["tune_beta"] else None
+            # the step itself takes β as given (the functional step refuses tune_beta)
+            config = StepConfig.from_group({**group, "tune_beta": 0.0})
             stats = trainable_to(
                 params,
                 grads,
                 states,
-                StepConfig.from_group(group),
+                config,
                 diagnostics=self.track_diagnostics,
-                reduce_stats=self._stats_reducer(params),
+                reduce_stats=reducer,
                 native_plans=self._native_plans,
                 on_path=lambda path, i=i: self._note_path(i, path),
             )
+            if snaps is not None:
+                tuning.after_step(group, states, snaps, config.lookahead)
             if stats is not None:
                 acc = self._diag[i]
                 for key, value in stats.items():
@@ -395,8 +422,12 @@ class TrainableOptimizer(Optimizer):
         expected = {"step", *get_form(group["estimator"]).state_keys(group["preconditioner"] == "adam")}
         for p in group["params"]:
             state = self.state.get(p)
-            if state and state.keys() != expected:
-                missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            if not state:
+                continue
+            # the tuned rate's tangents (hf_to.tuning) come and go with tune_beta: any form may hold them
+            keys = state.keys() - set(TUNING_KEYS)
+            if keys != expected:
+                missing, extra = sorted(expected - keys), sorted(keys - expected)
                 raise ValueError(
                     f"param group {index} has estimator={group['estimator']!r}, "
                     f"preconditioner={group['preconditioner']!r}, but the state of its parameter of shape "

@@ -139,6 +139,10 @@ class ReferenceTrainableOptimizer(TrainableOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group["tune_beta"]:
+                # the oracle of the step at a given β; the tuning around it is tested against its
+                # own prototype (recipes/experiments/tangent_beta.py, tests/test_tuning.py)
+                raise ValueError("ReferenceTrainableOptimizer steps at a fixed beta: tune_beta must be 0")
             params, grads, states = self._gather(group)
             for p, g, state in zip(params, grads, states):
                 reference_step(p, g, state, group)

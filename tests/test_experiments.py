@@ -19,6 +19,7 @@ import online_alpha
 import peer_step_cost
 import residual_gate
 import slope_share
+import tangent_beta
 
 from hf_to import TrainableOptimizer
 from hf_to.forms import FORMS
@@ -219,3 +220,28 @@ def test_long_runs_dropin_lr_is_the_tasks_usual_rate_on_the_real_model():
 
     for name, task in study.TASKS.items():
         assert long_runs.dropin_lr(name, "real") == task.base_lr
+
+
+def test_tangent_beta_forward_tangent_is_the_finite_difference_on_a_linear_loss():
+    """With the Hessian zero (a loss linear in w, a fixed gradient sequence) the Hessian-free
+    tangent at μ = 1 is the exact derivative of the final loss in β (decay and look-ahead on)."""
+    out = tangent_beta.check(steps=40, n=256)
+    assert abs(out["tangent"] - out["finite_difference"]) <= 0.02 * abs(out["finite_difference"]), out
+
+
+def test_tangent_beta_watching_does_not_change_the_step():
+    def weights(watch: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+        opt = TrainableOptimizer(params, lr=1e-2)
+        if watch:
+            tangent_beta.TangentBeta(0.0, stride=2).attach(opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(15):
+            for p in params:
+                p.grad = p.detach() * 0.5 + torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    for a, b in zip(weights(True), weights(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -452,3 +452,39 @@ def test_adam_warmup_nesterov_and_lookahead_forms_equal_the_reference_over_50_st
     _assert_params_close(fast, ref, dict(rtol=tol, atol=tol))
     if dtype == torch.float32:
         _assert_states_close(opt_fast, fast, opt_ref, ref, dict(rtol=tol, atol=tol))
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+def test_tuned_beta_on_the_triton_step_equals_its_prototype_over_50_steps(dtype, monkeypatch):
+    """``tune_beta`` (hf_to.tuning, around the step whatever its path) with the Triton step equals
+    the prototype's hooks (recipes/experiments/tangent_beta.py) on the readable path."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "experiments"))
+    import tangent_beta
+
+    from hf_to import tuning
+
+    monkeypatch.setattr(tuning, "SAMPLES", 50)
+    runs = []
+    for keyword in (True, False):
+        params = [torch.nn.Parameter(t.to(DEVICE)) for t in _tensors([(9, 11), (7,)], dtype)]
+        opt = TrainableOptimizer(
+            params, lr=1e-2, weight_decay=0.1, fused=None if keyword else False, tune_beta=1.0 if keyword else 0.0
+        )
+        if not keyword:
+            tangent_beta.TangentBeta(1.0, mus=(tuning.DISCOUNT,), samples=50).attach(opt)
+        gen, betas = torch.Generator().manual_seed(1), []
+        launches = gpu.launches
+        for t in range(50):
+            for p in params:
+                noise = 0.3 if t % 40 < 20 else 0.01
+                p.grad = (p.detach().float() * 0.5 + noise * torch.randn(p.shape, generator=gen).to(DEVICE)).to(dtype)
+            opt.step()
+            betas.append(opt.param_groups[0]["beta"])
+        assert (gpu.launches - launches == 100) == keyword  # the keyword's run took the Triton step
+        runs.append((params, betas))
+    (fast, fast_betas), (ref, ref_betas) = runs
+    assert max(abs(a - b) for a, b in zip(fast_betas, ref_betas)) <= 1e-5 and len(set(fast_betas)) > 10
+    _assert_params_close(fast, ref, TOLERANCE[dtype])

@@ -227,6 +227,18 @@ def test_estimator_metrics_appear_in_the_log_history(tmp_path: Path) -> None:
         assert log["to/steps"] == 1 and log["to/skipped"] == 0 and log["to/grad_sq"] > 0
 
 
+def test_a_tuned_beta_is_logged_and_moves(tmp_path: Path) -> None:
+    """``--optim_args tune_beta=...`` reaches the optimizer; ``to/beta`` is logged only then."""
+    run = trainer(tiny_llama(), training_args(tmp_path, max_steps=4, optim_args="tune_beta=5.0"))
+    run.train()
+    betas = [h["to/beta"] for h in run.state.log_history if "loss" in h]
+    assert len(betas) == 4 and len(set(betas)) > 1 and all(0.02 <= b <= 0.6 for b in betas)
+    assert _unwrap(run.optimizer).param_groups[0]["tune_beta"] == 5.0
+    plain = trainer(tiny_llama(), training_args(tmp_path / "plain", max_steps=1))
+    plain.train()
+    assert not any("to/beta" in h for h in plain.state.log_history)
+
+
 def test_diagnostics_false_switches_the_metrics_off(tmp_path: Path) -> None:
     run = trainer(tiny_llama(), training_args(tmp_path, max_steps=2, optim_args="diagnostics=false"))
     run.train()

@@ -289,7 +289,10 @@ def diagnostics_metrics(optimizer: TrainableOptimizer, prefix: str = "to/") -> d
         return {}
     residual = sum(d["residual_sq"] for d in groups)
     grad = sum(d["grad_sq"] for d in groups)
+    # tune_beta: the intercept rate each tuning group has reached (their mean: one number per log)
+    tuned = [g["beta"] for g in optimizer.param_groups if g.get("tune_beta")]
     return {
+        **({f"{prefix}beta": sum(tuned) / len(tuned)} if tuned else {}),
         f"{prefix}relative_residual": residual / grad if grad > 0 else 0.0,
         f"{prefix}residual_sq": residual,
         f"{prefix}grad_sq": grad,

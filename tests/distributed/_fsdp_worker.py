@@ -292,6 +292,47 @@ def run_nonfinite(estimator: str, mesh, rank: int, world: int) -> dict:
     }
 
 
+def run_tuned(fused: bool, mesh, rank: int, world: int, out: Path) -> dict:
+    """``tune_beta`` (hf_to.tuning) on the folded form: the sharded run against one process (β
+    per step and the weights), and a DCP checkpoint at step 10 resumed into a fresh model."""
+    kw = dict(OPT_KW, estimator="folded", fused=fused, tune_beta=1.0)
+    ref = make_model(0)
+    ref_opt = TrainableOptimizer(param_groups(ref, kw["weight_decay"]), **kw)
+    ref_betas: list = []
+    for t in range(STEPS):
+        train(ref, ref_opt, range(t, t + 1), rank=0, world=1)
+        ref_betas.append([g["beta"] for g in ref_opt.param_groups])
+    model = shard(make_model(0), mesh)
+    opt = TrainableOptimizer(param_groups(model, kw["weight_decay"]), **kw)
+    betas: list = []
+    ckpt = out / f"ckpt_tuned_{fused}"
+    for t in range(STEPS):
+        if t == SAVE_AT:
+            dcp.save(
+                {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                checkpoint_id=str(ckpt),
+            )
+        train(model, opt, range(t, t + 1), rank, world)
+        betas.append([g["beta"] for g in opt.param_groups])
+    sharded = full_params(model)
+    res = {
+        "max_rel_diff_vs_one_process": max_rel_diff(sharded, {k: v.detach() for k, v in ref.named_parameters()}),
+        "max_beta_diff_vs_one_process": max(abs(a - b) for x, y in zip(betas, ref_betas) for a, b in zip(x, y)),
+        "betas": betas,
+        "beta_moved": len({b for x in betas for b in x}) > 2,
+    }
+    fresh = shard(make_model(1), mesh)
+    fresh_opt = TrainableOptimizer(param_groups(fresh, kw["weight_decay"]), **kw)
+    sd = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    set_model_state_dict(fresh, sd["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, sd["optim"])
+    train(fresh, fresh_opt, range(SAVE_AT, STEPS), rank, world)
+    resumed = full_params(fresh)
+    res["resume_max_abs_diff"] = max(float((resumed[k] - sharded[k]).abs().max()) for k in resumed)
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -310,6 +351,7 @@ def main() -> None:
     for estimator in args.estimators:
         results[estimator] = run_estimator(estimator, mesh, rank, world, args.out, counter)
     results["nonfinite"] = {est: run_nonfinite(est, mesh, rank, world) for est in FSDP_NONFINITE}
+    results["tuned"] = {str(fused): run_tuned(fused, mesh, rank, world, args.out) for fused in (False, True)}
 
     # Diagnostics: local shard sums, summed over the shard group on request.
     ref = make_model(0)

@@ -125,3 +125,14 @@ def test_a_deep_copied_optimizer_knows_its_parameters():
     for p in (p for g in opt.param_groups for p in g["params"]):
         p.grad = torch.ones_like(p)
     opt.step()
+
+
+def test_tune_beta_refuses_flat_partitions():
+    """Each rank would tune its own β on its slice: refused at the first step, naming the keyword."""
+    net = model()
+    opt = TrainableOptimizer(net.parameters(), lr=1e-2, tune_beta=1.0)
+    (part,) = zero_flatten(opt)
+    backward(net, 0)
+    part.grad = flat_grads(net, part.numel())
+    with pytest.raises(ValueError, match="tune_beta cannot run on"):
+        opt.step()

@@ -132,3 +132,18 @@ def test_nonfinite_entries_on_one_rank_are_decided_by_the_global_count(run, esti
         assert steps["start"] == 4 and steps["head.bias"] == 4  # non-finite everywhere: skipped
         assert res["bad_entries_kept"]
         assert res["fc1_changed_at_the_bad_step"] == coordinatewise
+
+
+@pytest.mark.parametrize("fused", ["False", "True"], ids=["readable", "fused"])
+def test_tuned_beta_on_shards_equals_one_process_and_resumes_exactly(run, fused):
+    """``tune_beta`` (hf_to.tuning): the group's sums reduced over the shards give every rank the
+    β of one process at every step, the weights follow, and a DCP checkpoint at step 10 (the
+    tangents are DTensors of one row per rank) resumes bit for bit."""
+    _, ranks = run
+    for r in ranks:
+        res = r["tuned"][fused]
+        assert res["beta_moved"]
+        assert res["max_beta_diff_vs_one_process"] <= 1e-6
+        assert res["max_rel_diff_vs_one_process"] <= TOLERANCE
+        assert res["resume_max_abs_diff"] == 0.0
+        assert res["betas"] == ranks[0]["tuned"][fused]["betas"]  # identical on every rank
