@@ -33,7 +33,6 @@ from .distributed import (
 )
 from .forms import FORMS, get_form
 from .functional import Path, empty_stats, trainable_to
-from .tuning import STATE_KEYS as TUNING_KEYS
 
 __all__ = ["TrainableOptimizer"]
 
@@ -425,7 +424,7 @@ class TrainableOptimizer(Optimizer):
             if not state:
                 continue
             # the tuned rate's tangents (hf_to.tuning) come and go with tune_beta: any form may hold them
-            keys = state.keys() - set(TUNING_KEYS)
+            keys = state.keys() - set(tuning.STATE_KEYS)
             if keys != expected:
                 missing, extra = sorted(expected - keys), sorted(keys - expected)
                 raise ValueError(
