@@ -220,6 +220,31 @@ def check(steps: int = 60, n: int = 512, beta: float = 0.1, lr: float = 1e-2) ->
     return {"tangent": tangent, "finite_difference": fd}
 
 
+def cost(steps: int = 6) -> dict[bool, list[float]]:
+    """Step time with and without ``tune_beta`` on SmolLM2-135M's 270 full-fine-tuning shapes
+    (random values, one thread): seconds per step after the first."""
+    import time
+
+    from hf_to import TrainableOptimizer
+
+    torch.set_num_threads(1)
+    layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536), (576,), (576,)]
+    params = [torch.nn.Parameter(torch.randn(*s) * 0.02) for _ in range(30) for s in layer]
+    out = {}
+    for tune in (False, True):
+        opt = TrainableOptimizer(params, lr=1e-5, tune_beta=1.0 if tune else 0.0)
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        out[tune] = times[1:]
+        print(f"tune_beta={'1.0' if tune else '0'}: step {min(out[tune]):.3f}–{max(out[tune]):.3f} s")
+    return out
+
+
 # -- runs ------------------------------------------------------------------------------------------
 
 #: Variants: the controller's κ (None: no controller) and the optimizer's overrides.
@@ -334,7 +359,7 @@ def report(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["check", "run", "report"])
+    ap.add_argument("phase", choices=["check", "run", "report", "cost"])
     ap.add_argument("--model", choices=["proxy", "real"], default="real")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -346,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.phase == "check":
         check()
+    elif args.phase == "cost":
+        cost()
     elif args.phase == "report":
         (args.out / "REPORT.md").write_text(report(args))
     else:
