@@ -78,6 +78,7 @@ __all__ = [
     "nonfinite_action",
     "rank_one_step",
     "register_form",
+    "unit_residual_rate",
 ]
 
 #: Keeps a normalised step finite when w == 0 (e.g. a LoRA B matrix at initialisation).
@@ -330,6 +331,22 @@ def register_form(form: Form, *, replace: bool = False) -> Form:
 
 
 # -- the intercept rate and non-finite gradients, shared by every path ------------------------
+
+
+def unit_residual_rate(
+    form: Form, w: Tensor, w_ms: float | Tensor, *, alpha, floor, beta_t, normalize
+) -> Tensor | float:
+    r"""The rate :math:`k_t` at which ``form``'s step moves the intercept toward the gradient, per
+    coordinate of the flat ``w`` (:math:`b' = b - k_t\odot r` with the slope state at 0): minus
+    the new intercept of the form's own step at :math:`b = 0`, :math:`g = -1` (a unit residual),
+    so that the rate is written once, in the step.  :math:`\beta_t` for every form but ``folded``,
+    whose rate adds :math:`\alpha\, w^2/(w^2 + \overline{w^2} + \delta^2)` (``w_ms`` is
+    :math:`\overline{w^2}`, the tensor's mean square); a matrix form (``full``) gives :math:`\beta_t`."""
+    if form.step is None:
+        return beta_t
+    zero = torch.zeros_like(w)
+    b_new = form.step(w, zero - 1, zero, zero, zero, w_ms, 0.0, 0.0, 0.0, 0.0, 1.0, alpha, floor, beta_t, normalize)[3]
+    return -b_new
 
 
 def intercept_rate(beta: float, t: float, warmup: bool | str) -> float:

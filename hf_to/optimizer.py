@@ -378,7 +378,7 @@ class TrainableOptimizer(Optimizer):
             if not params:
                 continue
             reducer = self._stats_reducer(params)
-            snaps = tuning.before_step(group, params, grads, states, reducer) if group["tune_beta"] else None
+            snap = tuning.before_step(group, params, grads, states, reducer) if group["tune_beta"] else None
             # the step itself takes β as given (the functional step refuses tune_beta)
             config = StepConfig.from_group({**group, "tune_beta": 0.0})
             stats = trainable_to(
@@ -391,8 +391,8 @@ class TrainableOptimizer(Optimizer):
                 native_plans=self._native_plans,
                 on_path=lambda path, i=i: self._note_path(i, path),
             )
-            if snaps is not None:
-                tuning.after_step(group, states, snaps, config.lookahead)
+            if snap is not None:
+                tuning.after_step(group, states, snap, config.lookahead)
             if stats is not None:
                 acc = self._diag[i]
                 for key, value in stats.items():

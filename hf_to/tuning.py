@@ -38,8 +38,17 @@ unbiased subsamples, and the cost is at most 32 KiB per tensor whatever its size
 SmolLM2-135M's full fine-tuning, 210 weight matrices, beside 0.79 GiB of AdamW's state).  With FSDP2 each rank samples its
 shard (at most :data:`SAMPLES` values per rank), the group's sums are all-reduced, and the
 tangents are DTensors of one row per rank, so DCP checkpoints save and load them (resume at
-the same number of ranks).  Every step reads three numbers per group back to
-the host, so ``tune_beta`` is refused with ``capturable=True``.
+the same number of ranks).
+
+*Cost.*  Batched over the group: the samples of every tensor are gathered into one vector per
+quantity, the per-tensor sums come from one segmented reduction (one row per tensor, which the
+stats reducer sums over the shards of sharded tensors), and the tangents are written back with
+one ``_foreach_copy_``, so the operations per step do not grow with the number of tensors but for
+the strided gathers.  The intercept's per-coordinate rate comes from the form's own step
+(:func:`hf_to.forms.unit_residual_rate`), so its formula is written once.  The folded form's rate
+needs each whole tensor's mean square: one ``_foreach_norm`` pass over the weights.  Every step
+reads the group's sums and the tensors' step counts back to the host (two reads), so
+``tune_beta`` is refused with ``capturable=True``.
 
 The prototype this equals, its study and the exactness check (the tangent against a finite
 difference where the Hessian is zero) are in ``recipes/experiments/tangent_beta.py``.
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +70,7 @@ try:  # torch >= 2.4 exposes DTensor publicly
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
-from .forms import TINY, intercept_rate
+from .forms import get_form, intercept_rate, unit_residual_rate
 
 #: At most this many coordinates of each tensor carry the tangents (evenly strided).
 SAMPLES = 4096
@@ -90,12 +100,17 @@ def _layout(p: Tensor) -> tuple[int, int]:
     return stride, max(1, -(-largest // stride))
 
 
-def sample(x: Tensor, p: Tensor) -> Tensor:
-    """A float32 copy of ``x``'s local values at ``p``'s sample positions (a copy: the step
-    updates the state and the weights in place), zero-padded to the layout's length."""
-    stride, length = _layout(p)
-    flat = local_view(x).detach().reshape(-1)[::stride].to(torch.float32, copy=True)
-    return flat if flat.numel() == length else torch.nn.functional.pad(flat, (0, length - flat.numel()))
+def _samples(xs: list[Tensor], layouts: list[tuple[int, int]]) -> Tensor:
+    """The values of every ``x`` at its sample positions (``layouts``, of :func:`_layout`),
+    concatenated into one new float32 vector (a copy: the step updates the state and the weights
+    in place), each zero-padded to its layout's length."""
+    parts = []
+    for x, (stride, length) in zip(xs, layouts):
+        flat = local_view(x).detach().reshape(-1)[::stride]
+        parts.append(
+            flat if flat.numel() == length else torch.nn.functional.pad(flat.float(), (0, length - flat.numel()))
+        )
+    return torch.cat(parts).to(torch.float32)
 
 
 def _new_tangent(p: Tensor) -> Tensor:
@@ -115,68 +130,114 @@ def rate_derivative(beta: float, t: float, warmup: bool | str) -> float:
     return (intercept_rate(beta + h, t, warmup) - intercept_rate(beta - h, t, warmup)) / (2 * h)
 
 
+@dataclass
+class Snapshot:
+    """What :func:`after_step` needs of the group as it was before the step, every vector the
+    concatenation of the group's tensors' samples (tensor ``i`` has ``lengths[i]`` of them)."""
+
+    layouts: list[tuple[int, int]]  #: each tensor's (stride, length) of samples
+    lengths: list[int]
+    g: Tensor  #: the gradient (as given: non-finite entries mark where the step left the state)
+    w: Tensor  #: the weights before the step
+    b: Tensor  #: the intercept before the step
+    b_dot: Tensor  #: the tangents before the step
+    w_dot: Tensor
+    w_ms: list[float]  #: each tensor's mean square of its weights (the folded rate's normaliser)
+
+
+def _tangents(states: list[dict], key: str) -> list[Tensor]:
+    return [local_view(s[key]).view(-1) for s in states]
+
+
 def before_step(
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict],
     reduce_stats: Callable[[Tensor], Tensor] | None,
-) -> list[dict[str, Any]]:
+) -> Snapshot:
     """Move the group's β by the hypergradient of this gradient and return what
-    :func:`after_step` needs of the weights and state before the step."""
-    rows, snaps = [], []
-    folded_rate = group["estimator"] == "folded" and group["alpha_scaling"] == "normalized"
-    for p, g, state in zip(params, grads, states):
-        raw = sample(g, p)
-        gs = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
+    :func:`after_step` needs of the weights and state before the step.
+
+    Batched over the group: one concatenated vector per quantity, per-tensor sums by one
+    segmented reduction (one row per tensor, as the stats reducer sums sharded tensors' rows over
+    ranks), one host read of the sums."""
+    for p, state in zip(params, states):
         if STATE_KEYS[0] not in state:
             state[STATE_KEYS[0]] = _new_tangent(p)
             state[STATE_KEYS[1]] = _new_tangent(p)
-        wd = local_view(state[STATE_KEYS[1]]).reshape(-1)
-        w = local_view(p).detach().reshape(-1)
-        if not folded_rate:
-            wsq = gs.new_zeros(())
-        else:  # the folded form's rate needs the whole tensor's mean square (a pass over w)
-            wsq = torch.dot(w, w).float() if w.dtype == torch.float32 else torch.sum(w.float() ** 2)
-        rows.append(torch.stack([torch.dot(gs, wd), torch.dot(gs, gs), torch.dot(wd, wd), wsq]))
-        snaps.append({"p": p, "g": raw, "w": sample(p, p), "b": sample(state["b"], p) if "b" in state else None})
-    sums = torch.stack(rows).to(torch.float64)
+    layouts = [_layout(p) for p in params]
+    lengths = [length for _, length in layouts]
+    snap = Snapshot(
+        layouts,
+        lengths,
+        g=_samples(grads, layouts),
+        w=_samples(params, layouts),
+        b=_samples([s["b"] for s in states], layouts),
+        b_dot=torch.cat(_tangents(states, STATE_KEYS[0])),
+        w_dot=torch.cat(_tangents(states, STATE_KEYS[1])),
+        w_ms=[],
+    )
+    gs = torch.nan_to_num(snap.g, nan=0.0, posinf=0.0, neginf=0.0)
+    segments = torch.tensor(lengths, device=gs.device)
+    sums = [torch.segment_reduce(x, "sum", lengths=segments) for x in (gs * snap.w_dot, gs * gs, snap.w_dot.square())]
+    if group["estimator"] == "folded" and group["alpha_scaling"] == "normalized":
+        # the folded form's rate needs each whole tensor's mean square (a pass over the weights)
+        norms = torch._foreach_norm([local_view(p).detach().reshape(-1) for p in params], 2, dtype=torch.float32)
+        sums.append(torch.stack(norms).square())
+    else:
+        sums.append(torch.zeros_like(sums[0]))
+    rows = torch.stack(sums, dim=1)
     if reduce_stats is not None:
-        sums = reduce_stats(sums)
-    num, gg, ww, _ = sums.sum(0).tolist()
+        rows = reduce_stats(rows)
+    host = rows.tolist()
+    num, gg, ww = (math.fsum(row[i] for row in host) for i in range(3))
     scale = math.sqrt(gg * ww)
     cos = num / scale if scale > 0 and math.isfinite(scale) and math.isfinite(num) else 0.0
     lo, hi = (math.log(x) for x in BETA_RANGE)
     group["beta"] = math.exp(min(hi, max(lo, math.log(group["beta"]) - group["tune_beta"] * cos)))
-    for snap, p, mean_sq in zip(snaps, params, sums[:, 3].tolist()):
-        snap["w_ms"] = mean_sq / p.numel()
-    return snaps
+    snap.w_ms = [row[3] / p.numel() for row, p in zip(host, params)]
+    return snap
 
 
-def after_step(group: dict[str, Any], states: list[dict], snaps: list[dict[str, Any]], lookahead: Callable) -> None:
+def _per_sample(values: list[float], lengths: list[int], like: Tensor) -> float | Tensor:
+    """Per-tensor numbers as one number (all equal: the usual case) or as a vector over the samples."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype, device=like.device).repeat_interleave(
+        torch.tensor(lengths, device=like.device)
+    )
+
+
+def after_step(group: dict[str, Any], states: list[dict], snap: Snapshot, lookahead: Callable) -> None:
     """Carry the tangents through the step just taken (``lookahead(β_t)`` is its weight λ)."""
     lr = float(group["lr"])
-    decay = 1 - lr * group["weight_decay"]
-    for state, snap in zip(states, snaps):
-        t = float(state["step"])
-        beta_t = intercept_rate(group["beta"], t, group["beta_warmup"])
-        p = snap["p"]
-        gs = snap["g"]  # the step does not change the gradient
-        finite = torch.isfinite(gs)
-        gs = torch.where(finite, gs, 0.0)
-        b_dot, w_dot = (local_view(state[k]).view(-1) for k in STATE_KEYS)
-        if snap["b"] is not None:
-            rate = torch.full_like(gs, beta_t)
-            if group["estimator"] == "folded":
-                w = snap["w"]
-                if group["alpha_scaling"] == "normalized":
-                    rate += group["alpha"] * w * w / (w * w + (snap["w_ms"] + group["norm_floor"] + TINY))
-                else:
-                    rate += group["alpha"] * w * w
-            d_beta = rate_derivative(group["beta"], t, group["beta_warmup"])
-            b_dot.copy_(torch.where(finite, b_dot * (1 - rate) - d_beta * (snap["b"] - gs), b_dot))
-        push = b_dot * (lr * (1 - lookahead(beta_t)))
-        if group["preconditioner"] == "adam":
-            v = sample(state["exp_avg_sq"], p) / (1 - group["beta2"] ** t)
-            push = push / (v.sqrt() + group["eps"])
-        w_dot.copy_(torch.where(finite, w_dot * (DISCOUNT * decay) - push, w_dot))
+    steps = torch.stack([s["step"] for s in states]).tolist()  # one host read (the Triton step's are on the GPU)
+    per_t = {t: intercept_rate(group["beta"], t, group["beta_warmup"]) for t in set(steps)}
+
+    def per_sample(f: Callable[[float], float]) -> float | Tensor:
+        return _per_sample([f(t) for t in steps], snap.lengths, snap.w)
+
+    finite = torch.isfinite(snap.g)
+    gs = torch.where(finite, snap.g, 0.0)
+    # the intercept's per-coordinate rate k_t: how far the form's step moves b toward g
+    rate = unit_residual_rate(
+        get_form(group["estimator"]),
+        snap.w,
+        _per_sample(snap.w_ms, snap.lengths, snap.w),
+        alpha=group["alpha"],
+        floor=group["norm_floor"],
+        beta_t=per_sample(per_t.__getitem__),
+        normalize=group["alpha_scaling"] == "normalized",
+    )
+    d_beta = per_sample(lambda t: rate_derivative(group["beta"], t, group["beta_warmup"]))
+    # ḃ_t = (1 - k_t) ḃ_{t-1} - β'_t (b_{t-1} - g_t), where the step moved (finite g)
+    b_dot = torch.where(finite, snap.b_dot * (1 - rate) - (snap.b - gs).mul_(d_beta), snap.b_dot)
+    push = b_dot * per_sample(lambda t: lr * (1 - lookahead(per_t[t])))
+    if group["preconditioner"] == "adam":
+        v = _samples([s["exp_avg_sq"] for s in states], snap.layouts)
+        push.div_(v.div_(per_sample(lambda t: 1 - group["beta2"] ** t)).sqrt_().add_(group["eps"]))
+    # ẇ_{t+1} = μ (1 - γ_t ω) ẇ_t - γ_t (1 - λ) ḃ_t / D_t
+    w_dot = torch.where(finite, (snap.w_dot * (DISCOUNT * (1 - lr * group["weight_decay"]))).sub_(push), snap.w_dot)
+    torch._foreach_copy_(_tangents(states, STATE_KEYS[0]), list(b_dot.split(snap.lengths)))
+    torch._foreach_copy_(_tangents(states, STATE_KEYS[1]), list(w_dot.split(snap.lengths)))

@@ -462,3 +462,6 @@ def test_rank_one_with_a_deepspeed_config_is_refused_when_the_optimizer_argument
         to_kwargs_from_training_args(args("estimator=rank_one", "ds_zero2.json"))
     assert to_kwargs_from_training_args(args("estimator=diagonal", "ds_zero2.json"))["estimator"] == "diagonal"
     assert to_kwargs_from_training_args(args("estimator=rank_one", None))["estimator"] == "rank_one"
+    with pytest.raises(ValueError, match=r"tune_beta=1\.0 cannot run under DeepSpeed"):
+        to_kwargs_from_training_args(args("tune_beta=1.0", "ds_zero2.json"))
+    assert to_kwargs_from_training_args(args("tune_beta=1.0", None))["tune_beta"] == 1.0

@@ -35,8 +35,16 @@ def deepspeed_requested(training_args: Any = None) -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in _TRUE
 
 
-def check_estimator(estimator: str, *, training_args: Any = None) -> None:
-    """Raise ``ValueError`` if ``estimator`` cannot run under the DeepSpeed this run requests."""
+def check_estimator(estimator: str, *, tune_beta: float = 0.0, training_args: Any = None) -> None:
+    """Raise ``ValueError`` if ``estimator`` (or ``tune_beta``) cannot run under the DeepSpeed this
+    run requests."""
+    if tune_beta and deepspeed_requested(training_args):
+        raise ValueError(
+            f"tune_beta={tune_beta} cannot run under DeepSpeed: ZeRO hands the optimizer one flat "
+            "partition per param group and rank, so each rank would tune its own beta on its slice of "
+            "the model. Use tune_beta=0 with DeepSpeed; with FSDP2 (accelerate's fsdp_version: 2) or "
+            "DDP it tunes one beta per param group from the sums of all ranks"
+        )
     form = FORMS.get(estimator)
     if form is not None and not form.coordinatewise and deepspeed_requested(training_args):
         raise ValueError(

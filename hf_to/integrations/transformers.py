@@ -219,6 +219,7 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
 
 
 _DEFAULT_ESTIMATOR = inspect.signature(TrainableOptimizer).parameters["estimator"].default
+_DEFAULT_TUNE_BETA = inspect.signature(TrainableOptimizer).parameters["tune_beta"].default
 
 
 def _validate(kwargs: dict[str, Any]) -> None:
@@ -246,7 +247,11 @@ def to_kwargs_from_training_args(args: Any) -> dict[str, Any]:
     kwargs.update(parsed)
     _validate(kwargs)
     # Under DeepSpeed the structured estimators cannot run: say so before the model loads.
-    check_estimator(kwargs.get("estimator", _DEFAULT_ESTIMATOR), training_args=args)
+    check_estimator(
+        kwargs.get("estimator", _DEFAULT_ESTIMATOR),
+        tune_beta=kwargs.get("tune_beta", _DEFAULT_TUNE_BETA),
+        training_args=args,
+    )
     return kwargs
 
 

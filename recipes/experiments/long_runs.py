@@ -65,6 +65,7 @@ OPTIMIZERS = (
     "to_lookahead_folded",
     "to_lookahead_folded_b02",
     "to_lookahead_folded_gate",
+    "to_lookahead_folded_tuned",
 )
 
 
@@ -79,7 +80,8 @@ def _to_nesterov_with(label: str, **kwargs: object) -> study.Config:
 #: A ≡ 0 with the intercept rate the slope adds on average (β = 0.115, slope_share.py), and the
 #: folded estimator, the default since 2026-12-07 (8 B/param), also with the lighter memory the
 #: study tuned on prose LoRA (β = 0.2, i.e. β₁ = 0.8), and behind the relative-residual gate
-#: (residual_gate.py: the slope off per tensor while its estimate predicts worse than zero).
+#: (residual_gate.py: the slope off per tensor while its estimate predicts worse than zero), and
+#: the folded default with its intercept rate tuned on the training loss (``tune_beta=1.0``, hf_to/tuning.py).
 EXTRA = {
     "to_bf16": _to_nesterov_with("to_bf16", state_dtype=torch.bfloat16),
     "to_lookahead_bf16": _to_nesterov_with("to_lookahead_bf16", nesterov=0.55, state_dtype=torch.bfloat16),
@@ -92,6 +94,9 @@ EXTRA = {
     ),
     "to_lookahead_folded_gate": _to_nesterov_with(
         "to_lookahead_folded_gate", nesterov=0.55, estimator=residual_gate.NAME
+    ),
+    "to_lookahead_folded_tuned": _to_nesterov_with(
+        "to_lookahead_folded_tuned", nesterov=0.55, estimator="folded", tune_beta=1.0
     ),
 }
 STORED = ROOT / "recipes/results/study-proxy-v2-2026-11-30"

@@ -220,28 +220,40 @@ def check(steps: int = 60, n: int = 512, beta: float = 0.1, lr: float = 1e-2) ->
     return {"tangent": tangent, "finite_difference": fd}
 
 
-def cost(steps: int = 6) -> dict[bool, list[float]]:
-    """Step time with and without ``tune_beta`` on SmolLM2-135M's 270 full-fine-tuning shapes
-    (random values, one thread): seconds per step after the first."""
+#: SmolLM2-135M's trainable shapes: full fine-tuning (30 layers of 7 matrices and 2 norms) and
+#: LoRA r = 8 on q/k/v/o (30 layers of 4 pairs of A, B).
+COST_SHAPES = {
+    "full": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536), (576,), (576,)],
+    "lora": [(8, 576), (576, 8), (8, 576), (192, 8), (8, 576), (192, 8), (8, 576), (576, 8)],
+}
+
+
+def cost(steps: int = 12) -> dict[tuple[str, bool], list[float]]:
+    """Step time with and without ``tune_beta`` on SmolLM2-135M's trainable shapes (random
+    values, one thread): seconds per step after the first, for full fine-tuning and LoRA."""
     import time
 
     from hf_to import TrainableOptimizer
 
     torch.set_num_threads(1)
-    layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536), (576,), (576,)]
-    params = [torch.nn.Parameter(torch.randn(*s) * 0.02) for _ in range(30) for s in layer]
     out = {}
-    for tune in (False, True):
-        opt = TrainableOptimizer(params, lr=1e-5, tune_beta=1.0 if tune else 0.0)
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - start)
-        out[tune] = times[1:]
-        print(f"tune_beta={'1.0' if tune else '0'}: step {min(out[tune]):.3f}–{max(out[tune]):.3f} s")
+    for name, layer in COST_SHAPES.items():
+        params = [torch.nn.Parameter(torch.randn(*s) * 0.02) for _ in range(30) for s in layer]
+        for tune in (False, True):
+            opt = TrainableOptimizer(params, lr=1e-5, tune_beta=1.0 if tune else 0.0)
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - start)
+            out[name, tune] = times[1:]
+            print(
+                f"{name} ({len(params)} tensors), tune_beta={'1.0' if tune else '0'}: "
+                f"step {1e3 * min(times[1:]):.1f}–{1e3 * max(times[1:]):.1f} ms "
+                f"(median {1e3 * statistics.median(times[1:]):.1f})"
+            )
     return out
 
 

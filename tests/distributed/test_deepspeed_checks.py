@@ -44,3 +44,12 @@ def test_check_wrapped_optimizer_finds_the_client_inside_a_zero_wrapper():
 
 def test_check_wrapped_optimizer_ignores_other_optimizers():
     check_wrapped_optimizer(torch.optim.SGD(model().parameters(), lr=0.1))
+
+
+def test_check_estimator_refuses_tune_beta_under_deepspeed_by_name(monkeypatch):
+    """Each ZeRO rank would tune its own β on its flat partition: refused before the model loads."""
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    check_estimator("folded", tune_beta=1.0, training_args=SimpleNamespace(deepspeed=None))
+    check_estimator("folded", tune_beta=0.0, training_args=SimpleNamespace(deepspeed="ds_config.json"))
+    with pytest.raises(ValueError, match="tune_beta"):
+        check_estimator("folded", tune_beta=1.0, training_args=SimpleNamespace(deepspeed="ds_config.json"))
