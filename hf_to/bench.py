@@ -173,6 +173,8 @@ VARIANT_FACTORIES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = 
     "to_paper_rank_one": _to("to_paper_rank_one", fused=True, alpha=1e-6),
     "trainable_to": _to("trainable_to", fused=True),
     "trainable_to[bf16 state]": _to("trainable_to", fused=True, state_dtype=torch.bfloat16),
+    # β tuned on the training loss (hf_to.tuning): the fast step plus the batched tangents.
+    "trainable_to[tune_beta]": _to("trainable_to", fused=True, tune_beta=1.0),
     # Every form with a kernel under the default's other settings (to_diagonal, to_folded, ...).
     **{f"to_{name}": _to(f"to_{name}", fused=True) for name, form in FORMS.items() if form.kernels},
     "trainable_to[readable]": _to("trainable_to", fused=False),

@@ -64,6 +64,7 @@ VARIANTS = [
     "to_paper_diagonal",
     "trainable_to",
     "trainable_to[bf16 state]",
+    "trainable_to[tune_beta]",
     "to_diagonal",
     "to_rank_one",
 ]

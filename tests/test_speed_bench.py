@@ -25,7 +25,7 @@ def test_lora_shapes_cover_seven_projections_per_layer():
 
 
 def test_step_benchmark_prints_a_table_with_ratios_and_memory(monkeypatch, capsys):
-    variants = "adamw_fused,to_paper_diagonal,trainable_to[bf16 state]"
+    variants = "adamw_fused,to_paper_diagonal,trainable_to[bf16 state],trainable_to[tune_beta]"
     args = ["step", "--sets", "tiny", "--dtypes", "fp32", "--rounds", "2", "--repeats", "1", "--variants", variants]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
