@@ -196,7 +196,7 @@ def before_step(
     cos = num / scale if scale > 0 and math.isfinite(scale) and math.isfinite(num) else 0.0
     lo, hi = (math.log(x) for x in BETA_RANGE)
     group["beta"] = math.exp(min(hi, max(lo, math.log(group["beta"]) - group["tune_beta"] * cos)))
-    snap.w_ms = [row[3] / p.numel() for row, p in zip(host, params)]
+    snap.w_ms = [row[3] / max(p.numel(), 1) for row, p in zip(host, params)]
     return snap
 
 

@@ -242,3 +242,24 @@ def test_the_tangents_rate_is_the_rate_of_the_forms_own_step(estimator, normaliz
         assert float((k - rates["beta_t"]).abs().max()) > 0.1, "the slope raises the folded rate"
     else:
         torch.testing.assert_close(k, torch.full_like(w, rates["beta_t"]))
+
+
+def test_an_empty_tensor_in_the_group_changes_nothing():
+    """A zero-element parameter (0 samples, 0 mean square) tunes as if it were not there."""
+    runs = []
+    for with_empty in (False, True):
+        params = _params()
+        extra = [torch.nn.Parameter(torch.zeros(0, 4))] if with_empty else []
+        opt = TrainableOptimizer([params[0], *extra, params[1]], lr=1e-2, tune_beta=1.0)
+        gen = torch.Generator().manual_seed(1)
+        betas = []
+        for t in range(20):
+            _grads(params, t, gen)
+            for p in extra:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            betas.append(opt.param_groups[0]["beta"])
+        runs.append((betas, [p.detach().clone() for p in params]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-12, abs=0)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
