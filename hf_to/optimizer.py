@@ -171,9 +171,11 @@ class TrainableOptimizer(Optimizer):
         tune_beta: κ, the step of :math:`\log\beta` on the training loss's hypergradient
             (:mod:`hf_to.tuning`): each param group trains its own β, carried forward through
             the trajectory, within [0.02, 0.6]; the tuned β is the group's ``beta``, saved with
-            it.  ``0`` (default) keeps β fixed.  Adds two float32 vectors of at most 4,096 values
-            per tensor and three numbers read back per group and step (refused with
-            ``capturable=True``).  A checkpoint written before the keyword existed resumes with 0.
+            it.  ``0`` (default) keeps β fixed.  Adds two float32 vectors of one value in 64
+            per tensor (denser in a group of fewer than 262,144 values) and two reads back to
+            the host per group and step (refused with ``capturable=True``, and on the flat
+            partitions of DeepSpeed ZeRO and FSDP1).  A checkpoint written before the keyword
+            existed resumes with 0.
 
     State (per parameter, created on the first step): ``step`` (0-d float32; on the CPU, on
     the parameter's device for CUDA parameters or ``capturable=True``),

@@ -32,13 +32,16 @@ group's ``beta`` (saved and resumed with it).  The cosine makes the step scale-f
 (:data:`BETA_RANGE`) keeps β where the step is an average (β ≤ 0.6: more than 40 % of the old
 estimate kept) whatever the gradients do.
 
-*Memory.*  :math:`\dot b` and :math:`\dot w` are kept on at most :data:`SAMPLES` evenly strided
-coordinates of each tensor (``beta_b_dot``, ``beta_w_dot`` in its state, float32): the sums are
-unbiased subsamples, and the cost is at most 32 KiB per tensor whatever its size (7 MiB for
-SmolLM2-135M's full fine-tuning, 210 weight matrices, beside 0.79 GiB of AdamW's state).  With FSDP2 each rank samples its
-shard (at most :data:`SAMPLES` values per rank), the group's sums are all-reduced, and the
-tangents are DTensors of one row per rank, so DCP checkpoints save and load them (resume at
-the same number of ranks).
+*Memory.*  :math:`\dot b` and :math:`\dot w` are kept on every ``stride``-th coordinate of
+each tensor (``beta_b_dot``, ``beta_w_dot`` in its state, float32), one stride for the whole group
+(:func:`group_stride`: :data:`STRIDE` = 64, denser in a group of fewer than 64 × :data:`SAMPLES`
+values so that it keeps about :data:`SAMPLES` of them), so that the group's sums are uniform
+subsamples of its whole sums (a per-tensor cap on the samples would weigh small tensors more).
+That is 8/64 = 0.125 bytes per parameter in a group of 262,144 values or more (13 MiB for
+SmolLM2-135M's full fine-tuning, 106 M values, beside 0.79 GiB of AdamW's state).  With FSDP2 each rank samples its shard with the group's stride (from the
+global sizes, the same on every rank), the group's sums are all-reduced, and the tangents are
+DTensors of one row per rank, so DCP checkpoints save and load them (resume at the same number
+of ranks).
 
 *Cost.*  Batched over the group: the samples of every tensor are gathered into one vector per
 quantity, the per-tensor sums come from one segmented reduction (one row per tensor, which the
@@ -72,7 +75,9 @@ except ImportError:  # pragma: no cover - older torch
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 from .forms import get_form, intercept_rate, unit_residual_rate
 
-#: At most this many coordinates of each tensor carry the tangents (evenly strided).
+#: Every this-many-th coordinate of each tensor (of each local shard) carries the tangents ...
+STRIDE = 64
+#: ... or, in a smaller group, about this many of the group's coordinates.
 SAMPLES = 4096
 #: μ, the discount of the weights' tangent per step (a horizon of about 100 steps).
 DISCOUNT = 0.99
@@ -82,21 +87,26 @@ BETA_RANGE = (0.02, 0.6)
 STATE_KEYS = ("beta_b_dot", "beta_w_dot")
 
 
-def _layout(p: Tensor) -> tuple[int, int]:
+def group_stride(group: dict[str, Any]) -> int:
+    """The group's sampling stride: :data:`STRIDE`, or less where the group (all its parameters,
+    global sizes) holds fewer than ``STRIDE`` × :data:`SAMPLES` values.  Fixed by the group's
+    parameters, so that the tangents keep their length through the run and a resume."""
+    n = sum(p.numel() for p in group["params"])
+    return max(1, min(STRIDE, n // SAMPLES))
+
+
+def _layout(p: Tensor, stride: int) -> tuple[int, int]:
     """(stride, length) of ``p``'s samples: every ``stride``-th local value, ``length`` of them.
 
-    A plain tensor samples ⌈n / SAMPLES⌉-strided values of its n.  A sharded one (FSDP2:
-    ``Shard(0)``, chunks of ⌈rows / ranks⌉ rows) samples its local shard with the stride and the
+    A plain tensor samples every ``stride``-th of its n values.  A sharded one (FSDP2:
+    ``Shard(0)``, chunks of ⌈rows / ranks⌉ rows) samples its local shard with that stride and the
     length of the largest shard, the same on every rank, zero-padded (a padded entry stays zero),
     so that its tangents are one row per rank of a DTensor that checkpoints like any state."""
     if not is_sharded(p):
-        n = p.numel()
-        stride = max(1, -(-n // SAMPLES))
-        return stride, -(-n // stride)
+        return stride, -(-p.numel() // stride)
     ranks = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
     rows = p.shape[0] if p.dim() else 1
     largest = -(-rows // ranks) * (p.numel() // max(rows, 1))
-    stride = max(1, -(-largest // SAMPLES))
     return stride, max(1, -(-largest // stride))
 
 
@@ -113,10 +123,10 @@ def _samples(xs: list[Tensor], layouts: list[tuple[int, int]]) -> Tensor:
     return torch.cat(parts).to(torch.float32)
 
 
-def _new_tangent(p: Tensor) -> Tensor:
+def _new_tangent(p: Tensor, stride: int) -> Tensor:
     """Zeros in ``p``'s sample layout: a plain vector, or for a sharded ``p`` a DTensor of one
     row per shard (``Shard(0)`` where ``p`` is sharded, ``Replicate`` elsewhere)."""
-    _, length = _layout(p)
+    _, length = _layout(p, stride)
     if not is_sharded(p):
         return torch.zeros(length, device=p.device)
     local = torch.zeros(1, length, device=local_view(p).device)
@@ -162,12 +172,15 @@ def before_step(
     Batched over the group: one concatenated vector per quantity, per-tensor sums by one
     segmented reduction (one row per tensor, as the stats reducer sums sharded tensors' rows over
     ranks), one host read of the sums."""
-    for p, state in zip(params, states):
-        if STATE_KEYS[0] not in state:
-            state[STATE_KEYS[0]] = _new_tangent(p)
-            state[STATE_KEYS[1]] = _new_tangent(p)
-    layouts = [_layout(p) for p in params]
+    stride = group_stride(group)
+    layouts = [_layout(p, stride) for p in params]
     lengths = [length for _, length in layouts]
+    for p, state, length in zip(params, states, lengths):
+        # new tangents start at zero, as do tangents of another layout (a checkpoint written
+        # before the stride was the group's): the derivative restarts, β is kept
+        if STATE_KEYS[0] not in state or local_view(state[STATE_KEYS[0]]).numel() != length:
+            state[STATE_KEYS[0]] = _new_tangent(p, stride)
+            state[STATE_KEYS[1]] = _new_tangent(p, stride)
     snap = Snapshot(
         layouts,
         lengths,

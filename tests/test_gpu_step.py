@@ -466,7 +466,7 @@ def test_tuned_beta_on_the_triton_step_equals_its_prototype_over_50_steps(dtype,
 
     from hf_to import tuning
 
-    monkeypatch.setattr(tuning, "SAMPLES", 50)
+    monkeypatch.setattr(tuning, "group_stride", lambda group: 2)
     runs = []
     for keyword in (True, False):
         params = [torch.nn.Parameter(t.to(DEVICE)) for t in _tensors([(9, 11), (7,)], dtype)]
@@ -474,7 +474,7 @@ def test_tuned_beta_on_the_triton_step_equals_its_prototype_over_50_steps(dtype,
             params, lr=1e-2, weight_decay=0.1, fused=None if keyword else False, tune_beta=1.0 if keyword else 0.0
         )
         if not keyword:
-            tangent_beta.TangentBeta(1.0, mus=(tuning.DISCOUNT,), samples=50).attach(opt)
+            tangent_beta.TangentBeta(1.0, mus=(tuning.DISCOUNT,), stride=2).attach(opt)
         gen, betas = torch.Generator().manual_seed(1), []
         launches = gpu.launches
         for t in range(50):

@@ -54,7 +54,7 @@ FORMS = {
 def test_keyword_equals_the_prototype_over_50_steps(dtype, fused, form, monkeypatch):
     """The keyword on each path equals the prototype's hooks on the readable path, with fewer
     samples than elements (a stride of 2 on the weight, 1 on the bias)."""
-    monkeypatch.setattr(tuning, "SAMPLES", 70)
+    monkeypatch.setattr(tuning, "group_stride", lambda group: 2)
     runs = []
     for keyword in (True, False):
         params = _params(dtype)
@@ -67,7 +67,7 @@ def test_keyword_equals_the_prototype_over_50_steps(dtype, fused, form, monkeypa
             **FORMS[form],
         )
         if not keyword:
-            tangent_beta.TangentBeta(1.0, mus=(tuning.DISCOUNT,), samples=70).attach(opt)
+            tangent_beta.TangentBeta(1.0, mus=(tuning.DISCOUNT,), stride=2).attach(opt)
         betas = _train(params, opt, range(50), torch.Generator().manual_seed(1))
         runs.append(([p.detach().float() for p in params], betas))
     (mine, my_betas), (ref, ref_betas) = runs
@@ -135,12 +135,36 @@ def test_off_by_default_and_then_no_tangent_state():
     assert not set(tuning.STATE_KEYS) & set(opt.state[params[0]])
 
 
-def test_state_is_a_few_values_per_tensor_whatever_its_size():
-    p = torch.nn.Parameter(torch.zeros(300, 100))
-    opt = TrainableOptimizer([p], lr=1e-2, tune_beta=1.0)
-    p.grad = torch.randn(300, 100)
-    opt.step()
-    assert all(0 < opt.state[p][k].numel() <= tuning.SAMPLES for k in tuning.STATE_KEYS)
+def test_state_is_one_value_in_64_per_tensor_in_a_large_group_and_more_in_a_small_one():
+    """Two float32 values per 64 parameters (0.125 bytes per parameter) where the group holds
+    64 × SAMPLES values or more; a smaller group keeps about SAMPLES samples."""
+    for rows, stride in ((4096, 64), (300, 4)):
+        params = [torch.nn.Parameter(torch.zeros(rows, 64)), torch.nn.Parameter(torch.zeros(65))]
+        assert tuning.group_stride({"params": params}) == stride
+        opt = TrainableOptimizer(params, lr=1e-2, tune_beta=1.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for p in params:
+            assert all(opt.state[p][k].numel() == -(-p.numel() // stride) for k in tuning.STATE_KEYS)
+
+
+def test_tangents_of_another_layout_restart_from_zero():
+    """A checkpoint whose tangents have other lengths (the per-tensor cap of the keyword's first
+    version) resumes with β kept and the tangents restarted, not a shape error."""
+    params = _params()
+    opt = TrainableOptimizer(params, lr=1e-2, tune_beta=1.0)
+    _train(params, opt, range(5), torch.Generator().manual_seed(1))
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        for k in tuning.STATE_KEYS:
+            state[k] = torch.ones(3)
+    fresh = TrainableOptimizer(params, lr=1e-2, tune_beta=1.0)
+    fresh.load_state_dict(saved)
+    _train(params, fresh, range(5, 7), torch.Generator().manual_seed(2))
+    for p in params:
+        assert all(fresh.state[p][k].numel() == -(-p.numel() // 1) for k in tuning.STATE_KEYS)
+        assert torch.isfinite(fresh.state[p][tuning.STATE_KEYS[1]]).all()
 
 
 @pytest.mark.parametrize("fused", [False, None], ids=["readable", "fast"])

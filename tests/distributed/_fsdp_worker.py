@@ -295,6 +295,10 @@ def run_nonfinite(estimator: str, mesh, rank: int, world: int) -> dict:
 def run_tuned(fused: bool, mesh, rank: int, world: int, out: Path) -> dict:
     """``tune_beta`` (hf_to.tuning) on the folded form: the sharded run against one process (β
     per step and the weights), and a DCP checkpoint at step 10 resumed into a fresh model."""
+    # every coordinate sampled, so that the shards' samples are the one process's
+    from hf_to import tuning
+
+    tuning.group_stride = lambda group: 1
     kw = dict(OPT_KW, estimator="folded", fused=fused, tune_beta=1.0)
     ref = make_model(0)
     ref_opt = TrainableOptimizer(param_groups(ref, kw["weight_decay"]), **kw)
