@@ -147,7 +147,9 @@ class Snapshot:
 
     layouts: list[tuple[int, int]]  #: each tensor's (stride, length) of samples
     lengths: list[int]
-    g: Tensor  #: the gradient (as given: non-finite entries mark where the step left the state)
+    segments: Tensor  #: ``lengths`` on the samples' device
+    finite: Tensor  #: where the gradient is finite (elsewhere the step left the state)
+    g: Tensor  #: the gradient, 0 where it is not finite
     w: Tensor  #: the weights before the step
     b: Tensor  #: the intercept before the step
     b_dot: Tensor  #: the tangents before the step
@@ -181,19 +183,24 @@ def before_step(
         if STATE_KEYS[0] not in state or local_view(state[STATE_KEYS[0]]).numel() != length:
             state[STATE_KEYS[0]] = _new_tangent(p, stride)
             state[STATE_KEYS[1]] = _new_tangent(p, stride)
+    g = _samples(grads, layouts)
+    finite = torch.isfinite(g)
     snap = Snapshot(
         layouts,
         lengths,
-        g=_samples(grads, layouts),
+        segments=torch.tensor(lengths, device=g.device),
+        finite=finite,
+        g=torch.where(finite, g, 0.0),
         w=_samples(params, layouts),
         b=_samples([s["b"] for s in states], layouts),
         b_dot=torch.cat(_tangents(states, STATE_KEYS[0])),
         w_dot=torch.cat(_tangents(states, STATE_KEYS[1])),
         w_ms=[],
     )
-    gs = torch.nan_to_num(snap.g, nan=0.0, posinf=0.0, neginf=0.0)
-    segments = torch.tensor(lengths, device=gs.device)
-    sums = [torch.segment_reduce(x, "sum", lengths=segments) for x in (gs * snap.w_dot, gs * gs, snap.w_dot.square())]
+    gs = snap.g
+    sums = [
+        torch.segment_reduce(x, "sum", lengths=snap.segments) for x in (gs * snap.w_dot, gs * gs, snap.w_dot.square())
+    ]
     if group["estimator"] == "folded" and group["alpha_scaling"] == "normalized":
         # the folded form's rate needs each whole tensor's mean square (a pass over the weights)
         norms = torch._foreach_norm([local_view(p).detach().reshape(-1) for p in params], 2, dtype=torch.float32)
@@ -213,13 +220,11 @@ def before_step(
     return snap
 
 
-def _per_sample(values: list[float], lengths: list[int], like: Tensor) -> float | Tensor:
+def _per_sample(values: list[float], snap: Snapshot) -> float | Tensor:
     """Per-tensor numbers as one number (all equal: the usual case) or as a vector over the samples."""
     if all(v == values[0] for v in values):
         return values[0]
-    return torch.tensor(values, dtype=like.dtype, device=like.device).repeat_interleave(
-        torch.tensor(lengths, device=like.device)
-    )
+    return torch.tensor(values, dtype=snap.w.dtype, device=snap.w.device).repeat_interleave(snap.segments)
 
 
 def after_step(group: dict[str, Any], states: list[dict], snap: Snapshot, lookahead: Callable) -> None:
@@ -229,15 +234,16 @@ def after_step(group: dict[str, Any], states: list[dict], snap: Snapshot, lookah
     per_t = {t: intercept_rate(group["beta"], t, group["beta_warmup"]) for t in set(steps)}
 
     def per_sample(f: Callable[[float], float]) -> float | Tensor:
-        return _per_sample([f(t) for t in steps], snap.lengths, snap.w)
+        """``f`` of each tensor's step count (computed once per distinct count), over the samples."""
+        at = {t: f(t) for t in set(steps)}
+        return _per_sample([at[t] for t in steps], snap)
 
-    finite = torch.isfinite(snap.g)
-    gs = torch.where(finite, snap.g, 0.0)
+    finite, gs = snap.finite, snap.g
     # the intercept's per-coordinate rate k_t: how far the form's step moves b toward g
     rate = unit_residual_rate(
         get_form(group["estimator"]),
         snap.w,
-        _per_sample(snap.w_ms, snap.lengths, snap.w),
+        _per_sample(snap.w_ms, snap),
         alpha=group["alpha"],
         floor=group["norm_floor"],
         beta_t=per_sample(per_t.__getitem__),

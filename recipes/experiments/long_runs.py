@@ -122,14 +122,18 @@ def dropin_lr(task: str, model: str = "proxy") -> float:
     return lr
 
 
+def done_runs(out: Path, label: str = "config") -> set[tuple[str, int, str]]:
+    """(task, seed, ``label``) of the runs already in ``out`` (a runs.jsonl, whose folder is created),
+    so that a rerun skips them."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        return set()
+    return {(r["task"], r["seed"], r[label]) for r in map(json.loads, out.read_text().splitlines())}
+
+
 def run(args: argparse.Namespace) -> None:
     out = args.out / "runs.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = (
-        {(r["task"], r["seed"], r["config"]) for r in map(json.loads, out.read_text().splitlines())}
-        if out.exists()
-        else set()
-    )
+    done = done_runs(out)
     torch.set_num_threads(args.threads)
     for name in args.tasks:
         task = dataclasses.replace(study.TASKS[name], steps=args.steps)

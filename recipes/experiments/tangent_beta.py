@@ -283,12 +283,7 @@ BASE = long_runs.EXTRA["to_lookahead_folded"]
 
 def run(args: argparse.Namespace) -> None:
     out = args.out / "runs.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = (
-        {(r["task"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
-        if out.exists()
-        else set()
-    )
+    done = long_runs.done_runs(out, "variant")
     torch.set_num_threads(args.threads)
     build = study_runner.build_optimizer
     for name in args.tasks:
